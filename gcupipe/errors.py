@@ -1,0 +1,88 @@
+"""The one exception hierarchy of gcupipe; each class carries the CLI exit code it maps to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GcupipeError(Exception):
+    """Base of every error gcupipe raises on purpose; the CLI prints it as one clear message."""
+
+    exit_code = 1
+
+
+class UsageError(GcupipeError):
+    """The command line asks for something that cannot be done (bad flag, unknown stage...)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A place in a recipe source: a file (or a pseudo-source such as `--set #1`), 1-based."""
+
+    source: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}:{self.column}"
+
+
+class RecipeError(GcupipeError):
+    """A recipe is malformed; the message names `file:line:col` and the key path."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, mark: Mark | None = None, key_path: str | None = None):
+        self.message = message
+        self.mark = mark
+        self.key_path = key_path
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = f"{self.mark}: " if self.mark else ""
+        key = f"{self.key_path}: " if self.key_path else ""
+        return f"{where}{key}{self.message}"
+
+
+class StageError(GcupipeError):
+    """A stage could not do its work; stages raise it with one line that says what to do."""
+
+    exit_code = 1
+
+
+class GateFailed(GcupipeError):
+    """A validation gate failed: the artifact was built but must not ship."""
+
+    exit_code = 3
+
+
+class Interrupted(GcupipeError):
+    """The run was interrupted (Ctrl-C / SIGINT / SIGTERM)."""
+
+    exit_code = 130
+
+
+class MissingDependency(GcupipeError):
+    """An optional dependency is not installed; the message names the `pip install` that fixes it."""
+
+    exit_code = 2
+
+    def __init__(self, module: str, extra: str):
+        super().__init__(
+            f"this needs the Python package '{module}', which is not installed: "
+            f"pip install 'gcupipe[{extra}]'"
+        )
+
+
+def require(module: str, extra: str):  # type: ignore[no-untyped-def]
+    """Import an optional heavy module lazily, or raise MissingDependency with the fix."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name.split(".")[0]):
+            raise MissingDependency(module, extra) from exc
+        raise

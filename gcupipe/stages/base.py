@@ -1,0 +1,136 @@
+"""The stage plugin API: a typed Config, typed Outputs and one `run`, for built-ins and plugins alike."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's `with:` block. Unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageOutputs(BaseModel):
+    """Base of every stage's outputs. `Path` fields that point inside the stage's output
+    directory are relocated by the engine when the finished output is moved into place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem a stage finds in its config before anything runs (lint and plan time).
+
+    `key` is a dotted path inside `with:` (e.g. "group_size"), so the recipe error can point
+    at the line that causes it."""
+
+    message: str
+    key: str | None = None
+
+
+class ProgressTask:
+    """A handle on one progress bar; stages call `advance` as work completes."""
+
+    def __init__(self, update: Callable[[float | None, float | None], None]):
+        self._update = update
+        self.completed = 0.0
+
+    def advance(self, amount: float = 1.0) -> None:
+        self.completed += amount
+        self._update(self.completed, None)
+
+    def set_total(self, total: float) -> None:
+        self._update(self.completed, total)
+
+
+ProgressFactory = Callable[[str, float | None, str], tuple[ProgressTask, Callable[[], None]]]
+"""(description, total, unit) -> (task, finish). Provided by the engine."""
+
+
+@dataclass
+class StageContext:
+    """What the engine hands a running stage. Everything a stage writes goes to `output_dir`,
+    which the engine moves into place only when `run` returns successfully."""
+
+    stage_id: str
+    output_dir: Path
+    scratch_dir: Path
+    cache_dir: Path
+    run_dir: Path
+    upstream: dict[str, StageOutputs] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    progress_factory: ProgressFactory | None = None
+    secrets: Callable[[str], None] = lambda value: None
+
+    @contextmanager
+    def progress(self, description: str, total: float | None = None, unit: str = "") -> Iterator[
+        ProgressTask
+    ]:
+        """A progress bar for a long step: `with ctx.progress("quantize", total=30) as bar`."""
+        if self.progress_factory is None:
+            yield ProgressTask(lambda completed, total: None)
+            return
+        task, finish = self.progress_factory(description, total, unit)
+        try:
+            yield task
+        finally:
+            finish()
+
+    def upstream_outputs(self, kind: type[OutputsT]) -> list[OutputsT]:
+        """The outputs of upstream stages of one type (e.g. every ModelOutputs this stage needs)."""
+        return [outputs for outputs in self.upstream.values() if isinstance(outputs, kind)]
+
+
+OutputsT = TypeVar("OutputsT", bound=StageOutputs)
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
+
+
+class Stage(abc.ABC, Generic[ConfigT, OutputsT]):
+    """A pipeline step. Subclasses set `Config`, `Outputs` and `version`, and implement `run`.
+
+    `version` is part of every cache key: bump it when the stage would now produce different
+    outputs from the same config, so cached results of the old code are not reused."""
+
+    Config: ClassVar[type[StageConfig]]
+    Outputs: ClassVar[type[StageOutputs]]
+    version: ClassVar[str] = "1"
+
+    @abc.abstractmethod
+    def run(self, config: ConfigT, ctx: StageContext) -> OutputsT:
+        """Do the work, write files under `ctx.output_dir`, return the typed outputs."""
+
+    def check(self, config: ConfigT) -> list[Problem]:
+        """Problems visible before running (lint/plan). Default: none beyond the Config's own."""
+        return []
+
+    def describe(self, config: ConfigT, cache_dir: Path) -> str | None:
+        """One line for `gcupipe plan` (e.g. where a model will come from). Default: none."""
+        return None
+
+    def cache_inputs(self, config: ConfigT) -> list[Path]:
+        """Files or directories outside the run whose change must invalidate the cache.
+        Default: every existing path in the config. They are fingerprinted by size and mtime."""
+        paths: list[Path] = []
+        for value in _walk_values(config.model_dump()):
+            if isinstance(value, Path) and value.exists():
+                paths.append(value)
+        return paths
+
+
+def _walk_values(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk_values(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _walk_values(item)
+    else:
+        yield value
