@@ -1,0 +1,1 @@
+"""Reference inference on torch: float models and every gcupipe format, perplexity, generation."""
