@@ -1,0 +1,1 @@
+"""Output formats (modelslim, gcu, compressed-tensors): writers, readers, inspect."""

@@ -1,0 +1,1 @@
+"""The quantization core: shared representation, observers, methods, streaming, module maps."""
