@@ -22,15 +22,20 @@ class Mark:
     """A place in a recipe source: a file (or a pseudo-source such as `--set #1`), 1-based."""
 
     source: str
-    line: int
-    column: int
+    line: int = 0
+    column: int = 0
 
     def __str__(self) -> str:
+        if self.line <= 0:  # a pseudo-source such as a --set override has no lines
+            return self.source
         return f"{self.source}:{self.line}:{self.column}"
 
 
 class RecipeError(GcupipeError):
-    """A recipe is malformed; the message names `file:line:col` and the key path."""
+    """A recipe is malformed; the message names `file:line:col` and the key path.
+
+    One error may carry several problems (`RecipeError.combine`), one line each, so `lint`
+    reports everything it found in one pass."""
 
     exit_code = 2
 
@@ -38,12 +43,32 @@ class RecipeError(GcupipeError):
         self.message = message
         self.mark = mark
         self.key_path = key_path
+        self.problems: list[RecipeError] = [self]
         super().__init__(self.render())
 
     def render(self) -> str:
         where = f"{self.mark}: " if self.mark else ""
         key = f"{self.key_path}: " if self.key_path else ""
         return f"{where}{key}{self.message}"
+
+    @classmethod
+    def combine(cls, errors: list[RecipeError]) -> RecipeError:
+        """One error listing every problem of `errors`, in file order, without duplicates."""
+        problems: list[RecipeError] = []
+        seen: set[str] = set()
+        for error in errors:
+            for problem in error.problems:
+                if problem.render() not in seen:
+                    seen.add(problem.render())
+                    problems.append(problem)
+        problems.sort(key=lambda p: (p.mark is None, str(p.mark and p.mark.source),
+                                     p.mark.line if p.mark else 0, p.mark.column if p.mark else 0))
+        combined = problems[0] if len(problems) == 1 else cls("\n".join(p.render() for p in problems))
+        combined.problems = problems
+        return combined
+
+    def __str__(self) -> str:
+        return "\n".join(problem.render() for problem in self.problems)
 
 
 class StageError(GcupipeError):

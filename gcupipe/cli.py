@@ -1,0 +1,273 @@
+"""The `gcupipe` command line: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gcupipe import __version__
+from gcupipe.errors import GcupipeError, UsageError
+
+app = typer.Typer(
+    name="gcupipe",
+    help=(
+        "Declarative pipelines that download, quantize, validate and serve LLMs on vLLM.\n\n"
+        "A recipe (YAML) names stages; `gcupipe run recipe.yaml` runs them, reusing every stage "
+        "whose inputs did not change. Start with `gcupipe plan recipe.yaml` to see what would "
+        "run and why, and `gcupipe stages` for the stage types and their options."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+errors = Console(stderr=True)
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a value: KEY.PATH=VALUE (YAML-typed); repeatable.",
+                 metavar="KEY=VALUE"),
+]
+WorkdirOpt = Annotated[
+    Path | None,
+    typer.Option("--workdir", "-w", help="Run directory. Default: ./runs/<recipe name>."),
+]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option("--only", help="Run only these stages (their upstream must be cached)."),
+]
+FromOpt = Annotated[str | None, typer.Option("--from", help="Run this stage and what follows it.")]
+ToOpt = Annotated[str | None, typer.Option("--to", help="Run this stage and what it needs.")]
+ForceOpt = Annotated[
+    list[str] | None, typer.Option("--force", help="Rerun this stage even if cached; repeatable.")
+]
+
+
+def _fail(error: BaseException) -> NoReturn:
+    if _state["debug"]:
+        raise error
+    if isinstance(error, GcupipeError):
+        text = str(error)
+        errors.print(f"[red]error:[/] {text}" if "\n" not in text else f"[red]error:[/]\n{text}",
+                     highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(error.exit_code)
+    errors.print(f"[red]internal error:[/] {type(error).__name__}: {error}\n"
+                 "run again with --debug for the traceback", highlight=False)
+    raise typer.Exit(1)
+
+
+def _selection(only: list[str] | None, from_: str | None, to: str | None,
+               force: list[str] | None):  # type: ignore[no-untyped-def]
+    from gcupipe.engine import Selection
+
+    names = [name for item in (only or []) for name in item.split(",") if name]
+    return Selection(only=names, from_stage=from_, to_stage=to, force=list(force or []))
+
+
+def _load(recipe: Path, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+    from gcupipe.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        console.print(f"gcupipe {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    only: OnlyOpt = None,
+    from_: FromOpt = None,
+    to: ToOpt = None,
+    force: ForceOpt = None,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="Stream events as JSON lines on stdout (no live view).")
+    ] = False,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Write a JUnit XML file, one testcase per stage.")
+    ] = None,
+) -> None:
+    """Run a recipe. Exit codes: 0 ok, 1 stage failed, 2 recipe/usage error, 3 validation gate
+    failed, 130 interrupted."""
+    from gcupipe.engine import Events, JsonLinesSink, JUnitSink, default_run_dir, run_recipe
+    from gcupipe.engine.view import RichView
+
+    try:
+        loaded = _load(recipe, overrides)
+        sinks: list = [JsonLinesSink() if json_lines else RichView(console)]
+        if junit:
+            sinks.append(JUnitSink(junit, loaded.name))
+        events = Events(sinks)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            result = run_recipe(loaded, workdir or default_run_dir(loaded),
+                                _selection(only, from_, to, force), events)
+        finally:
+            events.close()
+    except KeyboardInterrupt:
+        errors.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - every error leaves through _fail
+        _fail(exc)
+    if result.error is not None:
+        _fail(result.error)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = None,
+    only: OnlyOpt = None,
+    from_: FromOpt = None,
+    to: ToOpt = None,
+    force: ForceOpt = None,
+) -> None:
+    """Show the stages, their order, what would run and why. Changes nothing."""
+    from gcupipe.engine import Runner, default_run_dir
+
+    try:
+        loaded = _load(recipe, overrides)
+        runner = Runner(loaded, workdir or default_run_dir(loaded))
+        results = runner.plan(_selection(only, from_, to, force))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    table = Table(title=f"{loaded.name} ({runner.store.run_dir})", title_justify="left")
+    for column in ("stage", "uses", "needs", "action", "why"):
+        table.add_column(column)
+    for result in results:
+        stage = loaded.stages[result.id]
+        colour = {"run": "yellow", "cached": "green"}.get(result.outcome, "dim")
+        why = result.reason + (f"\n{result.message}" if result.message else "")
+        table.add_row(escape(result.id), result.uses, escape(", ".join(stage.needs) or "-"),
+                      f"[{colour}]{result.outcome}[/]", escape(why))
+    console.print(table)
+
+
+@app.command()
+def lint(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)],
+    overrides: SetOpt = None,
+) -> None:
+    """Check recipes without running anything: YAML, keys, types, references, graph."""
+    from gcupipe.errors import RecipeError
+
+    failed = 0
+    for recipe in recipes:
+        try:
+            loaded = _load(recipe, overrides)
+        except RecipeError as exc:
+            failed += 1
+            errors.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+            continue
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
+        console.print(f"[green]ok[/] {recipe} ({len(loaded.stages)} stages)", highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the recipe JSON Schema (every registered stage's options) for editors."""
+    from gcupipe.recipe.schema import recipe_schema
+
+    text = json.dumps(recipe_schema(lambda m: errors.print(f"warning: {m}")), indent=2) + "\n"
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def stages(
+    name: Annotated[str | None, typer.Argument(help="Show one stage in detail.")] = None,
+) -> None:
+    """List the registered stage types with their options and outputs."""
+    from gcupipe.stages.docs import describe_stage, stage_summaries
+
+    try:
+        if name:
+            console.print(describe_stage(name))
+        else:
+            console.print(stage_summaries())
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A model directory.", show_default=False)],
+) -> None:
+    """Recognise a model directory's format and say how vLLM must load it."""
+    try:
+        from gcupipe.formats.inspect import inspect_model_dir, render_inspection
+
+        console.print(render_inspection(inspect_model_dir(directory)))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
+def clean(
+    recipe: RecipeArg,
+    workdir: WorkdirOpt = None,
+    stage: Annotated[
+        list[str] | None, typer.Option("--stage", help="Remove only this stage's result.")
+    ] = None,
+) -> None:
+    """Remove a recipe's run directory (or the results of some stages)."""
+    from gcupipe.engine import default_run_dir
+    from gcupipe.engine.store import RunStore
+
+    try:
+        loaded = _load(recipe, None)
+        run_dir = workdir or default_run_dir(loaded)
+        if not stage:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            console.print(f"removed {run_dir}")
+            return
+        store = RunStore(run_dir)
+        for name in stage:
+            matches = [s for s in loaded.stages.values() if name in (s.id, s.base_id)]
+            if not matches:
+                raise UsageError(f"no stage '{name}' in recipe '{loaded.name}'")
+            for match in matches:
+                shutil.rmtree(store.stage_dir(match.id), ignore_errors=True)
+                console.print(f"removed {store.stage_dir(match.id)}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+def main() -> None:
+    app()

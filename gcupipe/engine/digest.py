@@ -1,0 +1,62 @@
+"""Content digests of stage outputs and cheap stat fingerprints of inputs and finished outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: Path, exclude: frozenset[str] = frozenset()) -> list[Path]:
+    if root.is_file():
+        return [root]
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs.sort()
+        for name in sorted(names):
+            path = Path(directory, name)
+            if path.relative_to(root).as_posix() not in exclude:
+                found.append(path)
+    return found
+
+
+def content_digest(root: Path, exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 over every file's relative path and content: equal outputs, equal digest."""
+    digest = hashlib.sha256()
+    for path in _files(root, exclude):
+        relative = path.relative_to(root).as_posix() if root.is_dir() else path.name
+        digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def stat_fingerprint(paths: Iterable[Path]) -> str:
+    """sha256 over (relative path, size, mtime) of every file below each root: notices edits
+    without reading contents, and survives the rename of a finished stage directory."""
+    digest = hashlib.sha256()
+    for root in paths:
+        if not root.exists():
+            digest.update(b"missing\n")
+            continue
+        for path in _files(root):
+            stat = path.stat()
+            relative = path.relative_to(root).as_posix() if root.is_dir() else ""
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

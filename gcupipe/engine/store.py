@@ -1,0 +1,125 @@
+"""The run directory: finished stage outputs with their records, and the temp dirs they are built in.
+
+A stage writes into `.tmp/<id>-<random>/out`; only after `run` returns is its record written
+and the whole directory renamed to `stages/<id>`. A crash, an exception, Ctrl-C or SIGKILL
+therefore never leaves something under `stages/` that looks complete."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from gcupipe.errors import UsageError
+
+RECORD_NAME = "stage.json"
+OUTPUT_DIR_NAME = "out"
+
+
+class StageRecord(BaseModel):
+    """What a finished stage left behind; the cache decision reads nothing else."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    uses: str
+    stage_version: str
+    cache_key: str
+    config: dict[str, Any]
+    upstream: dict[str, str]  # upstream id -> outputs digest
+    outputs: dict[str, Any]
+    outputs_digest: str
+    outputs_fingerprint: str
+    started_at: float
+    duration_s: float
+
+
+def safe_name(stage_id: str) -> str:
+    """A file-system-safe, readable directory name for a (possibly matrix) stage id."""
+    return re.sub(r"[^A-Za-z0-9_.,=\[\]-]", "_", stage_id)
+
+
+class RunStore:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.stages_dir = run_dir / "stages"
+        self.tmp_dir = run_dir / ".tmp"
+        self.cache_dir = run_dir / "cache"
+        self._lock_handle: Any = None
+
+    def stage_dir(self, stage_id: str) -> Path:
+        return self.stages_dir / safe_name(stage_id)
+
+    def output_dir(self, stage_id: str) -> Path:
+        return self.stage_dir(stage_id) / OUTPUT_DIR_NAME
+
+    def read_record(self, stage_id: str) -> StageRecord | None:
+        path = self.stage_dir(stage_id) / RECORD_NAME
+        try:
+            return StageRecord.model_validate_json(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def open(self) -> None:
+        """Lock the run directory for this process and remove what crashed runs left behind."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self.run_dir / ".lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UsageError(
+                f"another gcupipe run is using {self.run_dir}; wait for it or use --workdir"
+            ) from None
+        self._lock_handle = handle
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        for folder in (self.stages_dir, self.tmp_dir, self.cache_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def begin(self, stage_id: str) -> Path:
+        """A fresh temp stage directory with `out/` and `scratch/` inside."""
+        folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(stage_id)}-", dir=self.tmp_dir))
+        folder.chmod(0o755)
+        (folder / OUTPUT_DIR_NAME).mkdir()
+        (folder / "scratch").mkdir()
+        return folder
+
+    def commit(self, stage_id: str, folder: Path, record: StageRecord) -> None:
+        """Write the record and move the finished stage into place, replacing an older result."""
+        shutil.rmtree(folder / "scratch", ignore_errors=True)
+        (folder / RECORD_NAME).write_text(record.model_dump_json(indent=2))
+        final = self.stage_dir(stage_id)
+        if final.exists():
+            trash = self.tmp_dir / f"old-{safe_name(stage_id)}-{time.monotonic_ns()}"
+            os.replace(final, trash)
+            os.replace(folder, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(folder, final)
+
+    def discard(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(value, stream, indent=2, default=str)
+        stream.write("\n")
+    os.chmod(temp, 0o644)
+    os.replace(temp, path)

@@ -1,0 +1,5 @@
+"""The recipe language: YAML with positions, extends/include, ${...}, --set, matrix, validation."""
+
+from gcupipe.recipe.loader import PlannedStage, Recipe, load_recipe, resolve_stage_config
+
+__all__ = ["PlannedStage", "Recipe", "load_recipe", "resolve_stage_config"]

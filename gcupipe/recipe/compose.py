@@ -1,0 +1,146 @@
+"""`extends:` and `include:`: recipes built from shared files, deep-merged with their positions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gcupipe.errors import RecipeError
+from gcupipe.recipe.source import KeyPath, Positions, format_path, read_yaml_file
+
+
+def display_path(path: Path) -> str:
+    """How a file is named in messages: relative to the working directory when below it."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def deep_merge(
+    target: dict[str, Any], target_positions: Positions, source: dict[str, Any],
+    source_positions: Positions, prefix: KeyPath = (),
+) -> None:
+    """Merge `source` over `target` in place: mappings merge key by key, anything else
+    (lists included) is replaced whole, and the positions follow the values that win."""
+    for key, value in source.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            if path in source_positions.keys:
+                target_positions.keys[path] = source_positions.keys[path]
+            deep_merge(target[key], target_positions, value, source_positions, path)
+            continue
+        target[key] = value
+        target_positions.drop(path)
+        for table_name in ("keys", "values"):
+            table = getattr(source_positions, table_name)
+            mine = getattr(target_positions, table_name)
+            for other_path, mark in table.items():
+                if other_path[: len(path)] == path:
+                    mine[other_path] = mark
+
+
+def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Positions]:
+    """Load a recipe file with everything it extends and includes merged in.
+
+    Order (later wins): extended files in order < included fragments in order < the file."""
+    display = display_path(path)
+    data, positions = read_yaml_file(path, display)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"a recipe must be a mapping of keys (version, name, stages, ...), "
+            f"not a {_kind(data)}",
+            positions.value_mark(()),
+        )
+    merged: dict[str, Any] = {}
+    merged_positions = Positions()
+    chain = chain + (path.resolve(),)
+
+    for reference, _ in _references(data, positions, "extends"):
+        base, base_positions = _load_reference(path, reference, chain, positions, "extends")
+        deep_merge(merged, merged_positions, base, base_positions)
+    for reference, at in _references(data, positions, "include"):
+        fragment, fragment_positions = _load_reference(path, reference, chain, positions, "include")
+        if at:
+            fragment, fragment_positions = _mount(fragment, fragment_positions, at)
+        deep_merge(merged, merged_positions, fragment, fragment_positions)
+
+    own = {key: value for key, value in data.items() if key not in ("extends", "include")}
+    positions.drop(("extends",))
+    positions.drop(("include",))
+    positions.keys.pop(("extends",), None)
+    positions.keys.pop(("include",), None)
+    deep_merge(merged, merged_positions, own, positions)
+    return merged, merged_positions
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _references(
+    data: dict[str, Any], positions: Positions, key: str
+) -> list[tuple[tuple[str, KeyPath], tuple[str, ...]]]:
+    """The files named by `extends:`/`include:` as ((file, key path of the entry), mount point)."""
+    value = data.get(key)
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    found = []
+    for index, item in enumerate(items):
+        item_path: KeyPath = (key, index) if isinstance(value, list) else (key,)
+        at: tuple[str, ...] = ()
+        if key == "include" and isinstance(item, dict):
+            unknown = set(item) - {"file", "at"}
+            if unknown or "file" not in item:
+                raise RecipeError(
+                    "an include entry is a file path or a mapping {file: PATH, at: KEY.PATH}",
+                    positions.value_mark(item_path),
+                    format_path(item_path),
+                )
+            at = tuple(str(item.get("at") or "").split(".")) if item.get("at") else ()
+            item = item["file"]
+            item_path = item_path + ("file",)
+        if not isinstance(item, str) or not item:
+            raise RecipeError(
+                f"`{key}` takes a file path or a list of file paths",
+                positions.value_mark(item_path),
+                format_path(item_path),
+            )
+        found.append(((item, item_path), at))
+    return found
+
+
+def _load_reference(
+    path: Path, reference: tuple[str, KeyPath], chain: tuple[Path, ...], positions: Positions,
+    key: str,
+) -> tuple[dict[str, Any], Positions]:
+    name, item_path = reference
+    target = (path.parent / name).resolve()
+    mark = positions.value_mark(item_path)
+    if target in chain:
+        cycle = " -> ".join(display_path(p) for p in chain + (target,))
+        raise RecipeError(f"{key} cycle: {cycle}", mark, format_path(item_path))
+    if not target.is_file():
+        raise RecipeError(
+            f"{key} names a file that does not exist: {display_path(target)}",
+            mark,
+            format_path(item_path),
+        )
+    return load_composed(target, chain)
+
+
+def _mount(
+    fragment: dict[str, Any], positions: Positions, at: tuple[str, ...]
+) -> tuple[dict[str, Any], Positions]:
+    mounted: dict[str, Any] = fragment
+    for key in reversed(at):
+        mounted = {key: mounted}
+    moved = Positions()
+    moved.update(positions, at)
+    return mounted, moved

@@ -1,0 +1,83 @@
+"""Overrides on top of a composed recipe: `GCUPIPE__a__b=c` environment variables, then `--set a.b=c`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from gcupipe.errors import Mark, RecipeError
+from gcupipe.recipe.source import KeyPath, Positions, format_path
+from gcupipe.stages.registry import did_you_mean
+
+ENV_PREFIX = "GCUPIPE__"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(dotted path, value, source label) for each `GCUPIPE__stages__x__with__y=v` variable."""
+    found = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            path = ".".join(name[len(ENV_PREFIX) :].split("__"))
+            found.append((path, environ[name], f"environment {name}"))
+    return found
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """`a.b.c=value` -> ("a.b.c", "value")."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip():
+        raise RecipeError(
+            "an override is KEY.PATH=VALUE, e.g. stages.quantize.with.method=gptq",
+            Mark(f"--set {text}"),
+        )
+    return path.strip(), value
+
+
+def apply_override(
+    data: dict[str, Any], positions: Positions, dotted: str, raw_value: str, source: str
+) -> None:
+    """Set one value (parsed as YAML, so `64` is a number and `[a, b]` a list) at `dotted`."""
+    mark = Mark(source)
+    parts = dotted.split(".")
+    if any(not part for part in parts):
+        raise RecipeError(f"bad key path '{dotted}': empty segment", mark)
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"value is not valid YAML: {exc}", mark, dotted) from None
+    node: Any = data
+    path: KeyPath = ()
+    for index, part in enumerate(parts[:-1]):
+        path = path + (part,)
+        if isinstance(node, list):
+            raise RecipeError(
+                f"'{format_path(path[:-1])}' is a list; overrides set keys of mappings only",
+                mark,
+                dotted,
+            )
+        if index == 1 and parts[0] == "stages" and part not in node:
+            raise RecipeError(
+                f"no stage '{part}' in the recipe{did_you_mean(part, sorted(node))}",
+                mark,
+                dotted,
+            )
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            kind = "list" if isinstance(child, list) else type(child).__name__
+            raise RecipeError(
+                f"cannot set '{dotted}': '{format_path(path)}' is a {kind}, not a mapping",
+                mark,
+                dotted,
+            )
+        node = child
+    if not isinstance(node, dict):
+        raise RecipeError(f"cannot set '{dotted}': its parent is not a mapping", mark, dotted)
+    full: KeyPath = tuple(parts)
+    node[parts[-1]] = value
+    positions.drop(full)
+    positions.keys[full] = mark
+    positions.values[full] = mark

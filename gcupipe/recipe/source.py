@@ -1,0 +1,138 @@
+"""YAML documents loaded with the position of every key and value, so errors can name file:line:col."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gcupipe.errors import Mark, RecipeError
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass
+class Positions:
+    """Where each key path of a (merged) document came from."""
+
+    keys: dict[KeyPath, Mark] = field(default_factory=dict)
+    values: dict[KeyPath, Mark] = field(default_factory=dict)
+
+    def update(self, other: Positions, prefix: KeyPath = ()) -> None:
+        for path, mark in other.keys.items():
+            self.keys[prefix + path] = mark
+        for path, mark in other.values.items():
+            self.values[prefix + path] = mark
+
+    def drop(self, prefix: KeyPath) -> None:
+        """Forget everything under `prefix` (a merge replaced that subtree)."""
+        size = len(prefix)
+        for table in (self.keys, self.values):
+            for path in [p for p in table if p[:size] == prefix and len(p) > size]:
+                del table[path]
+
+    def value_mark(self, path: KeyPath) -> Mark | None:
+        """The mark of the value at `path`, or of the nearest enclosing value that has one."""
+        for end in range(len(path), -1, -1):
+            mark = self.values.get(path[:end])
+            if mark is not None:
+                return mark
+        return None
+
+    def key_mark(self, path: KeyPath) -> Mark | None:
+        """The mark of the key at `path` (falling back to the value marks)."""
+        return self.keys.get(path) or self.value_mark(path)
+
+
+def format_path(path: KeyPath) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    pass
+
+
+def _mark(source: str, yaml_mark: yaml.Mark) -> Mark:
+    return Mark(source, yaml_mark.line + 1, yaml_mark.column + 1)
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, Positions]:
+    """Parse one YAML document into plain Python data plus the positions of its keys/values."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise RecipeError(
+            f"invalid YAML: {problem}", _mark(source, mark) if mark else Mark(source, 1, 1)
+        ) from None
+    except yaml.YAMLError as exc:  # reader errors (bad bytes) carry no mark
+        raise RecipeError(f"invalid YAML: {exc}", Mark(source, 1, 1)) from None
+    positions = Positions()
+    if node is None:
+        return None, positions
+    constructor = _Constructor()
+    data = _convert(node, (), source, constructor, positions)
+    return data, positions
+
+
+def _convert(
+    node: yaml.Node, path: KeyPath, source: str, constructor: _Constructor, positions: Positions
+) -> Any:
+    positions.values[path] = _mark(source, node.start_mark)
+    if isinstance(node, yaml.MappingNode):
+        try:
+            constructor.flatten_mapping(node)
+        except yaml.MarkedYAMLError as exc:
+            raise RecipeError(f"invalid YAML merge: {exc.problem}", _mark(source, node.start_mark))
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = _scalar(key_node, source, constructor)
+            if not isinstance(key, str | int | float | bool) or isinstance(key, bool):
+                raise RecipeError(
+                    "mapping keys must be plain strings", _mark(source, key_node.start_mark)
+                )
+            key = str(key)
+            if key in result:
+                raise RecipeError(
+                    f"duplicate key '{key}'",
+                    _mark(source, key_node.start_mark),
+                    format_path(path + (key,)),
+                )
+            positions.keys[path + (key,)] = _mark(source, key_node.start_mark)
+            result[key] = _convert(value_node, path + (key,), source, constructor, positions)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _convert(item, path + (index,), source, constructor, positions)
+            for index, item in enumerate(node.value)
+        ]
+    return _scalar(node, source, constructor)
+
+
+def _scalar(node: yaml.Node, source: str, constructor: _Constructor) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        raise RecipeError("mapping keys must be plain strings", _mark(source, node.start_mark))
+    try:
+        return constructor.construct_object(node, deep=True)
+    except (yaml.constructor.ConstructorError, ValueError, OverflowError) as exc:
+        raise RecipeError(f"invalid YAML value: {exc}", _mark(source, node.start_mark)) from None
+
+
+def read_yaml_file(path: Path, display: str) -> tuple[Any, Positions]:
+    """Read and parse a recipe file; `display` is how the file is named in messages."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"file not found: {display}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read {display}: {exc}") from None
+    return parse_yaml(text, display)
