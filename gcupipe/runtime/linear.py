@@ -1,0 +1,125 @@
+"""Linear layers that compute what the target's quantized kernels compute, from a QuantizedLinear.
+
+- W8A8_DYNAMIC: activations quantized per token, symmetric int8 (scale = absmax / 127); int8 x
+  int8 -> int32 matmul (torch._int_mm, exact) then y = acc * x_scale * weight_scale (+ bias).
+- W8A8 (static): x_q = clamp(round(x / input_scale + input_offset)); acc = x_q @ Wq^T + quant_bias
+  (int32); y = acc * deq_scale: the modelslim/Ascend formula of DESIGN.md 4.1, bias folded in.
+- W8A16 / W4A16: weights dequantized on the fly, (q - offset) * scale per channel or group, in
+  the activation dtype, then a float matmul (what weight-only kernels do).
+
+Integer matmuls fall back to an exact int64 product where torch._int_mm is missing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gcupipe.errors import require
+
+if TYPE_CHECKING:
+    import torch
+
+    from gcupipe.quant.scheme import QuantizedLinear
+
+
+def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """int8 [m, k] @ int8 [k, n] -> int32 [m, n], exactly."""
+    torch = require("torch", "quant")
+    if hasattr(torch, "_int_mm"):
+        try:
+            return torch._int_mm(x_q.contiguous(), weight_t)
+        except RuntimeError:  # shape or platform limits of the fast kernel
+            pass
+    return (x_q.to(torch.int64) @ weight_t.to(torch.int64)).to(torch.int32)
+
+
+def _module_base() -> Any:
+    return require("torch", "quant").nn.Module
+
+
+class RuntimeLinear(_module_base()):  # type: ignore[misc]
+    """An nn.Module stand-in for nn.Linear that runs one QuantizedLinear the target's way."""
+
+    def __init__(self, layer: QuantizedLinear, name: str = ""):
+        super().__init__()
+        torch = require("torch", "quant")
+        from gcupipe.quant.scheme import ActivationScheme
+
+        self.name = name
+        self.quant_type = layer.quant_type.value
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.activation = layer.activation
+        self.bits = layer.bits
+        self.group_size = layer.group_size
+        q = layer.weight.to(torch.int8)
+        if layer.activation is ActivationScheme.NONE:
+            scale, offset = layer.expanded_scale_offset()
+            self.register_buffer("weight_q", q, persistent=False)
+            self.register_buffer("scale", scale.float(), persistent=False)
+            self.register_buffer("offset", offset.float(), persistent=False)
+        else:
+            if layer.group_size:
+                raise ValueError(f"{name}: int8 activations need per-channel weights")
+            if bool((layer.weight_offset != 0).any()):
+                raise ValueError(f"{name}: int8 activations need symmetric weights (offset 0)")
+            self.register_buffer("weight_t", q.t().contiguous(), persistent=False)
+            self.register_buffer("weight_scale", layer.weight_scale.float().reshape(1, -1),
+                                 persistent=False)
+        if layer.activation is ActivationScheme.STATIC:
+            assert layer.input_scale is not None and layer.input_offset is not None
+            self.register_buffer("input_scale", layer.input_scale.float().reshape(()),
+                                 persistent=False)
+            self.register_buffer("input_offset", layer.input_offset.float().reshape(()),
+                                 persistent=False)
+            self.register_buffer("deq_scale", layer.deq_scale().float().reshape(1, -1),
+                                 persistent=False)
+            self.register_buffer("quant_bias", layer.quant_bias().to(torch.int32).reshape(1, -1),
+                                 persistent=False)
+            self.bias = None
+        else:
+            bias = layer.bias.float() if layer.bias is not None else None
+            self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gcupipe.quant.scheme import ActivationScheme
+
+        if self.activation is ActivationScheme.NONE:
+            return self._weight_only(x)
+        torch = require("torch", "quant")
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).float()
+        if self.activation is ActivationScheme.DYNAMIC:
+            x_scale = torch.clamp(flat.abs().amax(dim=-1, keepdim=True) / 127.0, min=1e-12)
+            x_q = torch.clamp(torch.round(flat / x_scale), -128, 127).to(torch.int8)
+            acc = int8_matmul(x_q, self.weight_t)
+            y = acc.float() * x_scale * self.weight_scale
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            x_q = torch.clamp(torch.round(flat / self.input_scale + self.input_offset), -128, 127)
+            acc = int8_matmul(x_q.to(torch.int8), self.weight_t) + self.quant_bias
+            y = acc.float() * self.deq_scale
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        torch = require("torch", "quant")
+        weight = ((self.weight_q.float() - self.offset) * self.scale).to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.quant_type}, in={self.in_features}, out={self.out_features}{group}"
+
+
+class ReferenceLinear(_module_base()):  # type: ignore[misc]
+    """The straightforward dequantize-then-float forward of a QuantizedLinear (the yardstick the
+    runtime's integer path is tested against)."""
+
+    def __init__(self, layer: QuantizedLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.forward(x)
