@@ -1,0 +1,13 @@
+"""Serving with vLLM: platform detection, argument derivation, offline runs and servers."""
+
+from gcupipe.serving.args import Artifact, VllmArgs, derive_quantization, inspect_artifact
+from gcupipe.serving.platform import Platform, detect_platform
+
+__all__ = [
+    "Artifact",
+    "Platform",
+    "VllmArgs",
+    "derive_quantization",
+    "detect_platform",
+    "inspect_artifact",
+]

@@ -1,0 +1,85 @@
+"""Offline generation through `vllm.LLM`, run as a child: `python -m gcupipe.serving.offline SPEC`.
+
+A child process keeps vLLM's memory, threads and engine state out of the gcupipe process and
+lets one spec carry several models (one Python + vLLM import for all of them, which is most of
+the start-up time on CPU). SPEC is JSON:
+
+    {"jobs": [{"llm": {...LLM keywords...}, "prompts": [...], "max_tokens": 16,
+               "temperature": 0.0, "logprobs": null, "output": "out.jsonl"}],
+     "summary": "summary.json"}
+
+Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when asked) and
+the summary gets tokens/s per job.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _logprob_rows(output: Any) -> list[dict[str, float]] | None:
+    if output.logprobs is None:
+        return None
+    return [
+        {str(token): entry.logprob for token, entry in step.items()} for step in output.logprobs
+    ]
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Load one model, generate for every prompt, write the JSONL, return figures."""
+    from vllm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(**job["llm"])
+    loaded = time.perf_counter()
+    params = SamplingParams(
+        max_tokens=int(job.get("max_tokens", 16)),
+        temperature=float(job.get("temperature", 0.0)),
+        logprobs=job.get("logprobs"),
+        ignore_eos=bool(job.get("ignore_eos", False)),
+    )
+    prompts = list(job["prompts"])
+    results = llm.generate(prompts, params, use_tqdm=False)
+    finished = time.perf_counter()
+    generated = 0
+    with Path(job["output"]).open("w") as handle:
+        for prompt, result in zip(prompts, results, strict=True):
+            completion = result.outputs[0]
+            generated += len(completion.token_ids)
+            row = {
+                "prompt": prompt,
+                "text": completion.text,
+                "token_ids": list(completion.token_ids),
+                "finish_reason": completion.finish_reason,
+            }
+            logprobs = _logprob_rows(completion)
+            if logprobs is not None:
+                row["logprobs"] = logprobs
+            handle.write(json.dumps(row) + "\n")
+    del llm
+    gc.collect()
+    generate_s = finished - loaded
+    return {
+        "output": job["output"],
+        "load_s": round(loaded - started, 3),
+        "generate_s": round(generate_s, 3),
+        "prompts": len(prompts),
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / generate_s, 3) if generate_s > 0 else None,
+    }
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    summary = [run_job(job) for job in spec["jobs"]]
+    Path(spec["summary"]).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,196 @@
+"""`uses: serve`: serve the built model with real vLLM, offline (vllm.LLM) or online (server)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from gcupipe.errors import StageError
+from gcupipe.serving.args import (
+    Artifact,
+    VllmArgs,
+    derive_quantization,
+    inspect_artifact,
+    render_command,
+    server_command,
+)
+from gcupipe.serving.platform import Platform, detect_platform, platform_env
+from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+
+DEFAULT_PROMPTS = ["The capital of France is", "Quantization makes a language model"]
+
+
+class ServeConfig(StageConfig):
+    engine: Literal["vllm"] = Field(default="vllm", description="Serving engine (vLLM only).")
+    mode: Literal["offline", "online"] = Field(
+        default="online",
+        description="offline: prompts through vllm.LLM to JSONL; online: OpenAI server + checks.",
+    )
+    model: Path | None = Field(
+        default=None,
+        description="Model directory; default: the `model_dir` of the upstream stage's outputs.",
+    )
+    quantization: str | None = Field(
+        default=None,
+        description="vLLM --quantization; default: derived from the artifact ('none' forces none).",
+    )
+    served_model_name: str | None = Field(default=None, description="Name clients ask for.")
+    max_model_len: int | None = Field(default=None, gt=0, description="Context length, tokens.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="Devices per model.")
+    trust_remote_code: bool = Field(
+        default=False, description="Let vLLM run the model's own Python code (only if trusted)."
+    )
+    dtype: str = Field(default="auto", description="vLLM --dtype (auto, float32, bfloat16...).")
+    enforce_eager: bool | None = Field(
+        default=None, description="vLLM --enforce-eager; default: on for CPU (faster start)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More vLLM flags, passed through unchanged."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for vLLM.")
+    host: str = Field(default="127.0.0.1", description="Address the online server binds.")
+    port: int | None = Field(default=None, gt=0, lt=65536, description="Port; default: a free one.")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts to run or check with."
+    )
+    prompts_file: Path | None = Field(
+        default=None, description="A file with one prompt per line (replaces `prompts`)."
+    )
+    max_tokens: int = Field(default=16, gt=0, description="Tokens to generate per prompt.")
+    start_timeout_s: float = Field(default=600, gt=0, description="Wait this long for /health.")
+    request_timeout_s: float = Field(default=120, gt=0, description="Per check request.")
+    stop_grace_s: float = Field(
+        default=10, gt=0, description="After SIGTERM, wait this long before SIGKILL."
+    )
+    keep_alive: bool = Field(
+        default=False, description="Leave the online server running after the checks."
+    )
+    kv_cache_space_gib: int = Field(
+        default=1, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."
+    )
+
+
+class ServeOutputs(StageOutputs):
+    mode: str = Field(description="offline or online.")
+    platform: str = Field(description="gcu, cuda or cpu.")
+    model_dir: Path = Field(description="The model that was served.")
+    quantization: str | None = Field(description="The --quantization vLLM got (None: none).")
+    command: str = Field(description="The exact vLLM command (online) or LLM call (offline).")
+    endpoint: str | None = Field(default=None, description="Base URL, online with keep_alive.")
+    pid: int | None = Field(default=None, description="Server process id, online with keep_alive.")
+    log_file: Path = Field(description="vLLM's log.")
+    outputs_file: Path | None = Field(default=None, description="Offline generations (JSONL).")
+    checks_file: Path | None = Field(default=None, description="Online check results (JSON).")
+    latency_s: float | None = Field(default=None, description="Completion request latency, s.")
+    tokens_per_s: float | None = Field(default=None, description="Generated tokens per second.")
+
+
+class ServeStage(Stage[ServeConfig, ServeOutputs]):
+    """Loads the artifact in real vLLM so "it quantized" becomes "it serves"."""
+
+    Config = ServeConfig
+    Outputs = ServeOutputs
+    version = "1"
+
+    def check(self, config: ServeConfig) -> list[Problem]:
+        problems = []
+        if config.keep_alive and config.mode == "offline":
+            problems.append(Problem("keep_alive only applies to mode: online", "keep_alive"))
+        if config.prompts_file is not None and not config.prompts_file.is_file():
+            problems.append(Problem(f"{config.prompts_file} does not exist", "prompts_file"))
+        return problems
+
+    def describe(self, config: ServeConfig, cache_dir: Path) -> str | None:
+        model = str(config.model) if config.model else "<upstream model_dir>"
+        platform = detect_platform()
+        quantization = config.quantization
+        if quantization is None and config.model is not None and config.model.is_dir():
+            try:
+                quantization = derive_quantization(inspect_artifact(config.model), platform)
+            except StageError as exc:
+                return f"vllm {config.mode} on {platform.value}: {exc}"
+        args = self._vllm_args(config, model, quantization, platform)
+        port = config.port or 0
+        if config.mode == "online":
+            command = render_command(server_command(args, config.host, port))
+            return f"vllm online on {platform.value}: {command}" + (
+                "" if config.port else "  (port 0 = a free port at run time)")
+        return f"vllm offline on {platform.value}: vllm.LLM(**{args.llm_kwargs()!r})"
+
+    # -- run ---------------------------------------------------------------------------------
+
+    def run(self, config: ServeConfig, ctx: StageContext) -> ServeOutputs:
+        model_dir = self._model_dir(config, ctx)
+        artifact = inspect_artifact(model_dir)
+        platform = detect_platform()
+        quantization = self._quantization(config, artifact, platform)
+        _check_flag(model_dir, quantization)
+        args = self._vllm_args(config, str(model_dir), quantization, platform)
+        if artifact.int8_kv_cache is not None:
+            if platform is Platform.GCU:
+                args.kv_cache_dtype = "int8"
+                args.quantization_param_path = str(artifact.int8_kv_cache)
+            else:
+                ctx.log(f"int8 KV cache scales are used on GCU only; {platform.value} serves "
+                        "with its default KV cache")
+        env = {**os.environ, **platform_env(platform, ctx.run_dir, config.kv_cache_space_gib),
+               **config.env}
+        ctx.log(f"serve: {artifact.format} model {model_dir} on {platform.value}, "
+                f"quantization={quantization}")
+        common = dict(mode=config.mode, platform=platform.value, model_dir=model_dir,
+                      quantization=quantization)
+        if config.mode == "offline":
+            from gcupipe.serving.runner import run_offline
+
+            return ServeOutputs(**common, **run_offline(config, ctx, args, env))
+        from gcupipe.serving.runner import run_online
+
+        return ServeOutputs(**common, **run_online(config, ctx, args, env, artifact))
+
+    def _model_dir(self, config: ServeConfig, ctx: StageContext) -> Path:
+        if config.model is not None:
+            return config.model
+        candidates = [outputs for outputs in ctx.upstream.values()
+                      if getattr(outputs, "model_dir", None) is not None]
+        if not candidates:
+            raise StageError(
+                "serve: no model to serve: set `model:` or add a stage that outputs a model_dir "
+                "(download, quantize) to `needs`"
+            )
+        if len(candidates) > 1:
+            names = ", ".join(stage for stage, out in ctx.upstream.items() if out in candidates)
+            raise StageError(f"serve: several upstream models ({names}): set `model:` to pick one")
+        return Path(candidates[0].model_dir)  # type: ignore[attr-defined]
+
+    def _quantization(self, config: ServeConfig, artifact: Artifact,
+                      platform: Platform) -> str | None:
+        if config.quantization is not None:
+            return None if config.quantization.lower() == "none" else config.quantization
+        return derive_quantization(artifact, platform)
+
+    def _vllm_args(self, config: ServeConfig, model: str, quantization: str | None,
+                   platform: Platform) -> VllmArgs:
+        eager = config.enforce_eager
+        return VllmArgs(
+            model=model,
+            quantization=quantization,
+            served_model_name=config.served_model_name,
+            max_model_len=config.max_model_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            trust_remote_code=config.trust_remote_code,
+            dtype=config.dtype,
+            enforce_eager=(platform is Platform.CPU) if eager is None else eager,
+            extra_args=list(config.extra_args),
+        )
+
+
+def _check_flag(model_dir: Path, quantization: str | None) -> None:
+    """The validation engineer's check that the flag matches the artifact, when it exists."""
+    try:
+        from gcupipe.validation import check_quantization_flag  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    check_quantization_flag(model_dir, quantization)

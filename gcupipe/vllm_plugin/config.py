@@ -1,0 +1,103 @@
+"""The vLLM QuantizationConfig named "gcu": modelslim artifacts on any vLLM platform."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+
+from gcupipe.vllm_plugin.description import DESCRIPTION_FILE, DescriptionError, QuantDescription
+from gcupipe.vllm_plugin.linear import linear_method
+
+QUANTIZATION_NAME = "gcu"
+
+
+class GcuQuantConfig(QuantizationConfig):
+    """Maps every vLLM layer to the linear method its modelslim description asks for."""
+
+    def __init__(self, description: QuantDescription):
+        super().__init__()
+        self.description = description
+
+    def __repr__(self) -> str:
+        return (
+            f"GcuQuantConfig(model_quant_type={self.description.model_quant_type}, "
+            f"group_size={self.description.group_size})"
+        )
+
+    def get_name(self) -> str:  # type: ignore[override]
+        return QUANTIZATION_NAME
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # plain torch math: any device vLLM runs on
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return [DESCRIPTION_FILE]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GcuQuantConfig:
+        return cls(QuantDescription.from_dict(config))
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:  # type: ignore[no-untyped-def]
+        """Models that rename checkpoint modules: remember vLLM -> HF fragments for lookups."""
+        for attribute in ("orig_to_new_prefix", "orig_to_new_substr"):
+            mapping = getattr(hf_to_vllm_mapper, attribute, None) or {}
+            for hf_name, vllm_name in mapping.items():
+                if vllm_name:
+                    self.description.renames[vllm_name] = hf_name
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.linear import LinearBase
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        if isinstance(layer, LinearBase):
+            kind = self.description.layer_type(prefix, self.packed_modules_mapping)
+            return linear_method(kind, self.description.group_size, prefix)
+        if isinstance(layer, VocabParallelEmbedding):
+            name = f"{prefix}.weight"
+            if name in self.description.tensor_types:
+                kind = self.description.tensor_types[name]
+                if kind != "FLOAT":
+                    raise DescriptionError(
+                        f"gcu quantization: tensor '{name}' is {kind}; quantized embeddings and "
+                        "lm_head are not supported, keep them FLOAT"
+                    )
+            return None
+        return _routed_experts_method(self, layer, prefix)
+
+
+def _routed_experts_method(  # type: ignore[no-untyped-def]
+    config: GcuQuantConfig, layer, prefix: str
+) -> QuantizeMethodBase | None:
+    """MoE experts: FLOAT experts run unquantized; quantized experts are named in the error."""
+    try:
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+    except ImportError:  # pragma: no cover - other vLLM versions
+        return None
+    if not isinstance(layer, RoutedExperts):
+        return None
+    expert_types = {
+        kind
+        for name, kind in config.description.tensor_types.items()
+        if name.startswith(prefix + ".") and name.endswith(".weight")
+    }
+    if expert_types - {"FLOAT"}:
+        raise DescriptionError(
+            f"gcu quantization: MoE experts under '{prefix}' are {sorted(expert_types)}; this "
+            "plugin runs quantized experts only on vLLM-GCU: keep experts FLOAT "
+            "(ignore: ['*experts*']) to prove the artifact on this vLLM"
+        )
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    return UnquantizedFusedMoEMethod(layer.moe_config)

@@ -1,0 +1,234 @@
+"""vLLM linear methods for the modelslim types: the integer math in plain torch, any platform.
+
+The kernels are deliberately portable (torch._int_mm on CPU, float matmul elsewhere) rather than
+fast: the point of the plugin is to prove a modelslim artifact numerically on ordinary vLLM
+before it reaches a GCU machine, where vLLM-GCU's own kernels take over.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
+
+from gcupipe.vllm_plugin.description import DescriptionError
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """int8 [m, k] @ int8 [k, n] -> int32: the reference runtime's exact product on CPU; a float
+    product elsewhere (CUDA's int kernels reject small batches)."""
+    if x_q.device.type == "cpu":
+        from gcupipe.runtime.linear import int8_matmul as exact_int8_matmul
+
+        return exact_int8_matmul(x_q, weight_t)
+    return torch.matmul(x_q.float(), weight_t.float()).round().to(torch.int32)
+
+
+def _frozen(tensor: torch.Tensor) -> Parameter:
+    return Parameter(tensor, requires_grad=False)
+
+
+class _ModelslimLinearMethod(LinearMethodBase):
+    """Shared parameter creation; subclasses add their tensors and `apply`."""
+
+    quant_type = "FLOAT"
+
+    def __init__(self, group_size: int, prefix: str):
+        self.group_size = group_size
+        self.prefix = prefix
+
+    def _weight(self, layer, n: int, k: int, loader, attrs) -> None:  # type: ignore[no-untyped-def]
+        packed_k = k // 2 if self.quant_type == "W4A16" else k
+        weight = ModelWeightParameter(
+            data=torch.empty(n, packed_k, dtype=torch.int8),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=loader,
+        )
+        layer.register_parameter("weight", weight)
+
+    def _weight_scales(self, layer, n: int, k: int, loader, per_group: bool) -> None:  # type: ignore[no-untyped-def]
+        for name in ("weight_scale", "weight_offset"):
+            if per_group:
+                if k % self.group_size:
+                    raise DescriptionError(
+                        f"gcu quantization: group_size {self.group_size} does not divide the "
+                        f"{k} input features of layer '{self.prefix}'"
+                    )
+                param = GroupQuantScaleParameter(
+                    data=torch.empty(n, k // self.group_size, dtype=torch.float32),
+                    input_dim=1,
+                    output_dim=0,
+                    weight_loader=loader,
+                )
+            else:
+                param = ChannelQuantScaleParameter(
+                    data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader
+                )
+            layer.register_parameter(name, param)
+
+
+@register_weight_loader_v2_supported_method
+class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
+    """W8A16 / W4A16: int weights dequantized to the activation dtype at each call."""
+
+    def __init__(self, quant_type: str, group_size: int, prefix: str):
+        super().__init__(group_size, prefix)
+        self.quant_type = quant_type
+
+    def create_weights(  # type: ignore[no-untyped-def]
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+        params_dtype, **extra_weight_attrs,
+    ):
+        loader = extra_weight_attrs["weight_loader"]
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        if self.quant_type == "W4A16" and k % 2:
+            raise DescriptionError(f"gcu quantization: W4A16 layer '{self.prefix}' has odd k={k}")
+        self._weight(layer, n, k, loader, extra_weight_attrs)
+        self._weight_scales(layer, n, k, loader, per_group=self.group_size > 0)
+
+    def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
+        weight = layer.weight.data
+        if self.quant_type == "W4A16":
+            from gcupipe.quant.packing import unpack_int4_modelslim
+
+            weight = unpack_int4_modelslim(weight)
+        scale, offset = layer.weight_scale.data, layer.weight_offset.data
+        if scale.shape[1] > 1:  # per group: expand to one value per input feature once
+            group = weight.shape[1] // scale.shape[1]
+            scale = scale.repeat_interleave(group, dim=1)
+            offset = offset.repeat_interleave(group, dim=1)
+        layer.weight = _frozen(weight.contiguous())
+        layer.weight_scale = _frozen(scale.contiguous())
+        layer.weight_offset = _frozen(offset.contiguous())
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        weight = ((layer.weight.float() - layer.weight_offset) * layer.weight_scale).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+@register_weight_loader_v2_supported_method
+class GcuW8A8DynamicLinearMethod(_ModelslimLinearMethod):
+    """W8A8_DYNAMIC: symmetric int8 per-token activations computed at run time."""
+
+    quant_type = "W8A8_DYNAMIC"
+
+    def create_weights(  # type: ignore[no-untyped-def]
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+        params_dtype, **extra_weight_attrs,
+    ):
+        loader = extra_weight_attrs["weight_loader"]
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        self._weight(layer, n, k, loader, extra_weight_attrs)
+        self._weight_scales(layer, n, k, loader, per_group=False)
+
+    def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
+        layer.weight = _frozen(layer.weight.data.t())  # [k, n] view for int8_matmul
+        layer.weight_scale = _frozen(layer.weight_scale.data.reshape(1, -1).contiguous())
+        offset = layer.weight_offset.data.reshape(1, -1).contiguous()
+        layer.weight_offset = _frozen(offset)
+        layer.has_weight_offset = bool(offset.abs().max() > 0)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        token_scale = torch.clamp(x2.abs().amax(dim=-1, keepdim=True) / INT8_MAX, min=1e-12)
+        x_q = torch.round(x2 / token_scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+        acc = int8_matmul(x_q, layer.weight).float()
+        if layer.has_weight_offset:  # (w - o): subtract o * rowsum(x_q)
+            acc = acc - x_q.float().sum(dim=-1, keepdim=True) * layer.weight_offset
+        y = (acc * token_scale * layer.weight_scale).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*shape[:-1], -1)
+
+
+@register_weight_loader_v2_supported_method
+class GcuW8A8StaticLinearMethod(_ModelslimLinearMethod):
+    """W8A8 (static): per-tensor asymmetric activations; y = (x_q @ Wqᵀ + quant_bias) × deq_scale.
+
+    quant_bias already holds the float bias (DESIGN.md 4.1), so the layer's bias is not added
+    again. Fused layers keep one input scale per part (equal in practice: same input)."""
+
+    quant_type = "W8A8"
+
+    def create_weights(  # type: ignore[no-untyped-def]
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+        params_dtype, **extra_weight_attrs,
+    ):
+        loader = extra_weight_attrs["weight_loader"]
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        self._weight(layer, n, k, loader, extra_weight_attrs)
+        self._weight_scales(layer, n, k, loader, per_group=False)
+        parts = len(output_partition_sizes)
+        for name in ("input_scale", "input_offset"):
+            layer.register_parameter(
+                name,
+                PerTensorScaleParameter(
+                    data=torch.empty(parts, dtype=torch.float32), weight_loader=loader
+                ),
+            )
+        for name, dtype in (("deq_scale", torch.float32), ("quant_bias", torch.int32)):
+            layer.register_parameter(
+                name,
+                ChannelQuantScaleParameter(
+                    data=torch.empty(n, dtype=dtype), output_dim=0, weight_loader=loader
+                ),
+            )
+        layer.gcu_part_sizes = list(output_partition_sizes)
+
+    def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
+        layer.weight = _frozen(layer.weight.data.t())
+        layer.deq_scale = _frozen(layer.deq_scale.data.reshape(1, -1).contiguous())
+        layer.quant_bias = _frozen(layer.quant_bias.data.reshape(1, -1).contiguous())
+        scales, offsets = layer.input_scale.data, layer.input_offset.data
+        layer.input_scale = _frozen(scales.clone())
+        layer.input_offset = _frozen(offsets.clone())
+        layer.gcu_shared_input = bool(
+            torch.all(scales == scales[0]) and torch.all(offsets == offsets[0])
+        )
+
+    def _quantize_input(self, x2: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):  # type: ignore[no-untyped-def]
+        return torch.round(x2 / scale + offset).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if layer.gcu_shared_input:
+            x_q = self._quantize_input(x2, layer.input_scale[0], layer.input_offset[0])
+            acc = int8_matmul(x_q, layer.weight)
+        else:
+            pieces, start = [], 0
+            for index, size in enumerate(layer.gcu_part_sizes):
+                x_q = self._quantize_input(x2, layer.input_scale[index], layer.input_offset[index])
+                pieces.append(int8_matmul(x_q, layer.weight[:, start : start + size]))
+                start += size
+            acc = torch.cat(pieces, dim=-1)
+        y = ((acc + layer.quant_bias).float() * layer.deq_scale).to(x.dtype)
+        return y.reshape(*shape[:-1], -1)
+
+
+def linear_method(quant_type: str, group_size: int, prefix: str) -> LinearMethodBase:
+    """The linear method of one modelslim weight type (FLOAT -> vLLM's own unquantized one)."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    if quant_type == "FLOAT":
+        return UnquantizedLinearMethod()
+    if quant_type == "W8A8_DYNAMIC":
+        return GcuW8A8DynamicLinearMethod(group_size, prefix)
+    if quant_type == "W8A8":
+        return GcuW8A8StaticLinearMethod(group_size, prefix)
+    if quant_type in ("W8A16", "W4A16"):
+        return GcuWeightOnlyLinearMethod(quant_type, group_size, prefix)
+    raise DescriptionError(f"gcu quantization: unknown weight type '{quant_type}' for '{prefix}'")
