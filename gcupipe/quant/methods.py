@@ -97,6 +97,7 @@ METHODS: dict[str, str] = {
     "rtn": "gcupipe.quant.rtn:RTNMethod",
     "w8a16": "gcupipe.quant.rtn:RTNMethod",
     "w8a8_dynamic": "gcupipe.quant.rtn:RTNMethod",
+    "w4a16": "gcupipe.quant.rtn:RTNMethod",
     "w8a8": "gcupipe.quant.smoothquant:StaticW8A8Method",
     "gptq": "gcupipe.quant.gptq:GPTQMethod",
     "awq": "gcupipe.quant.awq:AWQMethod",

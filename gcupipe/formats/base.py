@@ -1,0 +1,181 @@
+"""What every format shares: the writer/reader interface, sharded output, copied side files.
+
+A writer receives, in checkpoint order, float tensors, `QuantizedLinear`s (by module prefix) and
+KV-cache scales, and writes output shards as it goes (the streaming quantizer never holds more
+than about one layer of output). A reader turns a directory back into a `QuantizedCheckpoint`,
+the input of the reference runtime (runtime/model.py: build_model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from gcupipe.quant.scheme import KVCacheScale, QuantizedLinear
+
+# Files of a model directory that are neither weights nor config: tokenizer, remote code, etc.
+SIDE_FILE_SUFFIXES = (".py", ".json", ".model", ".txt", ".tiktoken", ".jinja", ".md")
+NOT_COPIED = {
+    "config.json",
+    "model.safetensors.index.json",
+    "quantize_config.json",
+    "quant_model_description.json",
+    "int8_kv_cache.json",
+    "recipe.yaml",
+}
+
+
+def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer, generation config and remote-code files unchanged."""
+    copied = []
+    for path in sorted(source_dir.iterdir()):
+        if not path.is_file() or path.name in NOT_COPIED or path.name.startswith("."):
+            continue
+        if path.suffix in SIDE_FILE_SUFFIXES and not path.name.endswith(".safetensors.index.json"):
+            shutil.copy2(path, out_dir / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def strip_quantization_config(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    config.pop("quantization_config", None)
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = dict(config["text_config"])
+        config["text_config"].pop("quantization_config", None)
+    return config
+
+
+class ShardWriter:
+    """Writes safetensors shards of about `max_shard_bytes`, then names them
+    `<stem>-0000i-of-0000N.safetensors` (or `<stem>.safetensors` for one) plus an index."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        stem: str,
+        index_name: str,
+        max_shard_bytes: int = 2 << 30,
+        always_numbered: bool = False,
+    ):
+        self.always_numbered = always_numbered
+        self.out_dir = out_dir
+        self.stem = stem
+        self.index_name = index_name
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.temp_files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+        self.names: list[str] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        self.pending[name] = tensor.contiguous()
+        size = tensor.numel() * tensor.element_size()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.names.append(name)
+
+    def maybe_flush(self) -> None:
+        """Flush when the pending tensors fill a shard (call between layers)."""
+        if self.pending_bytes >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        temp = self.out_dir / f".{self.stem}-part{len(self.temp_files):05d}.safetensors"
+        save_file(self.pending, str(temp), metadata={"format": "pt"})
+        self.temp_files.append((temp, list(self.pending)))
+        self.pending = {}
+        self.pending_bytes = 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        count = len(self.temp_files)
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, (temp, tensor_names) in enumerate(self.temp_files):
+            final = (
+                f"{self.stem}.safetensors"
+                if count == 1 and not self.always_numbered
+                else f"{self.stem}-{i + 1:05d}-of-{count:05d}.safetensors"
+            )
+            temp.rename(self.out_dir / final)
+            names.append(final)
+            weight_map.update({n: final for n in tensor_names})
+        if count > 1 or self.always_numbered:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / self.index_name).write_text(json.dumps(index, indent=2))
+        return names
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """A quantized model directory read back: everything the reference runtime needs."""
+
+    format: str
+    method: str
+    config: dict[str, Any]
+    float_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    linears: dict[str, QuantizedLinear] = field(default_factory=dict)
+    kv_scales: list[KVCacheScale] = field(default_factory=list)
+    quantization: str | None = None  # vLLM --quantization value
+    group_size: int = 0
+
+
+@dataclass
+class WriteResult:
+    quantization: str | None  # what vLLM's --quantization must be (None: auto-detected)
+    files: list[str]
+
+
+class FormatWriter:
+    """Base of the format writers; see the module docstring for the call order."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        source_dir: Path,
+        source_config: dict[str, Any],
+        method: str,
+        max_shard_bytes: int = 2 << 30,
+    ):
+        self.out_dir = out_dir
+        self.source_dir = source_dir
+        self.source_config = source_config
+        self.method = method
+        self.max_shard_bytes = max_shard_bytes
+
+    def add_float(self, name: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def add_linear(self, prefix: str, layer: QuantizedLinear) -> None:
+        raise NotImplementedError
+
+    def add_kv_cache(self, attn_prefix: str, scale: KVCacheScale, kv_channels: int) -> None:
+        raise NotImplementedError
+
+    def end_layer(self) -> None:
+        """Called after each decoder layer: a chance to flush a full shard."""
+
+    def finish(self) -> WriteResult:
+        raise NotImplementedError
+
+
+def split_linear_name(name: str) -> tuple[str, str]:
+    """`a.b.weight` -> ('a.b', 'weight')."""
+    prefix, _, leaf = name.rpartition(".")
+    return prefix, leaf

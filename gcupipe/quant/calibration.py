@@ -1,0 +1,128 @@
+"""Calibration data: a dataset spec (text file, jsonl, hub dataset) turned into token batches.
+
+Deterministic: the same spec, tokenizer and seed give the same [samples, seq_len] token ids.
+Samples are windows of `seq_len` tokens at seeded random offsets of the tokenized text (the
+GPTQ/llm-compressor convention); a text shorter than one window is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gcupipe.errors import StageError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class CalibrationConfig(BaseModel):
+    """`calibration:` of the quantize stage. Exactly one source may be given; none means the
+    built-in fallback is NOT used: methods that need calibration then fail at lint time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_file: Path | None = Field(default=None, description="Plain UTF-8 text file.")
+    jsonl: Path | None = Field(
+        default=None, description="JSON-lines file; each line's `text_field` is one document."
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Hub dataset id (e.g. 'modelscope:owner/name' or 'hf:owner/name'), fetched "
+        "through gcupipe's hub sources.",
+    )
+    split: str = Field(default="train", description="Dataset split (hub datasets).")
+    text_field: str = Field(default="text", description="Field holding the text (jsonl, hub).")
+    samples: int = Field(default=64, gt=0, description="Number of calibration sequences.")
+    seq_len: int = Field(default=256, gt=1, description="Tokens per calibration sequence.")
+    seed: int = Field(default=0, description="Seed of the window offsets.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        given = [n for n in ("text_file", "jsonl", "dataset") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one calibration source, not {' and '.join(given)}")
+        return self
+
+    @property
+    def has_source(self) -> bool:
+        return any(getattr(self, n) is not None for n in ("text_file", "jsonl", "dataset"))
+
+
+def load_text(config: CalibrationConfig, cache_dir: Path | None = None) -> str:
+    """The calibration text of a spec (documents joined by blank lines)."""
+    if config.text_file is not None:
+        if not config.text_file.is_file():
+            raise StageError(f"calibration text_file {config.text_file} does not exist")
+        return config.text_file.read_text(encoding="utf-8", errors="replace")
+    if config.jsonl is not None:
+        if not config.jsonl.is_file():
+            raise StageError(f"calibration jsonl {config.jsonl} does not exist")
+        docs = []
+        for number, line in enumerate(config.jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(str(json.loads(line)[config.text_field]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise StageError(
+                    f"{config.jsonl}:{number}: not a JSON object with a "
+                    f"'{config.text_field}' field ({exc})"
+                ) from exc
+        return "\n\n".join(docs)
+    if config.dataset is not None:
+        return _hub_dataset_text(config, cache_dir)
+    raise StageError("no calibration source: set calibration.text_file, jsonl or dataset")
+
+
+def _hub_dataset_text(config: CalibrationConfig, cache_dir: Path | None) -> str:
+    import importlib
+
+    hub = importlib.import_module("gcupipe.hub")
+    fetch = getattr(hub, "fetch_dataset_texts", None)
+    if fetch is None:
+        raise StageError(
+            "hub datasets are not available in this gcupipe build: use calibration.text_file "
+            "or calibration.jsonl"
+        )
+    texts = fetch(
+        config.dataset, split=config.split, text_field=config.text_field, cache_dir=cache_dir
+    )
+    return "\n\n".join(texts)
+
+
+def load_tokenizer(model_dir: Path) -> Any | None:
+    """The model's tokenizer, or None when the directory has none (tiny test models)."""
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((model_dir / n).exists() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> list[int]:
+    """Token ids of `text`; without a tokenizer, UTF-8 bytes modulo the vocabulary."""
+    if tokenizer is None:
+        return [b % vocab_size for b in text.encode("utf-8")]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def calibration_batches(
+    config: CalibrationConfig, model_dir: Path, vocab_size: int, cache_dir: Path | None = None
+) -> torch.Tensor:
+    """[samples, seq_len] int64 token ids drawn deterministically from the spec's text."""
+    import torch
+
+    ids = tokenize(load_text(config, cache_dir), load_tokenizer(model_dir), vocab_size)
+    if len(ids) < 2:
+        raise StageError("the calibration text has fewer than 2 tokens")
+    while len(ids) <= config.seq_len:
+        ids = ids + ids
+    tokens = torch.tensor(ids, dtype=torch.long)
+    generator = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, len(ids) - config.seq_len, (config.samples,), generator=generator)
+    return torch.stack([tokens[s : s + config.seq_len] for s in starts.tolist()])

@@ -1,0 +1,357 @@
+"""GPTQ (Frantar et al., 2022): weight rounding that compensates each column's error with the rest.
+
+For a linear y = x Wᵀ with calibration inputs X, GPTQ minimises ‖X Wᵀ − X Qᵀ‖² one input column
+at a time: after rounding column j, its error is spread over the not-yet-rounded columns through
+the inverse Hessian H⁻¹ (H = 2XᵀX/N). Written from the paper's algorithm:
+
+- the Hessian is accumulated batch by batch (`HessianAccumulator`), so calibration never needs
+  to be concatenated; columns never seen by the data (zero diagonal) are "dead": set to zero;
+- dampening `damp_percent` × mean(diag H) keeps H invertible; ONE Cholesky factorisation per
+  layer gives the upper Cholesky factor of H⁻¹, whose rows are all the algorithm needs;
+- columns are processed in blocks (128): inside a block the error update is a rank-1 update of
+  the block only, the rest of the matrix gets one matmul per block ("lazy batch" updates);
+- group scales/offsets are computed when a group starts, from the already-updated weights (the
+  block size is a multiple of the group size, so a group never straddles a block), optionally
+  with a small clipping search weighted by diag(H);
+- `act_order` processes columns by decreasing diag(H). It is only accepted with static groups
+  (every group's scale/offset fixed from the original weights before the loop), so the written
+  g_idx stays contiguous (i // g): the vLLM-GCU loader rejects shuffled g_idx.
+
+The result is the shared `QuantizedLinear` (quant/scheme.py), so every format writer handles it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from gcupipe.quant.methods import LayerSpec, QuantMethod
+from gcupipe.quant.observers import scale_offset_from_range
+from gcupipe.quant.rtn import rtn_linear
+from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear, qrange
+
+if TYPE_CHECKING:
+    import torch
+
+ACT_ORDER_NEEDS_STATIC_GROUPS = (
+    "GPTQ act_order with group_size > 0 needs static_groups: true; with dynamic groups the "
+    "columns of one group end up in different quantization groups (a shuffled g_idx), which "
+    "the vLLM-GCU GPTQ loader rejects. Set static_groups: true or act_order: false"
+)
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """Tuning knobs of GPTQ (recipe keys of the same names)."""
+
+    damp_percent: float = 0.01  # dampening added to diag(H), as a fraction of its mean
+    block_size: int = 128  # columns per lazy-update block
+    act_order: bool = True  # process columns by decreasing Hessian diagonal
+    static_groups: bool = True  # fix every group's scale/offset before the loop
+    clip_search: bool = True  # per-group range shrink minimising the diag(H)-weighted error
+    clip_grid: int = 20  # number of shrink factors tried
+    clip_max_shrink: float = 0.25  # smallest range tried = (1 - this) x min-max range
+    min_tokens: int = 32  # fewer calibration tokens (e.g. a rarely routed expert): RTN
+    device: str = "cpu"  # where the math runs (cpu / cuda / cuda:1)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> GPTQOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTQ option(s) {unknown}; known: {sorted(known)}")
+        options = cls(**values)
+        options.validate()
+        return options
+
+    def validate(self, group_size: int = 0) -> None:
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in [0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0 <= self.clip_max_shrink < 1:
+            raise ValueError(f"clip_max_shrink must be in [0, 1), got {self.clip_max_shrink}")
+        if self.act_order and group_size > 0 and not self.static_groups:
+            raise ValueError(ACT_ORDER_NEEDS_STATIC_GROUPS)
+
+
+class HessianAccumulator:
+    """Running H = 2/N Σ xᵀx over every calibration row seen, in fp32, batch by batch."""
+
+    def __init__(self, in_features: int, device: str = "cpu", chunk_rows: int = 8192):
+        import torch
+
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+        self.chunk_rows = chunk_rows
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Fold a batch [..., k] into the running mean (rescaling what was there)."""
+        import torch
+
+        x = inputs.reshape(-1, self.hessian.shape[0])
+        for start in range(0, x.shape[0], self.chunk_rows):
+            chunk = x[start : start + self.chunk_rows].to(self.hessian.device, torch.float32)
+            total = self.rows + chunk.shape[0]
+            self.hessian.mul_(self.rows / total)
+            chunk = chunk * math.sqrt(2.0 / total)
+            self.hessian.addmm_(chunk.t(), chunk)
+            self.rows = total
+
+
+def hessian_of(inputs: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """H = 2XᵀX/N of calibration inputs [tokens, k]."""
+    acc = HessianAccumulator(int(inputs.shape[-1]), device)
+    acc.add(inputs)
+    return acc.hessian
+
+
+def _range_qparams(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    weights: torch.Tensor,
+    importance: torch.Tensor | None,
+    bits: int,
+    symmetric: bool,
+    options: GPTQOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/offset [n, 1] for rows of `weights` [n, g]: min-max, or the best shrunk range.
+
+    The clipping search tries ranges (1 - f) x [min, max] and keeps, per row, the one whose
+    rounding error Σ_j h_j (w_j - q_j)² is smallest (h = diag(H) of those columns): a shrunk
+    range rounds the bulk of the weights more finely at the cost of clipping a few outliers."""
+    import torch
+
+    if not options.clip_search or options.clip_grid <= 1:
+        return scale_offset_from_range(lo, hi, bits, symmetric)
+    qmin, qmax = qrange(bits)
+    shrink = torch.linspace(0.0, options.clip_max_shrink, options.clip_grid, device=lo.device)
+    factors = 1.0 - shrink  # [s]; factor 1 (plain min-max) first, so ties keep it
+    scale, offset = scale_offset_from_range(lo * factors, hi * factors, bits, symmetric)  # [n, s]
+    w = weights.unsqueeze(1)  # [n, 1, g]
+    q = torch.clamp(torch.round(w / scale.unsqueeze(-1) + offset.unsqueeze(-1)), qmin, qmax)
+    error = ((q - offset.unsqueeze(-1)) * scale.unsqueeze(-1) - w).square_()
+    if importance is not None:
+        error = error * importance
+    best = error.sum(dim=-1).argmin(dim=1, keepdim=True)  # [n, 1]
+    return scale.gather(1, best), offset.gather(1, best)
+
+
+def _cholesky_inverse_upper(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (λ = damp × mean diag), retrying with more
+    dampening if H is not numerically positive definite (e.g. very few calibration tokens)."""
+    import torch
+
+    mean_diag = float(torch.mean(torch.diag(hessian)))
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = max(damp_percent, 1e-6)
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        damp *= 10
+    raise ValueError("the GPTQ Hessian is not positive definite even with 10x more dampening")
+
+
+@dataclass
+class GPTQResult:
+    """Integer weights and group parameters of one layer, in the shared conventions."""
+
+    weight: torch.Tensor  # int8 [n, k]
+    scale: torch.Tensor  # fp32 [n, groups]
+    offset: torch.Tensor  # fp32 [n, groups]
+    loss: float  # Σ (w - q)² / [H⁻¹]_jj / 2, the quantity GPTQ minimises greedily
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 64,
+    symmetric: bool = True,
+    options: GPTQOptions | None = None,
+) -> GPTQResult:
+    """Quantize one weight [n, k] with GPTQ given its Hessian [k, k]; see the module docstring."""
+    import torch
+
+    options = options or GPTQOptions()
+    options.validate(group_size)
+    device = torch.device(options.device)
+    w = weight.to(device, torch.float32).clone()
+    h = hessian.to(device, torch.float32).clone()
+    n, k = w.shape
+    if group_size and k % group_size:
+        raise ValueError(f"group size {group_size} does not divide input size {k}")
+    group = group_size or k
+    groups = k // group
+    qmin, qmax = qrange(bits)
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    scale = torch.zeros(n, groups, device=device)
+    offset = torch.zeros(n, groups, device=device)
+    static = group_size == 0 or options.static_groups
+    if static:  # every group's parameters from the original (dead-zeroed) weights
+        grouped = w.reshape(n, groups, group)
+        importance = torch.diag(h).reshape(groups, group)
+        for g in range(groups):
+            s, o = _range_qparams(
+                grouped[:, g].amin(1, keepdim=True), grouped[:, g].amax(1, keepdim=True),
+                grouped[:, g], importance[g], bits, symmetric, options,
+            )  # fmt: skip
+            scale[:, g : g + 1], offset[:, g : g + 1] = s, o
+
+    perm = None
+    if options.act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    column_group = (perm if perm is not None else torch.arange(k, device=device)) // group
+
+    hinv = _cholesky_inverse_upper(h, options.damp_percent)
+    diag_h = torch.diag(h)
+    block = options.block_size
+    if not static:  # a group must start and end inside one block
+        block = group * max(1, block // group)
+    q_int = torch.zeros(n, k, device=device)
+    losses = torch.zeros(n, device=device)
+    for b1 in range(0, k, block):
+        b2 = min(b1 + block, k)
+        w1 = w[:, b1:b2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[b1:b2, b1:b2]
+        for i in range(b2 - b1):
+            col = b1 + i
+            if not static and col % group == 0:
+                part = w1[:, i : i + group]
+                s, o = _range_qparams(
+                    part.amin(1, keepdim=True), part.amax(1, keepdim=True), part,
+                    diag_h[col : col + group], bits, symmetric, options,
+                )  # fmt: skip
+                scale[:, col // group : col // group + 1] = s
+                offset[:, col // group : col // group + 1] = o
+            g = int(column_group[col])
+            s, o = scale[:, g], offset[:, g]
+            column = w1[:, i]
+            q = torch.clamp(torch.round(column / s + o), qmin, qmax)
+            q_int[:, col] = q
+            d = hinv1[i, i]
+            e = (column - (q - o) * s) / d
+            losses.add_(e.square(), alpha=0.5)
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, b2:].addmm_(err1, hinv[b1:b2, b2:], alpha=-1.0)
+
+    if perm is not None:
+        q_int = q_int[:, torch.argsort(perm)]
+    return GPTQResult(
+        weight=q_int.to(torch.int8).cpu(),
+        scale=scale.cpu(),
+        offset=offset.cpu(),
+        loss=float(losses.sum()),
+    )
+
+
+def fallback_reason(inputs: torch.Tensor | None, min_tokens: int) -> str | None:
+    """Why a layer cannot be calibrated (and falls back to RTN), or None if it can."""
+    if inputs is None:
+        return "no calibration inputs"
+    rows = int(inputs.reshape(-1, inputs.shape[-1]).shape[0])
+    if rows < min_tokens:
+        return f"only {rows} calibration tokens (< min_tokens {min_tokens})"
+    return None
+
+
+def rtn_fallback(
+    weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec, method: str, reason: str
+) -> QuantizedLinear:
+    """RTN for a layer a calibrated method cannot handle, marked so the report lists it."""
+    layer = rtn_linear(weight, bias, spec, method="rtn")
+    layer.extra.update({"fallback": "rtn", "fallback_reason": reason, "requested_method": method})
+    return layer
+
+
+class GPTQMethod(QuantMethod):
+    """`method: gptq`: weight-only (W4A16 / W8A16) GPTQ on calibration inputs, layer by layer.
+
+    Linears that read the same input (q/k/v, gate/up) get the same Hessian: it is computed once
+    and reused while the streaming loop hands over the same input tensor."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.gptq_options = GPTQOptions.from_mapping(dict(options))
+        self._cached_inputs: torch.Tensor | None = None
+        self._cached_hessian: torch.Tensor | None = None
+
+    def options_for(self, spec: LayerSpec) -> GPTQOptions:
+        """Method options with the layer's `overrides:` options on top."""
+        if not spec.options:
+            return self.gptq_options
+        merged = {f.name: getattr(self.gptq_options, f.name) for f in fields(GPTQOptions)}
+        merged.update({k: v for k, v in spec.options.items() if k in merged})
+        return GPTQOptions.from_mapping(merged)
+
+    def hessian(self, inputs: torch.Tensor, device: str) -> torch.Tensor:
+        """H of `inputs`, reused when the same activations come again (q/k/v share them)."""
+        import torch
+
+        cached = self._cached_inputs
+        same = cached is not None and (
+            cached is inputs
+            or (cached.shape == inputs.shape and cached.data_ptr() == inputs.data_ptr())
+            or (cached.shape == inputs.shape and bool(torch.equal(cached, inputs)))
+        )
+        if not same or self._cached_hessian is None:
+            self._cached_hessian = hessian_of(inputs, device)
+            self._cached_inputs = inputs
+        return self._cached_hessian
+
+    def quantize_layer(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        inputs: torch.Tensor | None,
+        spec: LayerSpec,
+    ) -> QuantizedLinear:
+        if spec.activation is not ActivationScheme.NONE:
+            raise ValueError("GPTQ quantizes weights only (W4A16 / W8A16): activations stay float")
+        options = self.options_for(spec)
+        options.validate(spec.group_size)
+        reason = fallback_reason(inputs, options.min_tokens)
+        if reason is not None:
+            return rtn_fallback(weight, bias, spec, self.name, reason)
+        assert inputs is not None
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        result = gptq_quantize(
+            weight,
+            self.hessian(flat, options.device),
+            bits=spec.bits,
+            group_size=spec.group_size,
+            symmetric=spec.symmetric,
+            options=options,
+        )
+        return QuantizedLinear(
+            weight=result.weight,
+            weight_scale=result.scale,
+            weight_offset=result.offset,
+            bits=spec.bits,
+            group_size=spec.group_size,
+            symmetric=spec.symmetric,
+            activation=ActivationScheme.NONE,
+            bias=None if bias is None else bias.float(),
+            method=self.name,
+            extra={
+                "gptq_loss": result.loss,
+                "calibration_tokens": int(flat.shape[0]),
+                "act_order": options.act_order,
+            },
+        )

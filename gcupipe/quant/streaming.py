@@ -1,0 +1,357 @@
+"""Layer-by-layer streaming quantization: read one decoder layer, quantize it, write it, move on.
+
+Peak memory is about one layer (float, plus its output) and the calibration activations, never
+the whole model. Without calibration (w8a16, w8a8_dynamic RTN) no module is built at all:
+tensors go straight from the input shards through the method to the output shards. With
+calibration, layer i runs on the outputs of the already-quantized layers before it (see
+quant/methods.py for the interface a method implements).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gcupipe.errors import StageError
+from gcupipe.formats.base import FormatWriter, split_linear_name
+from gcupipe.quant.archs import ArchMap, arch_for, fused_key
+from gcupipe.quant.checkpoint import CheckpointReader, layer_relative, load_config
+from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
+from gcupipe.quant.observers import MinMaxObserver, scale_offset_from_range
+from gcupipe.quant.scheme import KVCacheScale, QuantizedLinear
+
+if TYPE_CHECKING:
+    import torch
+
+SpecResolver = Callable[[str], LayerSpec | None]  # full module prefix -> spec (None = float)
+
+
+@dataclass
+class QuantizeReport:
+    """What was done, for the stage's outputs and `inspect`-like summaries."""
+
+    layer_types: dict[str, str] = field(default_factory=dict)  # prefix -> QuantType value
+    float_linears: list[str] = field(default_factory=list)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # prefix -> why (e.g. no tokens)
+    kv_cache_layers: int = 0
+    input_bytes: int = 0
+
+
+def _batches(tensor: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(tensor.split(size, dim=0))
+
+
+class _Capture:
+    """Forward hooks recording the inputs of the layer's quantizable linears."""
+
+    def __init__(self, layer: Any, names: list[str]):
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.handles = []
+        for name in names:
+            module = layer.get_submodule(name)
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0]
+            self.inputs[name].append(x.detach().reshape(-1, x.shape[-1]))
+
+        return hook
+
+    def remove(self) -> LayerCalibration:
+        import torch
+
+        for handle in self.handles:
+            handle.remove()
+        joined: dict[tuple[int, ...], torch.Tensor] = {}
+        calib = LayerCalibration()
+        for name, parts in self.inputs.items():
+            key = tuple(id(p) for p in parts)  # q/k/v share one input tensor: join it once
+            if key not in joined:
+                joined[key] = torch.cat(parts) if parts else torch.empty(0)
+            calib.inputs[name] = joined[key]
+        calib.tokens = max((t.shape[0] for t in calib.inputs.values()), default=0)
+        return calib
+
+
+def quantize_model(
+    model_dir: Path,
+    writer: FormatWriter,
+    method: QuantMethod,
+    resolve: SpecResolver,
+    calib_tokens: torch.Tensor | None = None,
+    kv_cache: bool = False,
+    batch_size: int = 8,
+    on_layer: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> QuantizeReport:
+    """Quantize `model_dir` into `writer` layer by layer. `calib_tokens` [samples, seq_len] is
+    required when the method needs calibration or `kv_cache` is set."""
+    import torch
+
+    config = load_config(model_dir)
+    arch = arch_for(config.model_type)
+    reader = CheckpointReader(model_dir)
+    report = QuantizeReport()
+    needs_forward = method.needs_calibration or kv_cache
+    if needs_forward and calib_tokens is None:
+        raise StageError("this method (or kv_cache: int8) needs calibration data")
+    hidden = position_embeddings = None
+    if needs_forward:
+        from gcupipe.quant.layer_module import rotary_embeddings
+
+        embed = reader.tensor("model.embed_tokens.weight").float()
+        hidden = torch.nn.functional.embedding(calib_tokens, embed)
+        del embed
+        position_embeddings = rotary_embeddings(config, calib_tokens.shape[1])
+
+    with torch.no_grad():
+        for name in reader.globals:
+            _write_global(name, reader, writer, method, resolve, report)
+        reader.release()
+        for index in range(reader.num_layers):
+            names = reader.layers[index]
+            tensors = {layer_relative(n)[1]: reader.tensor(n) for n in names}  # type: ignore[index]
+            report.input_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            reader.release()
+            if needs_forward:
+                hidden = _quantize_layer_calibrated(
+                    config,
+                    arch,
+                    index,
+                    tensors,
+                    writer,
+                    method,
+                    resolve,
+                    report,
+                    hidden,
+                    position_embeddings,
+                    kv_cache,
+                    batch_size,
+                )
+            else:
+                _quantize_layer_plain(arch, index, tensors, writer, method, resolve, report)
+            del tensors
+            writer.end_layer()
+            if on_layer is not None:
+                on_layer(index, reader.num_layers)
+    for prefix, why in report.fallbacks.items():
+        log(f"{prefix}: {why}")
+    return report
+
+
+def _write_global(
+    name: str,
+    reader: CheckpointReader,
+    writer: FormatWriter,
+    method: QuantMethod,
+    resolve: SpecResolver,
+    report: QuantizeReport,
+) -> None:
+    tensor = reader.tensor(name)
+    report.input_bytes += tensor.numel() * tensor.element_size()
+    prefix, leaf = split_linear_name(name)
+    spec = (
+        resolve(prefix)
+        if leaf == "weight" and tensor.ndim == 2 and name == "lm_head.weight"
+        else None
+    )
+    if spec is None:
+        writer.add_float(name, tensor)
+        return
+    q = method.quantize_layer(prefix, tensor.float(), None, None, spec)
+    writer.add_linear(prefix, q)
+    report.layer_types[prefix] = q.quant_type.value
+
+
+def _linear_specs(
+    arch: ArchMap,
+    index: int,
+    tensors: dict[str, Any],
+    resolve: SpecResolver,
+    report: QuantizeReport,
+) -> dict[str, LayerSpec]:
+    """In-layer linear name -> spec, for the linears that get quantized; checks fused groups."""
+    specs: dict[str, LayerSpec] = {}
+    groups: dict[str, set[str]] = {}
+    for rel in tensors:
+        module, leaf = split_linear_name(rel)
+        if leaf != "weight" or not arch.is_linear(module):
+            continue
+        full = f"{arch.layer_prefix}.{index}.{module}"
+        spec = resolve(full)
+        key = fused_key(arch, module)
+        kind = "float" if spec is None else _kind(spec)
+        if key is not None:
+            groups.setdefault(key, set()).add(kind)
+            if len(groups[key]) > 1:
+                raise StageError(
+                    f"{full} would be {kind} but the modules it is fused with are "
+                    f"{sorted(groups[key] - {kind})[0]}: fused modules (q/k/v, gate/up, "
+                    f"q_a/kv_a, experts) must share one type; fix ignore/overrides"
+                )
+        if spec is None:
+            report.float_linears.append(full)
+        else:
+            specs[module] = spec
+    return specs
+
+
+def _kind(spec: LayerSpec) -> str:
+    return f"w{spec.bits}/g{spec.group_size}/{spec.activation.value}"
+
+
+def _emit_layer(
+    arch: ArchMap,
+    index: int,
+    tensors: dict[str, Any],
+    quantized: dict[str, Any],
+    writer: FormatWriter,
+    report: QuantizeReport,
+) -> None:
+    prefix = f"{arch.layer_prefix}.{index}"
+    for rel, tensor in tensors.items():
+        module, leaf = split_linear_name(rel)
+        if module in quantized:
+            if leaf == "weight":
+                q: QuantizedLinear = quantized[module]
+                writer.add_linear(f"{prefix}.{module}", q)
+                report.layer_types[f"{prefix}.{module}"] = q.quant_type.value
+                if "fallback" in q.extra:
+                    report.fallbacks[f"{prefix}.{module}"] = str(q.extra["fallback"])
+            continue  # the bias travels inside the QuantizedLinear
+        writer.add_float(f"{prefix}.{rel}", tensor)
+
+
+def _quantize_layer_plain(
+    arch: ArchMap,
+    index: int,
+    tensors: dict[str, Any],
+    writer: FormatWriter,
+    method: QuantMethod,
+    resolve: SpecResolver,
+    report: QuantizeReport,
+) -> None:
+    specs = _linear_specs(arch, index, tensors, resolve, report)
+    quantized = {}
+    for module, spec in specs.items():
+        bias = tensors.get(f"{module}.bias")
+        quantized[module] = method.quantize_layer(
+            f"{arch.layer_prefix}.{index}.{module}",
+            tensors[f"{module}.weight"].float(),
+            None if bias is None else bias.float(),
+            None,
+            spec,
+        )
+    _emit_layer(arch, index, tensors, quantized, writer, report)
+
+
+def _run_layer(
+    layer: Any, hidden: torch.Tensor, position_embeddings: Any, batch_size: int
+) -> torch.Tensor:
+    import torch
+
+    outputs = []
+    for batch in _batches(hidden, batch_size):
+        out = layer(batch, attention_mask=None, position_embeddings=position_embeddings)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outputs)
+
+
+def _quantize_layer_calibrated(
+    config: Any,
+    arch: ArchMap,
+    index: int,
+    tensors: dict[str, Any],
+    writer: FormatWriter,
+    method: QuantMethod,
+    resolve: SpecResolver,
+    report: QuantizeReport,
+    hidden: torch.Tensor,
+    position_embeddings: Any,
+    kv_cache: bool,
+    batch_size: int,
+) -> torch.Tensor:
+    import torch
+
+    from gcupipe.quant.layer_module import (
+        attach_kv_observers,
+        build_layer,
+        detach_kv_observers,
+    )
+
+    specs = _linear_specs(arch, index, tensors, resolve, report)
+    layer = build_layer(config, index, tensors)
+    capture = _Capture(layer, list(specs)) if method.needs_calibration else None
+    _run_layer(layer, hidden, position_embeddings, batch_size)
+    calib = capture.remove() if capture is not None else LayerCalibration()
+    del capture
+    if method.needs_calibration:
+        view = LayerView(module=layer, smooth_groups=list(arch.smooth_groups), layer_index=index)
+        method.prepare_layer(view, calib)
+    quantized: dict[str, QuantizedLinear] = {}
+    for module, spec in specs.items():
+        linear = layer.get_submodule(module)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        inputs = calib.inputs.get(module) if method.needs_calibration else None
+        q = method.quantize_layer(
+            f"{arch.layer_prefix}.{index}.{module}",
+            linear.weight.detach().float().clone(),
+            bias,
+            inputs,
+            spec,
+        )
+        quantized[module] = q
+        linear.weight.data = q.dequantize().to(linear.weight.dtype)  # fake quant for the next pass
+    calib.inputs.clear()
+    # the float tensors written are the (possibly smoothed) ones of the module
+    state = layer.state_dict()
+    final = {}
+    for rel, original in tensors.items():
+        module, _leaf = split_linear_name(rel)
+        if module in quantized:
+            final[rel] = original
+        elif rel in state:
+            final[rel] = state[rel].to(original.dtype)
+        else:
+            final[rel] = original
+    _emit_layer(arch, index, final, quantized, writer, report)
+    observers = (MinMaxObserver(), MinMaxObserver())
+    if kv_cache:
+        attach_kv_observers(layer, observers)
+    hidden = _run_layer(layer, hidden, position_embeddings, batch_size)
+    if kv_cache:
+        detach_kv_observers(layer)
+        _emit_kv(config, arch, index, observers, writer, report)
+    del layer
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return hidden
+
+
+def _emit_kv(
+    config: Any,
+    arch: ArchMap,
+    index: int,
+    observers: tuple[Any, Any],
+    writer: FormatWriter,
+    report: QuantizeReport,
+) -> None:
+    import torch
+
+    values = []
+    for obs in observers:
+        lo, hi = obs.range()
+        scale, offset = scale_offset_from_range(torch.tensor(lo), torch.tensor(hi), 8, False)
+        values += [float(scale), float(offset)]
+    kv = KVCacheScale(index, values[0], values[1], values[2], values[3])
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_kv_cache(f"{arch.layer_prefix}.{index}.self_attn", kv, heads * head_dim)
+    report.kv_cache_layers += 1
+
+
+def compile_patterns(patterns: list[str]) -> list[re.Pattern[str]]:
+    return [re.compile(p) for p in patterns]

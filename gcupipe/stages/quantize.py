@@ -1,0 +1,279 @@
+"""`uses: quantize`: quantize a model directory layer by layer into a serving format."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gcupipe.errors import StageError
+from gcupipe.quant.calibration import CalibrationConfig
+from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+
+Method = Literal["w8a16", "w8a8_dynamic", "w8a8", "w4a16", "gptq", "awq"]
+Format = Literal["modelslim", "gcu", "compressed-tensors"]
+DEFAULT_IGNORE = ["lm_head", r".*embed_tokens", r".*\.mlp\.gate"]
+CALIBRATED = {"w8a8", "gptq", "awq"}
+
+
+class KVCacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dtype: Literal["int8"] = Field(description="KV-cache element type (int8: C8).")
+
+
+class Override(BaseModel):
+    """Per-module override, applied to modules whose full name matches the regex key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    skip: bool = Field(default=False, description="Keep matching modules in float.")
+    bits: int | None = Field(default=None, description="Weight bits (4 or 8).")
+    group_size: int | None = Field(default=None, ge=0, description="0 = per output channel.")
+    symmetric: bool | None = Field(default=None, description="Symmetric weight quantization.")
+
+
+class QuantizeConfig(StageConfig):
+    model: Path = Field(
+        description="Model directory (safetensors + config.json), usually "
+        "${stages.download.outputs.model_dir}."
+    )
+    method: Method = Field(default="w8a8_dynamic", description="Quantization method.")
+    format: Format = Field(default="modelslim", description="Output layout.")
+    bits: int | None = Field(
+        default=None, description="Weight bits; default 8 (4 for gptq, awq, w4a16)."
+    )
+    group_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="Weight group size; 0 = per "
+        "output channel. Default 0 (64 for gptq, awq, w4a16).",
+    )
+    symmetric: bool = Field(default=True, description="Symmetric weight quantization.")
+    act_method: Literal[1, 2, 3] = Field(
+        default=1,
+        description="Static activation observer: "
+        "1 min-max, 2 histogram, 3 auto (seed tool vocabulary).",
+    )
+    smooth_alpha: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="SmoothQuant migration strength (w8a8 only), folded into the norms.",
+    )
+    kv_cache: KVCacheConfig | None = Field(default=None, description="INT8 KV cache scales.")
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig, description="Calibration data."
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        description="Regexes (full match) of modules kept in float.",
+    )
+    overrides: dict[str, Override] = Field(
+        default_factory=dict,
+        description="Regex (full match) -> per-module settings; first match wins.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Method-specific options (e.g. damp_percent for gptq)."
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="Compute device.")
+    batch_size: int = Field(default=8, gt=0, description="Calibration sequences per forward.")
+    max_shard_size_mb: int = Field(default=2048, gt=0, description="Output shard size.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_aliases(cls, data: Any) -> Any:
+        """Accept the seed tool's w_bit / a_bit / is_dynamic vocabulary."""
+        if not isinstance(data, dict) or not ({"w_bit", "a_bit", "is_dynamic"} & set(data)):
+            return data
+        data = dict(data)
+        w_bit, a_bit = data.pop("w_bit", 8), data.pop("a_bit", 16)
+        dynamic = data.pop("is_dynamic", False)
+        if isinstance(dynamic, str):
+            dynamic = dynamic.lower() == "true"
+        table = {
+            (8, 8, True): "w8a8_dynamic",
+            (8, 8, False): "w8a8",
+            (8, 16, False): "w8a16",
+            (4, 16, False): "w4a16",
+        }
+        method = table.get((int(w_bit), int(a_bit), bool(dynamic) and int(a_bit) == 8))
+        if method is None:
+            raise ValueError(f"w_bit={w_bit} a_bit={a_bit} is_dynamic={dynamic} has no method")
+        if "method" in data and data["method"] != method and data["method"] not in ("gptq", "awq"):
+            raise ValueError(f"method {data['method']!r} contradicts w_bit/a_bit ({method})")
+        data.setdefault("method", method)
+        return data
+
+    @property
+    def weight_bits(self) -> int:
+        return self.bits or (4 if self.method in ("gptq", "awq", "w4a16") else 8)
+
+    @property
+    def weight_group_size(self) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return 64 if self.method in ("gptq", "awq", "w4a16") else 0
+
+
+class QuantizeOutputs(StageOutputs):
+    model_dir: Path = Field(description="The quantized model directory.")
+    format: str = Field(description="Its layout (modelslim, gcu, compressed-tensors).")
+    method: str = Field(description="The quantization method.")
+    quantization: str | None = Field(description="vLLM's --quantization value for it.")
+    quantized_layers: int = Field(description="Number of quantized linear layers.")
+    float_layers: list[str] = Field(description="Linear layers kept in float (ignored).")
+    fallbacks: dict[str, str] = Field(description="Layers quantized by a fallback, and why.")
+    kv_cache_layers: int = Field(description="Attention layers with int8 KV-cache scales.")
+
+
+class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
+    """Streams the model through a quantization method into a serving format."""
+
+    Config = QuantizeConfig
+    Outputs = QuantizeOutputs
+    version = "1"
+
+    def check(self, config: QuantizeConfig) -> list[Problem]:
+        from gcupipe.formats.compat import Combination, incompatibilities
+        from gcupipe.quant.plan import group_size_problems
+
+        combo = Combination(
+            config.method,
+            config.format,
+            config.weight_bits,
+            config.weight_group_size,
+            config.symmetric,
+            config.kv_cache is not None,
+        )
+        problems = [Problem(msg, key) for key, msg in incompatibilities(combo)]
+        if config.smooth_alpha is not None and config.method != "w8a8":
+            problems.append(Problem("smooth_alpha applies to method w8a8 only", "smooth_alpha"))
+        needs = config.method in CALIBRATED or config.kv_cache is not None
+        if needs and not config.calibration.has_source:
+            problems.append(
+                Problem(
+                    f"method {config.method}"
+                    f"{' with kv_cache' if config.kv_cache else ''} needs "
+                    "calibration data: set calibration.text_file (or jsonl, "
+                    "dataset)",
+                    "calibration",
+                )
+            )
+        for pattern in [*config.ignore, *config.overrides]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(Problem(f"bad regex {pattern!r}: {exc}", "ignore"))
+        if (config.model / "config.json").is_file():
+            for message in group_size_problems(config.model, _resolver(config)):
+                problems.append(Problem(message, "group_size"))
+        return problems
+
+    def describe(self, config: QuantizeConfig, cache_dir: Path) -> str | None:
+        return (
+            f"{config.method} (w{config.weight_bits} g{config.weight_group_size}) -> "
+            f"{config.format}{' + int8 KV cache' if config.kv_cache else ''}"
+        )
+
+    def run(self, config: QuantizeConfig, ctx: StageContext) -> QuantizeOutputs:
+        from gcupipe.formats.registry import writer_for
+        from gcupipe.quant.calibration import calibration_batches
+        from gcupipe.quant.checkpoint import load_raw_config
+        from gcupipe.quant.methods import load_method
+        from gcupipe.quant.streaming import quantize_model
+
+        problems = self.check(config)
+        if problems:
+            raise StageError(f"{problems[0].key}: {problems[0].message}")
+        raw = load_raw_config(config.model)
+        method = load_method(config.method, **_method_options(config))
+        tokens = None
+        if method.needs_calibration or config.kv_cache is not None:
+            vocab = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
+            tokens = calibration_batches(config.calibration, config.model, vocab, ctx.cache_dir)
+        writer = writer_for(config.format)(
+            ctx.output_dir,
+            config.model,
+            raw,
+            config.method,
+            max_shard_bytes=config.max_shard_size_mb << 20,
+        )
+        with ctx.progress("quantize layers", total=None, unit="layers") as bar:
+
+            def on_layer(index: int, total: int) -> None:
+                bar.set_total(total)
+                bar.advance(1)
+
+            report = quantize_model(
+                config.model,
+                writer,
+                method,
+                _resolver(config),
+                tokens,
+                kv_cache=config.kv_cache is not None,
+                batch_size=config.batch_size,
+                on_layer=on_layer,
+                log=ctx.log,
+            )
+        result = writer.finish()
+        return QuantizeOutputs(
+            model_dir=ctx.output_dir,
+            format=config.format,
+            method=config.method,
+            quantization=result.quantization,
+            quantized_layers=len(report.layer_types),
+            float_layers=report.float_linears,
+            fallbacks=report.fallbacks,
+            kv_cache_layers=report.kv_cache_layers,
+        )
+
+
+def _method_options(config: QuantizeConfig) -> dict[str, Any]:
+    options = dict(config.options)
+    if config.method == "w8a8":
+        options.setdefault("smooth_alpha", config.smooth_alpha)
+        options.setdefault("act_method", config.act_method)
+    options.setdefault("device", config.device)
+    return options
+
+
+def _resolver(config: QuantizeConfig) -> Any:
+    """Full module name -> LayerSpec (None = keep float), from method, ignore and overrides."""
+    from gcupipe.quant.methods import LayerSpec
+    from gcupipe.quant.scheme import ActivationScheme
+
+    ignore = [re.compile(p) for p in config.ignore]
+    overrides = [(re.compile(p), o) for p, o in config.overrides.items()]
+    activation = {"w8a8_dynamic": ActivationScheme.DYNAMIC, "w8a8": ActivationScheme.STATIC}.get(
+        config.method, ActivationScheme.NONE
+    )
+    base = LayerSpec(
+        bits=config.weight_bits,
+        group_size=config.weight_group_size,
+        symmetric=config.symmetric if activation is ActivationScheme.NONE else True,
+        activation=activation,
+        act_method=config.act_method,
+        act_symmetric=config.format == "gcu",
+    )
+
+    def resolve(name: str) -> LayerSpec | None:
+        if any(p.fullmatch(name) for p in ignore):
+            return None
+        for pattern, override in overrides:
+            if pattern.fullmatch(name):
+                if override.skip:
+                    return None
+                return LayerSpec(
+                    bits=override.bits or base.bits,
+                    group_size=base.group_size
+                    if override.group_size is None
+                    else override.group_size,
+                    symmetric=base.symmetric if override.symmetric is None else override.symmetric,
+                    activation=base.activation,
+                    act_method=base.act_method,
+                    act_symmetric=base.act_symmetric,
+                )
+        return base
+
+    return resolve
