@@ -1,0 +1,69 @@
+"""What every hub source shares: the fetch request, its hash-mismatch error, a progress sink."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class HubFetch:
+    """One snapshot to fetch from a hub, already resolved from config and environment."""
+
+    repo_id: str
+    revision: str
+    cache_dir: Path
+    endpoint: str | None
+    token: str | None
+    allow_patterns: list[str] | None
+    ignore_patterns: list[str] | None
+    offline: bool
+    max_workers: int = 4
+
+
+class HashMismatch(Exception):
+    """A fetched file's bytes do not match the hash the hub published for it."""
+
+    def __init__(self, path: str, expected: str, actual: str):
+        self.path, self.expected, self.actual = path, expected, actual
+        super().__init__(f"Hash mismatch for {path}: expected {expected[:16]}, got {actual[:16]}")
+
+
+class NotFound(Exception):
+    """The hub says 404; `what` is "model", "revision" or "file" when the source could tell."""
+
+    def __init__(self, what: str, detail: str = ""):
+        self.what = what
+        super().__init__(f"{what} not found" + (f": {detail}" if detail else ""))
+
+
+class ByteProgress(Protocol):
+    def advance(self, amount: float = 1.0) -> None: ...
+    def set_total(self, total: float) -> None: ...
+
+
+class ProgressSink:
+    """Thread-safe bytes counter in front of a gcupipe progress bar; the clients download
+    several files at once from worker threads."""
+
+    def __init__(self, bar: ByteProgress):
+        self._bar = bar
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add_total(self, size: int) -> None:
+        with self._lock:
+            self.total += max(size, 0)
+            self._bar.set_total(self.total)
+
+    def set_total(self, total: int) -> None:
+        with self._lock:
+            if total != self.total:
+                self.total = total
+                self._bar.set_total(total)
+
+    def advance(self, size: float) -> None:
+        with self._lock:
+            self._bar.advance(size)

@@ -1,0 +1,128 @@
+"""ModelScope source: the real `modelscope.snapshot_download`, its cache, and its errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gcupipe.errors import require
+from gcupipe.hub.common import HubFetch, NotFound, ProgressSink
+
+NAME = "modelscope"
+DEFAULT_REVISION = "master"
+TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+CACHE_ENV = "MODELSCOPE_CACHE"
+PUBLIC_ENDPOINT = "https://www.modelscope.cn"
+
+
+def endpoint(configured: str | None) -> str | None:
+    """The endpoint to pass to the client: the config's, else MODELSCOPE_ENDPOINT, else the
+    client's own choice (which also honours the older MODELSCOPE_DOMAIN)."""
+    return configured or os.environ.get("MODELSCOPE_ENDPOINT") or None
+
+
+def describe_endpoint(configured: str | None) -> str:
+    return endpoint(configured) or os.environ.get("MODELSCOPE_DOMAIN") or PUBLIC_ENDPOINT
+
+
+def snapshot_dir(cache_dir: Path, repo_id: str, revision: str) -> Path:
+    """Where the client keeps a snapshot: named by branch or tag, not by commit."""
+    return cache_dir / "models" / repo_id.replace("/", "--") / "snapshots" / revision
+
+
+def cached_snapshot(cache_dir: Path, repo_id: str, revision: str) -> Path | None:
+    """The snapshot directory when it already holds files; reads the disk only."""
+    path = snapshot_dir(cache_dir, repo_id, revision)
+    return path if path.is_dir() and any(path.iterdir()) else None
+
+
+def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
+    """Fetch the snapshot; return its directory and whether the hub's hashes were checked.
+
+    Online, the client checks every file (new or already cached) against the listing's
+    Sha256, writing to a temp name first, so a corrupt or cut download never appears under
+    its final name. Offline there is no listing to check against."""
+    modelscope = require("modelscope", "hub")
+    callbacks = [_callback_class(sink)] if sink is not None else None
+    try:
+        with _quiet_bars(sink is not None):
+            path = modelscope.snapshot_download(
+                model_id=request.repo_id,
+                revision=request.revision,
+                cache_dir=str(request.cache_dir),
+                allow_patterns=request.allow_patterns,
+                ignore_patterns=request.ignore_patterns,
+                local_files_only=request.offline,
+                token=request.token,
+                endpoint=request.endpoint,
+                max_workers=request.max_workers,
+                progress_callbacks=callbacks,
+            )
+    except Exception as exc:
+        if _status(exc) == 404 and not request.offline:
+            raise _which_missing(request, modelscope) from exc
+        raise
+    return Path(path), not request.offline
+
+
+@contextmanager
+def _quiet_bars(quiet: bool) -> Iterator[None]:
+    """Silence the client's own tqdm bars while our progress bar shows the bytes.
+
+    The client draws them unconditionally from a module global; swapping that global is the
+    only switch it offers. Restored afterwards."""
+    if not quiet:
+        yield
+        return
+    import modelscope_hub._download as client_download
+    from tqdm.auto import tqdm
+
+    original = getattr(client_download, "tqdm", None)
+
+    class _Silent(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    client_download.tqdm = _Silent
+    try:
+        yield
+    finally:
+        client_download.tqdm = original
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _which_missing(request: HubFetch, modelscope: object) -> NotFound:
+    """A 404 on the listing means a missing model or a missing revision; ask once more for
+    the default branch to tell which (only on this error path)."""
+    if request.revision == DEFAULT_REVISION:
+        return NotFound("model", request.repo_id)
+    try:
+        api = modelscope.HubApi(  # type: ignore[attr-defined]
+            endpoint=request.endpoint, token=request.token, max_retries=1
+        )
+        api.get_model_files(request.repo_id, revision=DEFAULT_REVISION, recursive=False)
+    except Exception:
+        return NotFound("model", request.repo_id)
+    return NotFound("revision", request.revision)
+
+
+def _callback_class(sink: ProgressSink) -> type:
+    """A modelscope ProgressCallback subclass bound to our sink (the client wants a class)."""
+    from modelscope.hub.callback import ProgressCallback
+
+    class _ToGcupipe(ProgressCallback):  # type: ignore[misc]
+        def __init__(self, filename: str, file_size: int):
+            super().__init__(filename, file_size)
+            sink.add_total(file_size)
+
+        def update(self, size: int) -> None:
+            sink.advance(size)
+
+    return _ToGcupipe
