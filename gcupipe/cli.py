@@ -37,8 +37,12 @@ _state = {"debug": False}
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a value: KEY.PATH=VALUE (YAML-typed); repeatable.",
-                 metavar="KEY=VALUE"),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a value: KEY.PATH=VALUE (YAML-typed); repeatable.",
+        metavar="KEY=VALUE",
+    ),
 ]
 WorkdirOpt = Annotated[
     Path | None,
@@ -60,16 +64,22 @@ def _fail(error: BaseException) -> NoReturn:
         raise error
     if isinstance(error, GcupipeError):
         text = str(error)
-        errors.print(f"[red]error:[/] {text}" if "\n" not in text else f"[red]error:[/]\n{text}",
-                     highlight=False, markup=True, soft_wrap=True)
+        errors.print(
+            f"[red]error:[/] {text}" if "\n" not in text else f"[red]error:[/]\n{text}",
+            highlight=False,
+            markup=True,
+            soft_wrap=True,
+        )
         raise typer.Exit(error.exit_code)
-    errors.print(f"[red]internal error:[/] {type(error).__name__}: {error}\n"
-                 "run again with --debug for the traceback", highlight=False)
+    errors.print(
+        f"[red]internal error:[/] {type(error).__name__}: {error}\n"
+        "run again with --debug for the traceback",
+        highlight=False,
+    )
     raise typer.Exit(1)
 
 
-def _selection(only: list[str] | None, from_: str | None, to: str | None,
-               force: list[str] | None):  # type: ignore[no-untyped-def]
+def _selection(only: list[str] | None, from_: str | None, to: str | None, force: list[str] | None):  # type: ignore[no-untyped-def]
     from gcupipe.engine import Selection
 
     names = [name for item in (only or []) for name in item.split(",") if name]
@@ -122,8 +132,12 @@ def run(
         events = Events(sinks)
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            result = run_recipe(loaded, workdir or default_run_dir(loaded),
-                                _selection(only, from_, to, force), events)
+            result = run_recipe(
+                loaded,
+                workdir or default_run_dir(loaded),
+                _selection(only, from_, to, force),
+                events,
+            )
         finally:
             events.close()
     except KeyboardInterrupt:
@@ -165,8 +179,13 @@ def plan(
         stage = loaded.stages[result.id]
         colour = {"run": "yellow", "cached": "green"}.get(result.outcome, "dim")
         why = result.reason + (f"\n{result.message}" if result.message else "")
-        table.add_row(escape(result.id), result.uses, escape(", ".join(stage.needs) or "-"),
-                      f"[{colour}]{result.outcome}[/]", escape(why))
+        table.add_row(
+            escape(result.id),
+            result.uses,
+            escape(", ".join(stage.needs) or "-"),
+            f"[{colour}]{result.outcome}[/]",
+            escape(why),
+        )
     console.print(table)
 
 

@@ -61,9 +61,17 @@ class RecipeError(GcupipeError):
                 if problem.render() not in seen:
                     seen.add(problem.render())
                     problems.append(problem)
-        problems.sort(key=lambda p: (p.mark is None, str(p.mark and p.mark.source),
-                                     p.mark.line if p.mark else 0, p.mark.column if p.mark else 0))
-        combined = problems[0] if len(problems) == 1 else cls("\n".join(p.render() for p in problems))
+        problems.sort(
+            key=lambda p: (
+                p.mark is None,
+                str(p.mark and p.mark.source),
+                p.mark.line if p.mark else 0,
+                p.mark.column if p.mark else 0,
+            )
+        )
+        combined = (
+            problems[0] if len(problems) == 1 else cls("\n".join(p.render() for p in problems))
+        )
         combined.problems = problems
         return combined
 
@@ -90,7 +98,7 @@ class Interrupted(GcupipeError):
 
 
 class MissingDependency(GcupipeError):
-    """An optional dependency is not installed; the message names the `pip install` that fixes it."""
+    """An optional dependency is missing; the message names the `pip install` that fixes it."""
 
     exit_code = 2
 

@@ -1,4 +1,4 @@
-"""Secret values (tokens read from the environment) and their redaction in everything printed or recorded."""
+"""Secrets (tokens from the environment) and their redaction wherever gcupipe prints or records."""
 
 from __future__ import annotations
 

@@ -20,7 +20,10 @@ class CacheKey:
 
 
 def cache_key(
-    stage: PlannedStage, instance: Stage, config: StageConfig, upstream: dict[str, str]  # type: ignore[type-arg]
+    stage: PlannedStage,
+    instance: Stage,
+    config: StageConfig,
+    upstream: dict[str, str],  # type: ignore[type-arg]
 ) -> CacheKey:
     """stage type + plugin version + resolved config + upstream output digests + input stats."""
     config_json = config.model_dump(mode="json")
@@ -64,10 +67,13 @@ def _why_changed(stage: PlannedStage, key: CacheKey, record: StageRecord) -> str
         return f"stage '{stage.uses}' version {record.stage_version} -> {stage.stage_class.version}"
     changes = _diff(record.config, key.config, "with")
     if changes:
-        shown = "; ".join(changes[:3]) + (f" (+{len(changes) - 3} more)" if len(changes) > 3 else "")
+        shown = "; ".join(changes[:3]) + (
+            f" (+{len(changes) - 3} more)" if len(changes) > 3 else ""
+        )
         return f"config changed: {shown}"
     changed_upstream = sorted(
-        name for name in set(record.upstream) | set(key.upstream)
+        name
+        for name in set(record.upstream) | set(key.upstream)
         if record.upstream.get(name) != key.upstream.get(name)
     )
     if changed_upstream:

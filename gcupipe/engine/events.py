@@ -1,4 +1,4 @@
-"""Run events and the sinks that consume them: JSON lines, JUnit XML (the rich view is in view.py)."""
+"""Run events and their sinks: JSON lines and JUnit XML (the rich view is in view.py)."""
 
 from __future__ import annotations
 
@@ -97,14 +97,19 @@ class JUnitSink:
         )
         for stage_id, case in self.cases.items():
             element = ElementTree.SubElement(
-                suite, "testcase", classname=self.suite_name, name=stage_id,
+                suite,
+                "testcase",
+                classname=self.suite_name,
+                name=stage_id,
                 time=f"{case['time']:.3f}",
             )
             if case["kind"] == "stage_skipped":
                 ElementTree.SubElement(element, "skipped", message=str(case.get("reason", "")))
             elif case["kind"] == "stage_failed":
                 failure = ElementTree.SubElement(
-                    element, "failure", message=str(case.get("message", "")),
+                    element,
+                    "failure",
+                    message=str(case.get("message", "")),
                     type=str(case.get("error", "StageError")),
                 )
                 failure.text = str(case.get("message", ""))

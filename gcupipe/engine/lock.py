@@ -29,7 +29,7 @@ _VERSIONED = {
 
 
 def package_versions() -> dict[str, str | None]:
-    """Installed versions, read from package metadata (importing torch or vllm would cost seconds)."""
+    """Installed versions from package metadata (importing torch or vllm would take seconds)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name, distributions in _VERSIONED.items():
         versions[name] = None
@@ -53,8 +53,12 @@ def write_lock(run_dir: Path, recipe: Recipe, results: list[StageResult], outcom
             "source": str(recipe.source) if recipe.source else None,
             "resolved": recipe.document,
             "stages": {
-                stage.id: {"uses": stage.uses, "needs": stage.needs, "with": stage.config,
-                            "matrix": stage.matrix}
+                stage.id: {
+                    "uses": stage.uses,
+                    "needs": stage.needs,
+                    "with": stage.config,
+                    "matrix": stage.matrix,
+                }
                 for stage in recipe.stages.values()
             },
         },

@@ -106,20 +106,26 @@ class Runner:
         self.outputs: dict[str, StageOutputs] = {}
         self.digests: dict[str, str] = {}
 
-    def run(self, selection: Selection = Selection()) -> RunResult:
+    def run(self, selection: Selection | None = None) -> RunResult:
+        selection = selection or Selection()
         chosen = select_stages(self.recipe, selection)
         forced = {sid for name in selection.force for sid in _matching(self.recipe, name)}
         self.store.open()
         results: list[StageResult] = []
         error: GcupipeError | None = None
         outcome = "ok"
-        self.events.emit("run_started", recipe=self.recipe.name, run_dir=str(self.store.run_dir),
-                         stages=list(self.recipe.stages))
+        self.events.emit(
+            "run_started",
+            recipe=self.recipe.name,
+            run_dir=str(self.store.run_dir),
+            stages=list(self.recipe.stages),
+        )
         try:
             for stage in self.recipe.stages.values():
                 if error is not None:
-                    results.append(StageResult(stage.id, stage.uses, "not-run",
-                                               "an earlier stage failed"))
+                    results.append(
+                        StageResult(stage.id, stage.uses, "not-run", "an earlier stage failed")
+                    )
                     continue
                 started = time.time()
                 try:
@@ -127,29 +133,57 @@ class Runner:
                 except KeyboardInterrupt:
                     error = Interrupted("interrupted")
                     outcome = "interrupted"
-                    self.events.emit("stage_failed", stage.id, message="interrupted",
-                                     error="Interrupted", exit_code=error.exit_code)
-                    results.append(StageResult(stage.id, stage.uses, "interrupted", "interrupted",
-                                               started_at=started,
-                                               duration_s=time.time() - started))
+                    self.events.emit(
+                        "stage_failed",
+                        stage.id,
+                        message="interrupted",
+                        error="Interrupted",
+                        exit_code=error.exit_code,
+                    )
+                    results.append(
+                        StageResult(
+                            stage.id,
+                            stage.uses,
+                            "interrupted",
+                            "interrupted",
+                            started_at=started,
+                            duration_s=time.time() - started,
+                        )
+                    )
                 except GcupipeError as exc:
                     error = exc
                     outcome = "failed"
-                    self.events.emit("stage_failed", stage.id, message=str(exc),
-                                     error=type(exc).__name__, exit_code=exc.exit_code)
-                    results.append(StageResult(stage.id, stage.uses, "failed", "failed",
-                                               started_at=started,
-                                               duration_s=time.time() - started,
-                                               message=str(exc)))
+                    self.events.emit(
+                        "stage_failed",
+                        stage.id,
+                        message=str(exc),
+                        error=type(exc).__name__,
+                        exit_code=exc.exit_code,
+                    )
+                    results.append(
+                        StageResult(
+                            stage.id,
+                            stage.uses,
+                            "failed",
+                            "failed",
+                            started_at=started,
+                            duration_s=time.time() - started,
+                            message=str(exc),
+                        )
+                    )
         finally:
             write_lock(self.store.run_dir, self.recipe, results, outcome)
             self.store.close()
-            self.events.emit("run_finished", outcome=outcome,
-                             lock_file=str(self.store.run_dir / "gcupipe.lock.json"))
+            self.events.emit(
+                "run_finished",
+                outcome=outcome,
+                lock_file=str(self.store.run_dir / "gcupipe.lock.json"),
+            )
         return RunResult(self.recipe.name, self.store.run_dir, results, outcome, error)
 
-    def plan(self, selection: Selection = Selection()) -> list[StageResult]:
+    def plan(self, selection: Selection | None = None) -> list[StageResult]:
         """What `run` would do and why, without running or writing anything."""
+        selection = selection or Selection()
         chosen = select_stages(self.recipe, selection)
         forced = {sid for name in selection.force for sid in _matching(self.recipe, name)}
         will_run: set[str] = set()
@@ -167,8 +201,9 @@ class Runner:
             if pending:
                 decision = Decision(True, f"upstream will run: {', '.join(pending)}")
             else:
-                config = resolve_stage_config(stage, self._upstream_or_fail(stage),
-                                              self.recipe.positions)
+                config = resolve_stage_config(
+                    stage, self._upstream_or_fail(stage), self.recipe.positions
+                )
                 note = stage.stage_class().describe(config, self.store.cache_dir)
                 key = self._key(stage, config)
                 decision = decide(stage, key, record, self.store, stage.id in forced)
@@ -176,8 +211,15 @@ class Runner:
                     self._adopt(stage, record)
             if decision.run:
                 will_run.add(stage.id)
-            results.append(StageResult(stage.id, stage.uses, "run" if decision.run else "cached",
-                                       decision.reason, message=note))
+            results.append(
+                StageResult(
+                    stage.id,
+                    stage.uses,
+                    "run" if decision.run else "cached",
+                    decision.reason,
+                    message=note,
+                )
+            )
         return results
 
     # -- one stage ---------------------------------------------------------------------------
@@ -194,11 +236,21 @@ class Runner:
         if not decision.run and record is not None:
             self._adopt(stage, record)
             self.events.emit("stage_skipped", stage.id, reason=decision.reason, cached=True)
-            return StageResult(stage.id, stage.uses, "cached", decision.reason, key.key,
-                               record.outputs, record.outputs_digest, key.upstream)
+            return StageResult(
+                stage.id,
+                stage.uses,
+                "cached",
+                decision.reason,
+                key.key,
+                record.outputs,
+                record.outputs_digest,
+                key.upstream,
+            )
         return self._execute(stage, config, key, decision)
 
-    def _execute(self, stage: PlannedStage, config: Any, key: CacheKey, decision: Decision) -> StageResult:
+    def _execute(
+        self, stage: PlannedStage, config: Any, key: CacheKey, decision: Decision
+    ) -> StageResult:
         started = time.time()
         self.events.emit("stage_started", stage.id, uses=stage.uses, reason=decision.reason)
         folder = self.store.begin(stage.id)
@@ -224,11 +276,16 @@ class Runner:
             final_out = self.store.output_dir(stage.id)
             relocated = _relocate(outputs.model_dump(mode="json"), str(out_dir), str(final_out))
             record = StageRecord(
-                id=stage.id, uses=stage.uses, stage_version=stage.stage_class.version,
-                cache_key=key.key, config=redact(key.config), upstream=key.upstream,
+                id=stage.id,
+                uses=stage.uses,
+                stage_version=stage.stage_class.version,
+                cache_key=key.key,
+                config=redact(key.config),
+                upstream=key.upstream,
                 outputs=relocated,
                 outputs_digest=_outputs_digest(content_digest(out_dir), relocated, str(final_out)),
-                outputs_fingerprint=stat_fingerprint([out_dir]), started_at=started,
+                outputs_fingerprint=stat_fingerprint([out_dir]),
+                started_at=started,
                 duration_s=time.time() - started,
             )
             self.store.commit(stage.id, folder, record)
@@ -238,10 +295,21 @@ class Runner:
                 raise
             raise StageError(f"stage '{stage.id}' crashed: {type(exc).__name__}: {exc}") from exc
         self._adopt(stage, record)
-        self.events.emit("stage_finished", stage.id, duration_s=record.duration_s,
-                         outputs=record.outputs)
-        return StageResult(stage.id, stage.uses, "ran", decision.reason, key.key, record.outputs,
-                           record.outputs_digest, key.upstream, started, record.duration_s)
+        self.events.emit(
+            "stage_finished", stage.id, duration_s=record.duration_s, outputs=record.outputs
+        )
+        return StageResult(
+            stage.id,
+            stage.uses,
+            "ran",
+            decision.reason,
+            key.key,
+            record.outputs,
+            record.outputs_digest,
+            key.upstream,
+            started,
+            record.duration_s,
+        )
 
     def _adopt(self, stage: PlannedStage, record: StageRecord) -> None:
         self.outputs[stage.id] = stage.stage_class.Outputs.model_validate(record.outputs)
@@ -268,16 +336,28 @@ class Runner:
             def update(completed: float | None, new_total: float | None) -> None:
                 if new_total is not None:
                     state["total"] = new_total
-                self.events.emit("progress", stage_id, description=description,
-                                 completed=completed, total=state["total"], unit=unit)
+                self.events.emit(
+                    "progress",
+                    stage_id,
+                    description=description,
+                    completed=completed,
+                    total=state["total"],
+                    unit=unit,
+                )
 
             task = ProgressTask(update)
             update(0.0, None)
 
             def finish() -> None:
-                self.events.emit("progress", stage_id, description=description,
-                                 completed=task.completed, total=state["total"], unit=unit,
-                                 done=True)
+                self.events.emit(
+                    "progress",
+                    stage_id,
+                    description=description,
+                    completed=task.completed,
+                    total=state["total"],
+                    unit=unit,
+                    done=True,
+                )
 
             return task, finish
 
@@ -301,7 +381,7 @@ def _outputs_digest(files_digest: str, outputs: dict[str, Any], out_dir: str) ->
 
 
 def run_recipe(
-    recipe: Recipe, run_dir: Path, selection: Selection = Selection(), events: Events | None = None
+    recipe: Recipe, run_dir: Path, selection: Selection | None = None, events: Events | None = None
 ) -> RunResult:
     """Run a loaded recipe in `run_dir`; the Python API behind `gcupipe run`."""
     return Runner(recipe, run_dir, events).run(selection)
@@ -311,5 +391,12 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
 
 
-__all__ = ["RunResult", "Runner", "Selection", "StageResult", "default_run_dir",
-           "run_recipe", "select_stages"]
+__all__ = [
+    "RunResult",
+    "Runner",
+    "Selection",
+    "StageResult",
+    "default_run_dir",
+    "run_recipe",
+    "select_stages",
+]

@@ -1,4 +1,4 @@
-"""The run directory: finished stage outputs with their records, and the temp dirs they are built in.
+"""The run directory: finished stage outputs with their records, and the temp dirs of new ones.
 
 A stage writes into `.tmp/<id>-<random>/out`; only after `run` returns is its record written
 and the whole directory renamed to `stages/<id>`. A crash, an exception, Ctrl-C or SIGKILL

@@ -51,14 +51,18 @@ class RichView:
 
     def _on_run_started(self, event: Event) -> None:
         self.started = event.time
-        self._print(f"[bold]gcupipe[/] run [cyan]{escape(event.data['recipe'])}[/] "
-                    f"in {escape(event.data['run_dir'])}")
+        self._print(
+            f"[bold]gcupipe[/] run [cyan]{escape(event.data['recipe'])}[/] "
+            f"in {escape(event.data['run_dir'])}"
+        )
         if self.console.is_terminal:
             self.progress.start()
 
     def _on_stage_started(self, event: Event) -> None:
-        self._print(f"[blue]▶[/] {escape(str(event.stage))} [dim]({event.data['uses']}: "
-                    f"{escape(event.data['reason'])})[/]")
+        self._print(
+            f"[blue]▶[/] {escape(str(event.stage))} [dim]({event.data['uses']}: "
+            f"{escape(event.data['reason'])})[/]"
+        )
         self.tasks[(event.stage, "")] = self.progress.add_task(
             escape(str(event.stage)), total=None, detail=""
         )
@@ -68,7 +72,9 @@ class RichView:
         total = event.data.get("total")
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(
-                f"  {escape(str(event.data['description']))}", total=total, detail=event.data.get("unit", "")
+                f"  {escape(str(event.data['description']))}",
+                total=total,
+                detail=event.data.get("unit", ""),
             )
         task = self.tasks[key]
         self.progress.update(task, completed=event.data.get("completed") or 0, total=total)
@@ -85,7 +91,8 @@ class RichView:
     def _on_stage_finished(self, event: Event) -> None:
         self._finish_stage(event.stage)
         self.counts["ran"] = self.counts.get("ran", 0) + 1
-        self._print(f"[green]✓[/] {escape(str(event.stage))} [dim]done in {event.data['duration_s']:.1f} s[/]")
+        seconds = event.data["duration_s"]
+        self._print(f"[green]✓[/] {escape(str(event.stage))} [dim]done in {seconds:.1f} s[/]")
 
     def _on_stage_skipped(self, event: Event) -> None:
         kind = "cached" if event.data.get("cached") else "skipped"
@@ -102,5 +109,7 @@ class RichView:
         elapsed = event.time - self.started
         summary = ", ".join(f"{count} {kind}" for kind, count in self.counts.items()) or "nothing"
         colour = "green" if event.data["outcome"] == "ok" else "red"
-        self._print(f"[{colour}]{event.data['outcome']}[/]: {summary} in {elapsed:.1f} s; "
-                    f"record: {escape(event.data['lock_file'])}")
+        self._print(
+            f"[{colour}]{event.data['outcome']}[/]: {summary} in {elapsed:.1f} s; "
+            f"record: {escape(event.data['lock_file'])}"
+        )

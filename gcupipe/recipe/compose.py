@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gcupipe.errors import RecipeError
+from gcupipe.errors import Mark, RecipeError
 from gcupipe.recipe.source import KeyPath, Positions, format_path, read_yaml_file
 
 
@@ -19,8 +19,11 @@ def display_path(path: Path) -> str:
 
 
 def deep_merge(
-    target: dict[str, Any], target_positions: Positions, source: dict[str, Any],
-    source_positions: Positions, prefix: KeyPath = (),
+    target: dict[str, Any],
+    target_positions: Positions,
+    source: dict[str, Any],
+    source_positions: Positions,
+    prefix: KeyPath = (),
 ) -> None:
     """Merge `source` over `target` in place: mappings merge key by key, anything else
     (lists included) is replaced whole, and the positions follow the values that win."""
@@ -51,12 +54,12 @@ def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            f"a recipe must be a mapping of keys (version, name, stages, ...), "
-            f"not a {_kind(data)}",
+            f"a recipe must be a mapping of keys (version, name, stages, ...), not a {_kind(data)}",
             positions.value_mark(()),
         )
     merged: dict[str, Any] = {}
     merged_positions = Positions()
+    merged_positions.values[()] = positions.values.get((), Mark(display, 1, 1))
     chain = chain + (path.resolve(),)
 
     for reference, _ in _references(data, positions, "extends"):
@@ -117,7 +120,10 @@ def _references(
 
 
 def _load_reference(
-    path: Path, reference: tuple[str, KeyPath], chain: tuple[Path, ...], positions: Positions,
+    path: Path,
+    reference: tuple[str, KeyPath],
+    chain: tuple[Path, ...],
+    positions: Positions,
     key: str,
 ) -> tuple[dict[str, Any], Positions]:
     name, item_path = reference

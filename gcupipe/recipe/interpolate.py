@@ -1,4 +1,4 @@
-"""`${...}` interpolation: vars, environment, matrix values and upstream stage outputs; `$${` escapes."""
+"""`${...}` interpolation: vars, environment, matrix values, upstream outputs; `$${` escapes."""
 
 from __future__ import annotations
 

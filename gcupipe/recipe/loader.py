@@ -1,4 +1,4 @@
-"""From a recipe file to a checked Recipe: compose, override, interpolate, expand matrices, validate."""
+"""Recipe file to checked Recipe: compose, override, interpolate, expand matrices, validate."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def load_recipe(
         apply_override(data, positions, dotted, value, source)
     for text in overrides:
         dotted, value = parse_assignment(text)
-        apply_override(data, positions, dotted, value, f"--set {text}")
+        apply_override(data, positions, dotted, value, "--set")
     model = validate_model(RecipeModel, data, positions, ())
     assert isinstance(model, RecipeModel)
     return _Builder(model, data, positions, environ, path).build()
@@ -77,8 +77,12 @@ def load_recipe(
 
 class _Builder:
     def __init__(
-        self, model: RecipeModel, data: dict[str, Any], positions: Positions,
-        environ: Mapping[str, str], path: Path,
+        self,
+        model: RecipeModel,
+        data: dict[str, Any],
+        positions: Positions,
+        environ: Mapping[str, str],
+        path: Path,
     ):
         self.model = model
         self.data = data
@@ -127,10 +131,12 @@ class _Builder:
                         cycle = " -> ".join([*resolving, name])
                         raise RecipeError(f"vars refer to each other in a cycle: {cycle}")
                     resolving.append(name)
-                    resolved[name] = interpolate(
-                        raw[name], lookup, self.positions, ("vars", name), unescape=False
-                    )
-                    resolving.pop()
+                    try:
+                        resolved[name] = interpolate(
+                            raw[name], lookup, self.positions, ("vars", name), unescape=False
+                        )
+                    finally:
+                        resolving.pop()
                 return lookup_in({"vars": {**raw, **resolved}}, expression, "")
             raise RecipeError(
                 f"'${{{expression}}}' cannot be used in vars; vars may use ${{vars.NAME}} "
@@ -164,7 +170,10 @@ class _Builder:
         spec = self.model.stages[stage_id]
         try:
             return interpolate(
-                spec.with_, self._static_lookup, self.positions, ("stages", stage_id, "with"),
+                spec.with_,
+                self._static_lookup,
+                self.positions,
+                ("stages", stage_id, "with"),
                 unescape=False,
             )
         except RecipeError as exc:
@@ -179,8 +188,8 @@ class _Builder:
             try:
                 classes[stage_id] = load_stage(spec.uses)
             except GcupipeError as exc:
-                message = str(exc) if "failed to load" in str(exc) else unknown_stage_message(
-                    spec.uses
+                message = (
+                    str(exc) if "failed to load" in str(exc) else unknown_stage_message(spec.uses)
                 )
                 self.errors.append(
                     RecipeError(message, self.positions.value_mark(at), format_path(at))
@@ -320,7 +329,8 @@ class _Builder:
                     combos = [{}]
             except RecipeError as exc:
                 self.errors.append(exc)
-                combos = [{}]
+                variants[stage_id] = [{}]
+                continue
             variants[stage_id] = combos
             for combo in combos:
                 expanded = variant_id(stage_id, combo) if combo else stage_id
@@ -418,7 +428,9 @@ def _deferred_paths(value: Any, path: KeyPath = ()) -> list[KeyPath]:
     if isinstance(value, dict):
         return [p for key, item in value.items() for p in _deferred_paths(item, path + (key,))]
     if isinstance(value, list):
-        return [p for index, item in enumerate(value) for p in _deferred_paths(item, path + (index,))]
+        return [
+            p for index, item in enumerate(value) for p in _deferred_paths(item, path + (index,))
+        ]
     if isinstance(value, str) and find_expressions(value):
         return [path]
     return []

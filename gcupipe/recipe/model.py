@@ -1,4 +1,4 @@
-"""The recipe's own keys as pydantic models, and pydantic errors turned into file:line:col messages."""
+"""The recipe's own keys as pydantic models; pydantic errors as file:line:col messages."""
 
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ class RecipeModel(BaseModel):
 
 
 def validate_model(
-    model: type[BaseModel], data: Any, positions: Positions, prefix: KeyPath,
+    model: type[BaseModel],
+    data: Any,
+    positions: Positions,
+    prefix: KeyPath,
     ignore: Iterable[KeyPath] = (),
 ) -> BaseModel:
     """`model.model_validate(data)`, with every error mapped to its recipe position.
@@ -94,8 +97,6 @@ def _problem(
             f"missing required key '{loc[-1]}'", positions.value_mark(path[:-1]), format_path(path)
         )
     message = error["msg"]
-    if kind.startswith("union_tag") or kind == "literal_error":
-        message = error["msg"]
     got = error.get("input")
     if not isinstance(got, dict | list) and kind not in ("model_type", "dict_type"):
         message += f" (got {got!r})"

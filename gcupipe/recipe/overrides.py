@@ -1,4 +1,4 @@
-"""Overrides on top of a composed recipe: `GCUPIPE__a__b=c` environment variables, then `--set a.b=c`."""
+"""Overrides of a composed recipe: `GCUPIPE__a__b=c` variables, then `--set a.b=c`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not path.strip():
         raise RecipeError(
             "an override is KEY.PATH=VALUE, e.g. stages.quantize.with.method=gptq",
-            Mark(f"--set {text}"),
+            Mark("--set"),
         )
     return path.strip(), value
 
@@ -43,10 +43,7 @@ def apply_override(
     parts = dotted.split(".")
     if any(not part for part in parts):
         raise RecipeError(f"bad key path '{dotted}': empty segment", mark)
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"value is not valid YAML: {exc}", mark, dotted) from None
+    value = _yaml_value(raw_value)
     node: Any = data
     path: KeyPath = ()
     for index, part in enumerate(parts[:-1]):
@@ -67,9 +64,9 @@ def apply_override(
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            kind = "list" if isinstance(child, list) else type(child).__name__
+            kind = "list" if isinstance(child, list) else "single value"
             raise RecipeError(
-                f"cannot set '{dotted}': '{format_path(path)}' is a {kind}, not a mapping",
+                f"'{format_path(path)}' is a {kind}, not a mapping",
                 mark,
                 dotted,
             )
@@ -81,3 +78,20 @@ def apply_override(
     positions.drop(full)
     positions.keys[full] = mark
     positions.values[full] = mark
+
+
+_NULLS = {"null", "Null", "NULL", "~"}
+
+
+def _yaml_value(text: str) -> Any:
+    """YAML-typed (`64` a number, `[a, b]` a list, `null` None); anything YAML would not read
+    as a plain value (`?`, `...`, `a: b: c`) stays the string that was typed."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None and text.strip() not in _NULLS:
+        return text
+    if isinstance(value, dict) and not all(isinstance(key, str) for key in value):
+        return text  # `?` parses as {None: None}
+    return value

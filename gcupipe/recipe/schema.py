@@ -1,4 +1,4 @@
-"""The JSON Schema of recipes, covering every registered stage's config (discriminated by `uses`)."""
+"""The JSON Schema of recipes: every registered stage's config, discriminated by `uses`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""YAML documents loaded with the position of every key and value, so errors can name file:line:col."""
+"""YAML loaded with the position of every key and value, so errors name file:line:col."""
 
 from __future__ import annotations
 
@@ -92,7 +92,9 @@ def _convert(
         try:
             constructor.flatten_mapping(node)
         except yaml.MarkedYAMLError as exc:
-            raise RecipeError(f"invalid YAML merge: {exc.problem}", _mark(source, node.start_mark))
+            raise RecipeError(
+                f"invalid YAML merge: {exc.problem}", _mark(source, node.start_mark)
+            ) from None
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = _scalar(key_node, source, constructor)

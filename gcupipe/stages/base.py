@@ -1,4 +1,4 @@
-"""The stage plugin API: a typed Config, typed Outputs and one `run`, for built-ins and plugins alike."""
+"""The stage plugin API: typed Config, typed Outputs and one `run`, for built-ins and plugins."""
 
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ class StageContext:
     secrets: Callable[[str], None] = lambda value: None
 
     @contextmanager
-    def progress(self, description: str, total: float | None = None, unit: str = "") -> Iterator[
-        ProgressTask
-    ]:
+    def progress(
+        self, description: str, total: float | None = None, unit: str = ""
+    ) -> Iterator[ProgressTask]:
         """A progress bar for a long step: `with ctx.progress("quantize", total=30) as bar`."""
         if self.progress_factory is None:
             yield ProgressTask(lambda completed, total: None)

@@ -52,15 +52,20 @@ def stage_summaries() -> Table:
         except StageLoadError as exc:
             table.add_row(name, "-", Text(f"broken plugin: {exc}", style="red"))
             continue
-        table.add_row(name, stage_class.version, _doc(stage_class).splitlines()[0] if _doc(
-            stage_class) else "")
+        table.add_row(
+            name,
+            stage_class.version,
+            _doc(stage_class).splitlines()[0] if _doc(stage_class) else "",
+        )
     return table
 
 
 def describe_stage(name: str) -> Group:
     stage_class = load_stage(name)
-    parts: list[Any] = [Text(f"uses: {name} (version {stage_class.version})", style="bold"),
-                        Text(_doc(stage_class))]
+    parts: list[Any] = [
+        Text(f"uses: {name} (version {stage_class.version})", style="bold"),
+        Text(_doc(stage_class)),
+    ]
     for title, model in (("with:", stage_class.Config), ("outputs:", stage_class.Outputs)):
         table = Table(title=title, title_justify="left")
         for column in ("key", "type", "default", "description"):
@@ -76,10 +81,18 @@ def stage_reference_markdown() -> str:
     lines = []
     for name in stage_names():
         stage_class = load_stage(name)
-        lines += [f"### `uses: {name}`", "", _doc(stage_class), "", "| `with:` key | type | "
-                  "default | description |", "|---|---|---|---|"]
-        lines += [f"| `{n}` | {t} | {d} | {desc} |".replace("\n", " ") for n, t, d, desc in
-                  _fields(stage_class.Config)]
+        lines += [
+            f"### `uses: {name}`",
+            "",
+            _doc(stage_class),
+            "",
+            "| `with:` key | type | default | description |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{n}` | {t} | {d} | {desc} |".replace("\n", " ")
+            for n, t, d, desc in _fields(stage_class.Config)
+        ]
         lines += ["", "| output | type | description |", "|---|---|---|"]
         lines += [f"| `{n}` | {t} | {desc} |" for n, t, _, desc in _fields(stage_class.Outputs)]
         lines.append("")

@@ -1,4 +1,4 @@
-"""Finds stage classes through the `gcupipe.stages` entry-point group (built-ins register there too)."""
+"""Finds stages through the `gcupipe.stages` entry-point group (built-ins register there too)."""
 
 from __future__ import annotations
 
@@ -45,9 +45,8 @@ def load_stage(uses: str) -> type[Stage]:  # type: ignore[type-arg]
 
 
 def unknown_stage_message(uses: str) -> str:
-    names = stage_names()
-    hint = did_you_mean(uses, names)
-    return f"unknown stage type '{uses}'{hint}; registered: {', '.join(names) or 'none'}"
+    hint = did_you_mean(uses, stage_names())
+    return f"unknown stage type '{uses}'{hint}; `gcupipe stages` lists the registered ones"
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
