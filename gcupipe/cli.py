@@ -62,8 +62,10 @@ ForceOpt = Annotated[
 def _fail(error: BaseException) -> NoReturn:
     if _state["debug"]:
         raise error
+    from gcupipe.secrets import redact
+
     if isinstance(error, GcupipeError):
-        text = str(error)
+        text = redact(str(error))
         errors.print(
             f"[red]error:[/] {text}" if "\n" not in text else f"[red]error:[/]\n{text}",
             highlight=False,
@@ -72,7 +74,7 @@ def _fail(error: BaseException) -> NoReturn:
         )
         raise typer.Exit(error.exit_code)
     errors.print(
-        f"[red]internal error:[/] {type(error).__name__}: {error}\n"
+        f"[red]internal error:[/] {type(error).__name__}: {redact(str(error))}\n"
         "run again with --debug for the traceback",
         highlight=False,
     )
@@ -165,6 +167,7 @@ def plan(
 ) -> None:
     """Show the stages, their order, what would run and why. Changes nothing."""
     from gcupipe.engine import Runner, default_run_dir
+    from gcupipe.secrets import redact
 
     try:
         loaded = _load(recipe, overrides)
@@ -184,7 +187,7 @@ def plan(
             result.uses,
             escape(", ".join(stage.needs) or "-"),
             f"[{colour}]{result.outcome}[/]",
-            escape(why),
+            escape(redact(why)),
         )
     console.print(table)
 

@@ -238,3 +238,17 @@ def test_second_concurrent_run_is_refused(tmp_path: Path) -> None:
             run(tmp_path)
     finally:
         holder.close()
+
+
+def test_secrets_never_reach_records_or_events(tmp_path: Path) -> None:
+    import io
+
+    stream = io.StringIO()
+    recipe = load_recipe(EXAMPLE, ["stages.report.with.env.AUTH=${env:HUB_TOKEN}",
+                                   "stages.report.with.run=echo $AUTH; exit 1"],
+                         environ={"HUB_TOKEN": "hf_supersecret123"})
+    result = run_recipe(recipe, tmp_path, events=Events([JsonLinesSink(stream)]))
+    assert result.outcome == "failed"
+    assert "hf_supersecret123" in str(result.error)  # the stage itself saw the real value
+    for text in (stream.getvalue(), (tmp_path / "gcupipe.lock.json").read_text()):
+        assert "hf_supersecret123" not in text and "***" in text
