@@ -1,0 +1,161 @@
+"""The quantize stage on tiny models: every method into every format, read back, run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcupipe.formats.registry import read_quantized
+from gcupipe.stages.base import StageContext
+from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
+from gcupipe.testing.tiny_models import tiny_model
+
+CALIB = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. " * 80
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "calib.txt").write_text(CALIB)
+    return {
+        arch: tiny_model(arch, root / arch, shards=2 if arch == "deepseek_v2" else 1)
+        for arch in ("llama", "mistral", "qwen2", "deepseek_v2")
+    }
+
+
+def run_stage(tmp_path: Path, **config: object) -> tuple[object, Path]:
+    out = tmp_path / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext("quantize", out, tmp_path / "scratch", tmp_path / "cache", tmp_path)
+    cfg = QuantizeConfig.model_validate(config)
+    assert QuantizeStage().check(cfg) == []
+    return QuantizeStage().run(cfg, ctx), out
+
+
+def calibration(models: dict[str, Path]) -> dict[str, object]:
+    return {"text_file": models["llama"].parent / "calib.txt", "samples": 8, "seq_len": 32}
+
+
+def float_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from gcupipe.runtime.model import load_float_model
+
+    with torch.no_grad():
+        return load_float_model(path)(ids).logits
+
+
+def quant_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from gcupipe.runtime.model import build_model, load_config
+
+    ckpt = read_quantized(path)
+    config_path = path
+    model = build_model(load_config(config_path), ckpt.float_tensors, ckpt.linears, ckpt.kv_scales)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+METHODS = [
+    ("w8a16", {}),
+    ("w8a8_dynamic", {}),
+    ("w8a8", {"smooth_alpha": 0.5, "kv_cache": {"dtype": "int8"}}),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "deepseek_v2"])
+@pytest.mark.parametrize(("method", "extra"), METHODS, ids=[m for m, _ in METHODS])
+def test_modelslim_every_method_every_arch(arch, method, extra, models, tmp_path):
+    if method == "w8a8" or "kv_cache" in extra:
+        extra = {**extra, "calibration": calibration(models)}
+    outputs, out = run_stage(
+        tmp_path, model=models[arch], method=method, format="modelslim", **extra
+    )
+    assert outputs.quantization == "gcu" and outputs.fallbacks == {}
+    description = json.loads((out / "quant_model_description.json").read_text())
+    index = json.loads(next(out.glob("quant_model_weight_*.index.json")).read_text())
+    described = {
+        k
+        for k, v in description.items()
+        if isinstance(v, str) and k.startswith(("model.", "lm_head"))
+    }
+    assert described == set(index["weight_map"]), "description lists exactly the saved tensors"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    types = {k[: -len(".weight")]: v for k, v in description.items() if k.endswith(".weight")}
+    expected = {"w8a16": "W8A16", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a8": "W8A8"}[method]
+    assert description["model_quant_type"] == expected
+    # fused shards share one type; every expert is quantized; router gate stays float
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        if arch == "deepseek_v2":
+            assert types[f"{p}.self_attn.q_a_proj"] == types[f"{p}.self_attn.kv_a_proj_with_mqa"]
+            assert types[f"{p}.self_attn.kv_b_proj"] == expected
+        else:
+            assert {types[f"{p}.self_attn.{x}_proj"] for x in "qkv"} == {expected}
+    if arch == "deepseek_v2":
+        experts = [k for k in types if ".mlp.experts." in k]
+        assert len(experts) == 4 * 3 and {types[k] for k in experts} == {expected}
+        assert types["model.layers.1.mlp.gate"] == "FLOAT"
+        assert types["model.layers.1.mlp.shared_experts.down_proj"] == expected
+    if "kv_cache" in extra:
+        assert description["kv_cache_type"] == "C8"
+        assert outputs.kv_cache_layers == 2
+        assert description["model.layers.1.self_attn.k_proj.kv_cache_scale"] == "C8"
+    # the reader gives back what the runtime needs, and the model still predicts like the float
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    reference = float_logits(models[arch], ids)
+    got = quant_logits(out, ids)
+    rel = (got - reference).norm() / reference.norm()
+    assert rel < (0.05 if method != "w8a8" else 0.15), float(rel)
+
+
+def test_seed_tool_aliases_map_to_methods(models):
+    cfg = QuantizeConfig.model_validate(
+        {"model": models["llama"], "w_bit": 8, "a_bit": 8, "is_dynamic": "True"}
+    )
+    assert cfg.method == "w8a8_dynamic"
+    cfg = QuantizeConfig.model_validate({"model": models["llama"], "w_bit": 8, "a_bit": 16})
+    assert cfg.method == "w8a16"
+
+
+def test_check_reports_incompatible_format_and_group_size(models):
+    stage = QuantizeStage()
+    problems = stage.check(
+        QuantizeConfig(model=models["llama"], method="w8a8_dynamic", format="gcu")
+    )
+    assert [p.key for p in problems] == ["format"]
+    problems = stage.check(QuantizeConfig(model=models["qwen2"], method="w8a16", group_size=128))
+    assert len(problems) == 1 and problems[0].key == "group_size"
+    assert "input size 192" in problems[0].message and "mlp.down_proj" in problems[0].message
+    assert "64" in problems[0].message
+    problems = stage.check(QuantizeConfig(model=models["llama"], method="w8a8"))
+    assert [p.key for p in problems] == ["calibration"]
+
+
+def test_ignore_and_overrides(models, tmp_path):
+    outputs, out = run_stage(
+        tmp_path,
+        model=models["llama"],
+        method="w8a16",
+        format="modelslim",
+        ignore=["lm_head", r".*embed_tokens", r".*\.layers\.1\.mlp\.down_proj"],
+        overrides={r".*\.layers\.0\..*": {"group_size": 64, "symmetric": False}},
+    )
+    assert outputs.float_layers == ["model.layers.1.mlp.down_proj"]
+    ckpt = read_quantized(out)
+    assert "model.layers.1.mlp.down_proj.weight" in ckpt.float_tensors
+    assert ckpt.linears["model.layers.0.mlp.up_proj"].group_size == 64
+    assert not ckpt.linears["model.layers.0.mlp.up_proj"].symmetric
+    assert ckpt.linears["model.layers.1.mlp.up_proj"].group_size == 0
+
+
+def test_fused_modules_with_different_types_are_refused(models, tmp_path):
+    from gcupipe.errors import StageError
+
+    with pytest.raises(StageError, match="fused"):
+        run_stage(
+            tmp_path,
+            model=models["llama"],
+            method="w8a16",
+            ignore=["lm_head", r".*embed_tokens", r".*\.self_attn\.k_proj"],
+        )
