@@ -43,8 +43,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         logprobs=job.get("logprobs"),
         ignore_eos=bool(job.get("ignore_eos", False)),
     )
-    prompts = list(job["prompts"])
-    results = llm.generate(prompts, params, use_tqdm=False)
+    prompts = list(job["prompts"])  # text, or token ids (a list) to bypass the tokenizer
+    inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    results = llm.generate(inputs, params, use_tqdm=False)
     finished = time.perf_counter()
     generated = 0
     with Path(job["output"]).open("w") as handle:
