@@ -443,3 +443,49 @@ def test_gguf_bad_file_is_one_line(tmp_path, rec):
         DownloadStage().run(DownloadConfig(source="gguf", path=bad), rec.ctx())
     assert "bad.gguf" in str(err.value) and "\n" not in str(err.value)
     assert os.listdir(rec.tmp_path / "out1") == []
+
+
+# -- through the recipe engine -----------------------------------------------------------
+
+
+def test_recipe_plan_shows_origin_and_cache_then_run(hub, tmp_path):
+    from typer.testing import CliRunner
+
+    from gcupipe.cli import app
+    from gcupipe.engine import Runner
+    from gcupipe.recipe import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "version: 1\nname: dl\nstages:\n  download:\n    uses: download\n"
+        f"    with: {{source: huggingface, model_id: org/tiny, endpoint: '{hub.url}'}}\n"
+    )
+    workdir = tmp_path / "work"
+
+    def plan_note() -> str:
+        (result,) = Runner(load_recipe(recipe, []), workdir).plan()
+        return result.message or ""
+
+    assert "huggingface org/tiny@main from " + hub.url in plan_note()
+    assert "not cached" in plan_note()
+    assert hub.requests == []
+    ran = CliRunner().invoke(app, ["run", str(recipe), "--workdir", str(workdir)])
+    assert ran.exit_code == 0, ran.output
+    assert "cached at" in plan_note()
+
+    missing = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(recipe),
+            "--workdir",
+            str(workdir),
+            "--force",
+            "download",
+            "--set",
+            "stages.download.with.model_id=org/absent",
+        ],  # fmt: skip
+    )
+    assert missing.exit_code == 1
+    assert "'org/absent' was not found" in missing.output
+    assert "Traceback" not in missing.output
