@@ -1,0 +1,112 @@
+"""vLLM arguments derived from the artifact's own files, per platform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gcupipe.errors import StageError
+from gcupipe.serving.args import (
+    VllmArgs,
+    derive_quantization,
+    extra_args_as_kwargs,
+    inspect_artifact,
+    server_command,
+)
+from gcupipe.serving.platform import Platform, detect_platform, platform_env
+
+
+def _model(tmp_path: Path, quant_config: dict | None = None, *files: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config: dict = {"model_type": "llama"}
+    if quant_config is not None:
+        config["quantization_config"] = quant_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    return tmp_path
+
+
+def test_modelslim_is_served_with_the_gcu_plugin_everywhere(tmp_path: Path) -> None:
+    artifact = inspect_artifact(_model(tmp_path, None, "quant_model_description.json"))
+    assert artifact.format == "modelslim"
+    for platform in Platform:
+        assert derive_quantization(artifact, platform) == "gcu"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "w8a8"])
+def test_gcu_format_gets_the_vllm_gcu_loader_name_on_gcu(tmp_path: Path, method: str) -> None:
+    artifact = inspect_artifact(_model(tmp_path, {"quant_method": method}))
+    assert artifact.format == "gcu"
+    assert derive_quantization(artifact, Platform.GCU) == method
+
+
+def test_gcu_w8a8_layout_is_refused_off_gcu(tmp_path: Path) -> None:
+    artifact = inspect_artifact(_model(tmp_path, {"quant_method": "w8a8"}))
+    with pytest.raises(StageError, match="only vLLM-GCU loads"):
+        derive_quantization(artifact, Platform.CPU)
+
+
+def test_compressed_tensors_and_float_need_no_flag(tmp_path: Path) -> None:
+    ct = inspect_artifact(_model(tmp_path / "ct", {"quant_method": "compressed-tensors"}))
+    assert ct.format == "compressed-tensors"
+    assert derive_quantization(ct, Platform.GCU) is None
+    plain = inspect_artifact(_model(tmp_path / "f"))
+    assert plain.format == "float" and derive_quantization(plain, Platform.CPU) is None
+
+
+def test_int8_kv_cache_and_chat_template_are_detected(tmp_path: Path) -> None:
+    model = _model(tmp_path, None, "int8_kv_cache.json")
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    artifact = inspect_artifact(model)
+    assert artifact.int8_kv_cache == model / "int8_kv_cache.json"
+    assert artifact.chat_template
+
+
+def test_not_a_model_dir(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="no config.json"):
+        inspect_artifact(tmp_path)
+
+
+def test_cli_and_llm_keywords_agree() -> None:
+    args = VllmArgs(model="/m", quantization="gcu", served_model_name="tiny", max_model_len=2048,
+                    tensor_parallel_size=2, trust_remote_code=True, enforce_eager=True,
+                    kv_cache_dtype="int8", quantization_param_path="/m/int8_kv_cache.json",
+                    extra_args=["--gpu-memory-utilization", "0.5", "--disable-log-stats"])
+    assert args.cli() == [
+        "--model", "/m", "--quantization", "gcu", "--served-model-name", "tiny",
+        "--max-model-len", "2048", "--tensor-parallel-size", "2", "--trust-remote-code",
+        "--enforce-eager", "--kv-cache-dtype", "int8",
+        "--quantization-param-path", "/m/int8_kv_cache.json",
+        "--gpu-memory-utilization", "0.5", "--disable-log-stats",
+    ]
+    kwargs = args.llm_kwargs()
+    assert kwargs["quantization"] == "gcu" and kwargs["max_model_len"] == 2048
+    assert kwargs["gpu_memory_utilization"] == 0.5 and kwargs["disable_log_stats"] is True
+    assert "--trust-remote-code" not in VllmArgs(model="/m").cli()
+
+
+def test_server_command_uses_the_api_server_module() -> None:
+    command = server_command(VllmArgs(model="/m"), "127.0.0.1", 8123)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[-4:] == ["--host", "127.0.0.1", "--port", "8123"]
+
+
+def test_extra_args_forms() -> None:
+    assert extra_args_as_kwargs(["--seed=3", "--enable-prefix-caching"]) == {
+        "seed": 3, "enable_prefix_caching": True}
+    with pytest.raises(StageError, match="expected a --flag"):
+        extra_args_as_kwargs(["oops"])
+
+
+def test_platform_override_and_cpu_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GCUPIPE_PLATFORM", "gcu")
+    assert detect_platform() is Platform.GCU
+    env = platform_env(Platform.CPU, tmp_path, kv_cache_space_gib=2)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert Path(env["VLLM_CACHE_ROOT"]).is_relative_to(tmp_path)
+    assert Path(env["TMPDIR"]).is_dir()
+    assert "VLLM_CPU_KVCACHE_SPACE" not in platform_env(Platform.CUDA, tmp_path, 1)
