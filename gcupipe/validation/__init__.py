@@ -1,0 +1,1 @@
+"""Validation: named structural rules, numeric gates and reports for quantized model dirs."""
