@@ -1,0 +1,250 @@
+"""Each structural rule: a good directory passes; broken in exactly one way, that rule fails
+with a message naming the problem."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from gcupipe.validation.flag import check_quantization_flag  # noqa: E402
+from gcupipe.validation.modeldir import ModelDir  # noqa: E402
+from gcupipe.validation.registry import CheckOptions, check_structure  # noqa: E402
+
+from .conftest import write_gptq  # noqa: E402
+
+DESCRIPTION = "quant_model_description.json"
+
+
+def results(path: Path, **options) -> dict:
+    return {r.rule: r for r in check_structure(ModelDir(path), CheckOptions(**options))}
+
+
+def failed(path: Path, **options) -> dict:
+    return {name: r for name, r in results(path, **options).items() if r.failed}
+
+
+def rewrite_modelslim(path: Path, change: Callable[[dict, dict], None]) -> None:
+    """Apply `change(tensors, description)` and write shards, index and description back
+    consistently, so only what `change` breaks is broken."""
+    shards = sorted(path.glob("quant_model_weight*.safetensors"))
+    assert len(shards) == 1
+    tensors = load_file(str(shards[0]))
+    description = json.loads((path / DESCRIPTION).read_text())
+    change(tensors, description)
+    save_file(tensors, str(shards[0]), metadata={"format": "pt"})
+    (path / DESCRIPTION).write_text(json.dumps(description))
+    index = next(path.glob("quant_model_weight*.index.json"))
+    data = json.loads(index.read_text())
+    data["weight_map"] = {name: shards[0].name for name in tensors}
+    index.write_text(json.dumps(data))
+
+
+def test_good_directories_pass_every_rule(good_w8a8_kv, good_deepseek, good_gptq, tiny_llama):
+    assert failed(good_w8a8_kv, reference_dir=tiny_llama) == {}
+    assert failed(good_deepseek) == {}
+    assert failed(good_gptq) == {}
+    ran = {n for n, r in results(good_w8a8_kv).items() if r.status == "pass"}
+    assert {"description-matches-tensors", "kv-cache-scales", "tensor-dtypes-shapes",
+            "weights-complete", "fused-modules-share-type"} <= ran
+    assert results(good_deepseek)["experts-quantized"].status == "pass"
+    assert results(good_gptq)["g-idx-contiguous"].status == "pass"
+
+
+def test_required_files_missing_index(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+    next(path.glob("*.index.json")).unlink()
+    assert set(failed(path)) == {"required-files"}
+    assert "index.json" in failed(path)["required-files"].message
+
+
+def test_required_files_lost_tokenizer(good_w8a8_kv, broken, tiny_llama, tmp_path):
+    source = broken(tiny_llama)
+    (source / "tokenizer.json").write_text("{}")
+    bad = failed(good_w8a8_kv, reference_dir=source)
+    assert set(bad) == {"required-files"}
+    assert "tokenizer.json" in bad["required-files"].message
+
+
+def test_truncated_shard_is_detected(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+    shard = next(path.glob("quant_model_weight*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    bad = failed(path)
+    assert "safetensors-integrity" in bad
+    assert "truncated" in bad["safetensors-integrity"].message
+    assert "100 missing" in bad["safetensors-integrity"].message
+
+
+def test_modelslim_config_with_quantization_config(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    bad = failed(path)
+    assert set(bad) == {"no-quantization-config"}
+    assert "delete quantization_config" in bad["no-quantization-config"].message
+
+
+def test_description_misses_a_saved_tensor(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+    description = json.loads((path / DESCRIPTION).read_text())
+    del description["model.layers.0.mlp.up_proj.weight_scale"]
+    (path / DESCRIPTION).write_text(json.dumps(description))
+    bad = failed(path)
+    assert set(bad) == {"description-matches-tensors"}
+    assert "model.layers.0.mlp.up_proj.weight_scale" in bad["description-matches-tensors"].message
+
+
+def test_missing_layer_is_the_serving_keyerror(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+
+    def drop(tensors: dict, description: dict) -> None:
+        for name in [n for n in tensors if n.startswith("model.layers.1.mlp.down_proj.")]:
+            del tensors[name]
+            del description[name]
+
+    rewrite_modelslim(path, drop)
+    bad = failed(path)
+    assert set(bad) == {"weights-complete"}
+    assert "KeyError: 'model.layers.1.mlp.down_proj.weight'" in bad["weights-complete"].message
+
+
+def test_wrong_scale_dtype(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+
+    def to_half(tensors: dict, description: dict) -> None:
+        name = "model.layers.0.self_attn.o_proj.weight_scale"
+        tensors[name] = tensors[name].half()
+
+    rewrite_modelslim(path, to_half)
+    bad = failed(path)
+    assert set(bad) == {"tensor-dtypes-shapes"}
+    assert "o_proj.weight_scale is F16" in bad["tensor-dtypes-shapes"].message
+
+
+def test_fused_qkv_with_mixed_types(good_deepseek, broken):
+    path = broken(good_deepseek)
+    description = json.loads((path / DESCRIPTION).read_text())
+    for name in [n for n in description if n.startswith("model.layers.0.self_attn.kv_a_proj")]:
+        description[name] = "W8A16"  # same tensors as W8A8_DYNAMIC, different type
+    (path / DESCRIPTION).write_text(json.dumps(description))
+    bad = failed(path)
+    assert set(bad) == {"fused-modules-share-type"}
+    message = bad["fused-modules-share-type"].message
+    assert "model.layers.0.self_attn" in message and "kv_a_proj_with_mqa" in message
+
+
+def test_expert_left_in_float(good_deepseek, broken):
+    path = broken(good_deepseek)
+    prefix = "model.layers.1.mlp.experts.2.down_proj"
+
+    def to_float(tensors: dict, description: dict) -> None:
+        weight = tensors[f"{prefix}.weight"].float() * tensors[f"{prefix}.weight_scale"]
+        for leaf in ("weight", "weight_scale", "weight_offset"):
+            del tensors[f"{prefix}.{leaf}"]
+            del description[f"{prefix}.{leaf}"]
+        tensors[f"{prefix}.weight"] = weight
+        description[f"{prefix}.weight"] = "FLOAT"
+
+    rewrite_modelslim(path, to_float)
+    bad = failed(path)
+    assert "experts-quantized" in bad
+    assert prefix in bad["experts-quantized"].message
+    assert set(bad) <= {"experts-quantized", "fused-modules-share-type"}
+
+
+def test_missing_kv_cache_scales(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+
+    def drop(tensors: dict, description: dict) -> None:
+        for name in [n for n in tensors if n.startswith("model.layers.1.self_attn.v_proj.kv")]:
+            del tensors[name]
+            del description[name]
+
+    rewrite_modelslim(path, drop)
+    bad = failed(path)
+    assert set(bad) == {"kv-cache-scales"}
+    assert "model.layers.1.self_attn.v_proj.kv_cache_scale" in bad["kv-cache-scales"].message
+
+
+def test_kv_cache_expected_but_absent(good_deepseek):
+    bad = failed(good_deepseek, kv_cache_int8=True)
+    assert set(bad) == {"kv-cache-scales"}
+
+
+def test_gptq_group_size_not_a_multiple_of_64(tiny_llama, tmp_path):
+    path = write_gptq(tiny_llama, tmp_path / "g32", bits=4, group_size=32)
+    bad = failed(path)
+    assert set(bad) == {"group-size"}
+    assert "not 64 or a multiple of 64" in bad["group-size"].message
+
+
+def test_gptq_group_size_not_dividing_k(tiny_llama, tmp_path):
+    path = write_gptq(tiny_llama, tmp_path / "g128", bits=4, group_size=128)
+    # intermediate 256 and hidden 128 are divisible; make one layer's k odd by config
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 192
+    (path / "config.json").write_text(json.dumps(config))
+    assert "group-size" in failed(path)
+    assert "does not divide" in failed(path)["group-size"].message
+
+
+def test_awq_group_size_must_be_64(tiny_llama, tmp_path):
+    path = write_gptq(tiny_llama, tmp_path / "awq", bits=4, group_size=128, method="awq")
+    bad = failed(path)
+    assert set(bad) == {"group-size"}
+    assert "exactly 64" in bad["group-size"].message
+    good = write_gptq(tiny_llama, tmp_path / "awq64", bits=4, group_size=64, method="awq")
+    assert failed(good) == {}
+
+
+def test_shuffled_g_idx(good_gptq, broken):
+    path = broken(good_gptq)
+    shard = path / "model.safetensors"
+    tensors = load_file(str(shard))
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    bad = failed(path)
+    assert set(bad) == {"g-idx-contiguous"}
+    assert name in bad["g-idx-contiguous"].message
+
+
+def test_gptq_int8_must_be_symmetric(tiny_llama, tmp_path):
+    path = write_gptq(tiny_llama, tmp_path / "w8", bits=8, group_size=-1)
+    assert failed(path) == {}
+    shard = path / "model.safetensors"
+    tensors = load_file(str(shard))
+    name = "model.layers.0.self_attn.q_proj.qzeros"
+    tensors[name] = tensors[name] - 1
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    bad = failed(path)
+    assert set(bad) == {"gptq-int8-symmetric"}
+    assert name in bad["gptq-int8-symmetric"].message
+
+
+def test_seed_guide_flag_mistake_names_the_right_value(good_w8a8_kv):
+    """The seed guide serves a W8A8 model with quantization="w4a16"."""
+    result = check_quantization_flag(good_w8a8_kv, "w4a16")
+    assert result.failed
+    assert "quantization='w4a16' does not match the files" in result.message
+    assert "W8A8" in result.message and "'gcu'" in result.message
+    assert not check_quantization_flag(good_w8a8_kv, "gcu").failed
+    assert check_quantization_flag(good_w8a8_kv, None).failed
+    bad = failed(good_w8a8_kv, quantization="w4a16", check_quantization=True)
+    assert set(bad) == {"quantization-flag"}
+
+
+def test_flag_for_other_layouts(good_gptq, tiny_llama):
+    assert not check_quantization_flag(good_gptq, "gptq").failed
+    assert "'gptq'" in check_quantization_flag(good_gptq, "gcu").message
+    assert not check_quantization_flag(tiny_llama, None).failed
+    assert "leave quantization unset" in check_quantization_flag(tiny_llama, "gcu").message
