@@ -159,3 +159,60 @@ def test_fused_modules_with_different_types_are_refused(models, tmp_path):
             method="w8a16",
             ignore=["lm_head", r".*embed_tokens", r".*\.self_attn\.k_proj"],
         )
+
+
+FORMAT_CASES = [
+    ("gcu", "w8a16", {}),
+    ("gcu", "w8a8", {"kv_cache": {"dtype": "int8"}}),
+    ("gcu", "w4a16", {}),
+    ("compressed-tensors", "w8a16", {"group_size": 64, "symmetric": False}),
+    ("compressed-tensors", "w8a8_dynamic", {}),
+    ("compressed-tensors", "w8a8", {"smooth_alpha": 0.5}),
+    ("compressed-tensors", "w4a16", {}),
+    ("modelslim", "w4a16", {"symmetric": False}),
+]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v2"])
+@pytest.mark.parametrize(
+    ("fmt", "method", "extra"), FORMAT_CASES, ids=[f"{f}-{m}" for f, m, _ in FORMAT_CASES]
+)
+def test_formats_round_trip_exact_integers(arch, fmt, method, extra, models, tmp_path):
+    """Every format's reader returns the integers, scales and offsets the writer was given: the
+    same model quantized into modelslim (whose tensors are the shared form) is the reference."""
+    if method == "w8a8" or "kv_cache" in extra:
+        extra = {**extra, "calibration": calibration(models)}
+    outputs, out = run_stage(tmp_path / "a", model=models[arch], method=method, format=fmt, **extra)
+    _, ref_out = run_stage(
+        tmp_path / "b",
+        model=models[arch],
+        method=method,
+        format="modelslim",
+        **{k: v for k, v in extra.items() if k != "kv_cache"},
+        **({"act_method": 1} if fmt != "gcu" else {}),
+    )
+    got, ref = read_quantized(out), read_quantized(ref_out)
+    assert got.format == fmt
+    assert set(got.linears) == set(ref.linears)
+    for prefix, layer in ref.linears.items():
+        other = got.linears[prefix]
+        if not (fmt == "gcu" and method == "w8a8"):  # gcu static uses symmetric activations
+            assert torch.equal(other.weight, layer.weight), prefix
+            assert torch.allclose(other.weight_offset, layer.weight_offset), prefix
+        tol = 1e-3 if fmt == "gcu" and method != "w8a8" else 1e-6  # fp16 scales in GPTQ/AWQ
+        assert torch.allclose(other.dequantize(), layer.dequantize(), rtol=tol, atol=1e-5)
+        assert other.quant_type == layer.quant_type
+    if "kv_cache" in extra:
+        assert len(got.kv_scales) == 2 and (out / "int8_kv_cache.json").is_file()
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    reference = float_logits(models[arch], ids)
+    rel = (quant_logits(out, ids) - reference).norm() / reference.norm()
+    assert rel < (0.2 if "w4" in method else 0.15), float(rel)
+    expected_quant = {
+        "gcu": {"w8a16": "gptq", "w4a16": "gptq", "w8a8": "w8a8"},
+        "compressed-tensors": {},
+        "modelslim": {},
+    }
+    assert outputs.quantization == expected_quant[fmt].get(
+        method, "gcu" if fmt == "modelslim" else "compressed-tensors"
+    )
