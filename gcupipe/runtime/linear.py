@@ -53,6 +53,9 @@ class RuntimeLinear(_module_base()):  # type: ignore[misc]
         self.bits = layer.bits
         self.group_size = layer.group_size
         q = layer.weight.to(torch.int8)
+        # SmoothQuant factor already folded in (kept so error metrics can map the input back)
+        smooth = layer.smooth_scale.float() if layer.smooth_scale is not None else None
+        self.register_buffer("smooth_scale", smooth, persistent=False)
         if layer.activation is ActivationScheme.NONE:
             scale, offset = layer.expanded_scale_offset()
             self.register_buffer("weight_q", q, persistent=False)

@@ -1,0 +1,76 @@
+"""Load any model directory gcupipe deals with (float, modelslim, gcu, compressed-tensors) as a
+runnable torch model, through the format readers of gcupipe.formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gcupipe.errors import StageError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+@dataclass
+class LoadedModel:
+    """A runnable model and what it was built from."""
+
+    model: Any
+    format: str  # float | modelslim | gcu | compressed-tensors
+    quantized_linears: int
+    kv_cache_layers: int
+    vocab_size: int
+
+
+def detect(model_dir: Path) -> str:
+    from gcupipe.formats.registry import detect_format
+
+    try:
+        return detect_format(model_dir) or "float"
+    except ModuleNotFoundError:  # a format module not written yet cannot have written this dir
+        return "float"
+
+
+def load_model(model_dir: Path | str, dtype: str = "float32") -> LoadedModel:
+    """The model of `model_dir`: float checkpoints through transformers, quantized ones through
+    their format reader and the runtime's target-kernel linears."""
+    from gcupipe.runtime.model import build_model, load_config, load_float_model
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise StageError(f"{model_dir} has no config.json: is it a model directory?")
+    kind = detect(model_dir)
+    if kind == "float":
+        model = load_float_model(model_dir, dtype)
+        return LoadedModel(model, "float", 0, 0, int(model.config.vocab_size))
+    from gcupipe.formats.registry import read_quantized
+
+    checkpoint = read_quantized(model_dir)
+    config = load_config(model_dir)
+    model = build_model(config, checkpoint.float_tensors, checkpoint.linears,
+                        checkpoint.kv_scales, dtype=dtype)
+    return LoadedModel(model, checkpoint.format, len(checkpoint.linears),
+                       len(checkpoint.kv_scales), int(config.vocab_size))
+
+
+def tokenizer_dir(*candidates: Path | None) -> Path | None:
+    """The first directory that has tokenizer files (quantized dirs copy them; tiny test
+    models have none)."""
+    for candidate in candidates:
+        if candidate is not None and any((candidate / f).is_file() for f in TOKENIZER_FILES):
+            return candidate
+    return None
+
+
+def text_token_ids(text: str, tokenizer_from: Path | None, vocab_size: int,
+                   max_tokens: int | None = None) -> list[int]:
+    """Token ids of `text` with the model's tokenizer (as a plain transformers evaluation makes
+    them), or UTF-8 bytes modulo the vocabulary when there is no tokenizer (the same fallback
+    as calibration, so tiny test models still get a deterministic text)."""
+    from gcupipe.runtime.perplexity import load_tokenizer, tokenize
+
+    if tokenizer_from is None:
+        ids = [b % vocab_size for b in text.encode("utf-8")]
+        return ids[:max_tokens] if max_tokens is not None else ids
+    return tokenize(load_tokenizer(tokenizer_from), text, max_tokens)

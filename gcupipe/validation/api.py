@@ -1,0 +1,197 @@
+"""`validate_model_dir`: every structural rule, then the numeric gates against the float model,
+then the reports. The validate stage and `gcupipe validate DIR` both call it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gcupipe.errors import GateFailed
+from gcupipe.validation.modeldir import ModelDir
+from gcupipe.validation.registry import CheckOptions, check_structure
+from gcupipe.validation.report import ValidationReport, write_reports
+from gcupipe.validation.results import Finding, RuleResult, outcome, skipped
+
+# Used when no eval text is given: ordinary English prose, written for gcupipe, so the default
+# check needs no download. A few hundred tokens: enough to see a broken model, cheap on a CPU.
+BUILTIN_EVAL_TEXT = """\
+The harbour town woke slowly in the winter. Fishing boats came back before the sun was high,
+and the men who sailed them carried their catch up the stone steps to the market, where the
+women had already laid out bread, onions, salt and the first oranges of the season. Children
+ran between the stalls with messages and small coins, and the old schoolmaster walked past with
+his hands behind his back, counting the gulls on the roof of the customs house as he did every
+morning. Nobody knew why he counted them, and he had never said.
+
+In the afternoon the wind turned to the north. The water in the bay grew dark and the ferry to
+the island did not sail. People gathered in the tea house by the pier to wait for news of the
+weather, talking about prices, about the new road the council had promised for years, and about
+the engineer from the city who had arrived on the last train with three heavy boxes and a map.
+He said he had come to measure the tides. He asked careful questions, wrote the answers in a
+small notebook, and paid for everyone's tea before he left.
+
+By evening the storm had passed. The lamps were lit along the harbour wall, the ferry captain
+announced that he would sail at dawn, and the schoolmaster, passing the customs house once more,
+counted the gulls again and smiled, because for the first time in eleven years there were
+exactly as many as there had been the day he arrived.
+"""
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What to check and the gates. Defaults are sized for a CPU: a 2k-token perplexity, four
+    prompts of 16 greedy tokens, 512 tokens of SQNR."""
+
+    max_ppl_increase: float | None = 0.05
+    min_token_agreement: float | None = 0.9
+    min_sqnr_db: float | None = None
+    eval_text_file: Path | None = None
+    eval_tokens: int = 2048
+    window: int = 512
+    stride: int = 512
+    prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 16
+    sqnr_tokens: int = 512
+    worst_layers: int = 5
+    quantization: str | None = None
+    check_quantization: bool = False
+    kv_cache_int8: bool | None = None
+    numeric: bool = True
+
+
+@dataclass
+class ValidationOutcome:
+    report: ValidationReport
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def validate_model_dir(
+    model_dir: Path | str,
+    reference_dir: Path | str | None = None,
+    settings: ValidationSettings | None = None,
+    report_dir: Path | str | None = None,
+    log: Callable[[str], None] = print,
+) -> ValidationOutcome:
+    """Check `model_dir` (rules, then numerics against `reference_dir` when given) and write the
+    reports into `report_dir` (default: `<model_dir>/validation`). Raises nothing on a failed
+    check: call `enforce` to turn failures into GateFailed."""
+    settings = settings or ValidationSettings()
+    model_dir = Path(model_dir)
+    reference = Path(reference_dir) if reference_dir is not None else None
+    md = ModelDir(model_dir)
+    options = CheckOptions(settings.quantization, settings.check_quantization,
+                           settings.kv_cache_int8, reference)
+    report = ValidationReport(str(model_dir), str(reference) if reference else None, md.format,
+                              settings={k: v for k, v in asdict(settings).items()})
+    started = time.perf_counter()
+    report.rules = check_structure(md, options)
+    report.metrics["structure_seconds"] = time.perf_counter() - started
+    broken = [r.rule for r in report.rules if r.failed]
+    log(f"structure: {len(report.rules) - len(broken)} of {len(report.rules)} rules pass"
+        + (f"; failed: {', '.join(broken)}" if broken else ""))
+    if not settings.numeric:
+        report.gates = [skipped(g, s, "numeric checks turned off") for g, s in _GATES.items()]
+    elif reference is None:
+        report.gates = [skipped(g, s, "no float reference model given (`reference:`)")
+                        for g, s in _GATES.items()]
+    elif {"safetensors-integrity", "weights-complete"} & set(broken):
+        report.gates = [skipped(g, s, "the directory is damaged (see the structural rules)")
+                        for g, s in _GATES.items()]
+    else:
+        report.gates = _numeric_gates(model_dir, reference, settings, report, log)
+    out = Path(report_dir) if report_dir is not None else model_dir / "validation"
+    return ValidationOutcome(report, write_reports(report, out))
+
+
+def enforce(result: ValidationOutcome) -> None:
+    """GateFailed (exit code 3) naming the first failed rule and where the report is."""
+    failures = result.report.failures
+    if not failures:
+        return
+    first = failures[0]
+    others = f" (+{len(failures) - 1} more: {', '.join(f.rule for f in failures[1:])})" if len(
+        failures) > 1 else ""
+    where = result.paths.get("markdown") or result.paths.get("json")
+    raise GateFailed(f"validation failed: {first.rule}: {first.message}{others}; "
+                     f"report: {where}")
+
+
+_GATES = {
+    "ppl-increase": "perplexity of the quantized model is within max_ppl_increase of float",
+    "token-agreement": "greedy tokens agree with the float model at least min_token_agreement",
+    "layer-sqnr": "every quantized layer's output SQNR is at least min_sqnr_db",
+}
+
+
+def _numeric_gates(model_dir: Path, reference: Path, settings: ValidationSettings,
+                   report: ValidationReport, log: Callable[[str], None]) -> list[RuleResult]:
+    from gcupipe.runtime.load import load_model, text_token_ids, tokenizer_dir
+    from gcupipe.validation.numeric import (
+        DEFAULT_PROMPTS,
+        compare_generation,
+        compare_perplexity,
+        layer_sqnr,
+    )
+
+    started = time.perf_counter()
+    quantized = load_model(model_dir)
+    floating = load_model(reference)
+    report.metrics["load_seconds"] = time.perf_counter() - started
+    text = (settings.eval_text_file.read_text(encoding="utf-8") if settings.eval_text_file
+            else BUILTIN_EVAL_TEXT)
+    tok_dir = tokenizer_dir(model_dir, reference)
+    vocab = floating.vocab_size
+    ids = text_token_ids(text, tok_dir, vocab, settings.eval_tokens)
+    metrics = compare_perplexity(quantized.model, floating.model, ids, settings.window,
+                                 settings.stride)
+    log(f"perplexity: float {metrics.ppl_float:.3f}, quantized {metrics.ppl_quantized:.3f} "
+        f"({metrics.ppl_increase:+.2%}) on {metrics.scored_tokens} tokens")
+    prompts = [text_token_ids(p, tok_dir, vocab) for p in settings.prompts or DEFAULT_PROMPTS]
+    compare_generation(quantized.model, floating.model, prompts, settings.max_new_tokens, metrics)
+    log(f"greedy agreement: {metrics.token_agreement:.1%} over {len(prompts)} prompts")
+    sqnr_ids = ids[: settings.sqnr_tokens]
+    batches = [sqnr_ids[i : i + settings.window]
+               for i in range(0, len(sqnr_ids), settings.window)]
+    layer_sqnr(quantized.model, floating.model, batches, settings.worst_layers, metrics)
+    if metrics.worst_layers:
+        worst = metrics.worst_layers[0]
+        log(f"worst layer: {worst} at {metrics.sqnr_db[worst]:.1f} dB SQNR")
+    report.metrics.update(metrics.to_dict())
+    report.metrics["numeric_seconds"] = time.perf_counter() - started
+    return [_ppl_gate(metrics.ppl_increase, settings.max_ppl_increase),
+            _agreement_gate(metrics.token_agreement, settings.min_token_agreement),
+            _sqnr_gate(metrics.sqnr_db, metrics.worst_layers, settings.min_sqnr_db)]
+
+
+def _ppl_gate(increase: float | None, limit: float | None) -> RuleResult:
+    name = "ppl-increase"
+    if limit is None or increase is None:
+        return skipped(name, _GATES[name], "no max_ppl_increase set")
+    findings = [] if increase <= limit else [Finding(
+        f"perplexity rose by {increase:.2%}, more than max_ppl_increase {limit:.2%}",
+        "keep sensitive layers in float (`ignore:`/`overrides:`), calibrate on more or "
+        "closer data, try smooth_alpha or a per-group scheme")]
+    return outcome(name, _GATES[name], findings, ppl_increase=increase)
+
+
+def _agreement_gate(agreement: float | None, limit: float | None) -> RuleResult:
+    name = "token-agreement"
+    if limit is None or agreement is None:
+        return skipped(name, _GATES[name], "no min_token_agreement set")
+    findings = [] if agreement >= limit else [Finding(
+        f"greedy tokens agree with the float model on {agreement:.1%}, below "
+        f"min_token_agreement {limit:.1%}",
+        "look at the worst SQNR layers in the report and keep them in float or re-calibrate")]
+    return outcome(name, _GATES[name], findings, token_agreement=agreement)
+
+
+def _sqnr_gate(sqnr: dict[str, float], worst: list[str], limit: float | None) -> RuleResult:
+    name = "layer-sqnr"
+    if limit is None:
+        return skipped(name, _GATES[name], "no min_sqnr_db set (worst layers are reported)")
+    low = [p for p in worst if sqnr[p] < limit]
+    findings = [] if not low else [Finding(
+        f"{low[0]} has {sqnr[low[0]]:.1f} dB SQNR, below min_sqnr_db {limit}",
+        f"keep {low[0]} in float (`ignore:`) or quantize it per group")]
+    return outcome(name, _GATES[name], findings)
