@@ -6,7 +6,7 @@ import re
 
 from gcupipe.errors import StageError
 from gcupipe.hub.common import HashMismatch, NotFound
-from gcupipe.hub.retry import is_transient, status_code
+from gcupipe.hub.retry import is_transient, status_code, unresolvable
 
 _HASH_RE = re.compile(r"Hash mismatch for (\S+?):")
 
@@ -53,6 +53,11 @@ def hub_stage_error(
     if code == 404 or not_found or names & {"RepositoryNotFoundError", "RevisionNotFoundError",
                                             "EntryNotFoundError", "NotExistError"}:  # fmt: skip
         return StageError(_not_found(where, repo_id, revision, endpoint, names))
+    if unresolvable(exc):
+        return StageError(
+            f"{where}: the host of {endpoint} does not resolve (DNS): check the network, the "
+            "endpoint setting, or use offline: true with a filled cache."
+        )
     if is_transient(exc):
         return StageError(
             f"{where}: cannot reach {endpoint} ({_cause_name(exc)}) after {attempts} "

@@ -32,6 +32,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    hf_logging = transformers.utils.logging
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its tqdm bars would garble gcupipe's own display
     try:
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -61,6 +64,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 

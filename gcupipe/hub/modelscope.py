@@ -14,7 +14,7 @@ NAME = "modelscope"
 DEFAULT_REVISION = "master"
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 CACHE_ENV = "MODELSCOPE_CACHE"
-PUBLIC_ENDPOINT = "https://www.modelscope.cn"
+PUBLIC_ENDPOINT = "https://modelscope.cn"
 
 
 def endpoint(configured: str | None) -> str | None:
@@ -24,7 +24,9 @@ def endpoint(configured: str | None) -> str | None:
 
 
 def describe_endpoint(configured: str | None) -> str:
-    return endpoint(configured) or os.environ.get("MODELSCOPE_DOMAIN") or PUBLIC_ENDPOINT
+    """The endpoint for messages (the client may pick the international site by region)."""
+    domain = os.environ.get("MODELSCOPE_DOMAIN")
+    return endpoint(configured) or (f"https://{domain}" if domain else PUBLIC_ENDPOINT)
 
 
 def snapshot_dir(cache_dir: Path, repo_id: str, revision: str) -> Path:

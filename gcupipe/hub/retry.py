@@ -35,6 +35,8 @@ def is_transient(exc: BaseException) -> bool:
     code = status_code(exc)
     if code is not None:
         return code >= 500 or code == 429
+    if unresolvable(exc):
+        return False  # the host name does not resolve: retrying only delays the answer
     return any(type(link).__name__ in _TRANSIENT_NAMES for link in _chain(exc))
 
 
@@ -64,6 +66,19 @@ def retry_call(
             attempt += 1
             log(f"{what}: {type(exc).__name__}, retry {attempt}/{retries} in {delay:.1f} s")
             sleep(delay)
+
+
+def unresolvable(exc: BaseException) -> bool:
+    """DNS failure somewhere in the chain (urllib3 keeps it only in the message)."""
+    import socket
+
+    for link in _chain(exc):
+        if isinstance(link, socket.gaierror):
+            return True
+        text = str(link)
+        if "Name or service not known" in text or "nodename nor servname" in text:
+            return True
+    return False
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

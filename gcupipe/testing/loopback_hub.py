@@ -94,8 +94,8 @@ class LoopbackHub:
     @property
     def url(self) -> str:
         assert self._server is not None, "start the hub first (use it as a context manager)"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> LoopbackHub:
         handler = type("Handler", (_Handler,), {"hub": self})

@@ -123,3 +123,16 @@ def test_error_lines_say_what_and_what_to_do():
     assert "failed: boom" in _line(RuntimeError("boom\nsecond line"))
     for message in (_line(_HTTPError(401)), _line(RuntimeError("a\nb"))):
         assert "\n" not in message
+
+
+def test_dns_failure_is_not_retried_and_says_so():
+    import socket
+
+    try:
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as inner:
+            raise ConnectError("cannot connect") from inner
+    except ConnectError as outer:
+        assert not is_transient(outer)
+        assert "does not resolve (DNS)" in _line(outer)
