@@ -246,7 +246,10 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
                 raise error(exc) from exc
         elif hub_verified:
             hub_checked = len(files)
-        origin = f"{config.source}:{request.repo_id}@{request.revision} ({shown_endpoint})"
+        revision = request.revision
+        if config.source == "huggingface" and snapshot.name not in (revision, ""):
+            revision = f"{revision}={snapshot.name}"  # the commit the branch pointed at
+        origin = f"{config.source}:{request.repo_id}@{revision} ({shown_endpoint})"
         return snapshot, files, hub_checked, known, origin
 
 

@@ -124,6 +124,8 @@ def test_full_download_then_second_run_fetches_no_file(source, hub, rec):
     assert outputs.model_dir.is_relative_to(rec.tmp_path / "out1")
     assert not outputs.needs_trust_remote_code and outputs.remote_code_files == []
     assert source in outputs.source and "org/tiny" in outputs.source
+    if source == "huggingface":
+        assert f"@main={hub.repos['org/tiny'].commit}" in outputs.source
     assert rec.bytes_progress >= len(files["model.safetensors"])
     assert len(hub.file_requests()) == len(files)
 
