@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from gcupipe.errors import require
@@ -15,6 +17,7 @@ DEFAULT_REVISION = "master"
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 CACHE_ENV = "MODELSCOPE_CACHE"
 PUBLIC_ENDPOINT = "https://modelscope.cn"
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def endpoint(configured: str | None) -> str | None:
@@ -48,6 +51,12 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
     its final name. Offline there is no listing to check against."""
     modelscope = require("modelscope", "hub")
     callbacks = [_callback_class(sink)] if sink is not None else None
+    if not request.offline and _COMMIT_RE.fullmatch(request.revision):
+        if cached_snapshot(request.cache_dir, request.repo_id, request.revision) is not None:
+            try:  # a commit never changes: a cached one needs no network at all
+                return fetch(replace(request, offline=True), sink)
+            except Exception:  # incomplete for these patterns: fetch online below
+                pass
     try:
         with _quiet_bars(sink is not None):
             path = modelscope.snapshot_download(

@@ -223,13 +223,15 @@ def test_hf_offline_environment_variable_is_honoured(hub, rec, monkeypatch):
     assert hub.requests == []
 
 
-def test_hf_pinned_commit_in_cache_makes_zero_requests(hub, rec):
+@pytest.mark.parametrize("source", HUBS)
+def test_pinned_commit_in_cache_makes_zero_requests(source, hub, rec):
     commit = hub.repos["org/tiny"].commit
-    run("huggingface", hub, rec, revision=commit)
+    first = run(source, hub, rec, revision=commit)
     hub.clear()
-    outputs = run("huggingface", hub, rec, revision=commit)
+    outputs = run(source, hub, rec, revision=commit)
     assert hub.requests == []
     assert commit in outputs.source
+    assert _manifest(outputs) == _manifest(first)
 
 
 @pytest.mark.parametrize("source", HUBS)
