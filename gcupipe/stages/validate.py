@@ -1,0 +1,182 @@
+"""`uses: validate`: prove a quantized model is loadable and accurate before it is served.
+
+Runs every structural rule (the serving-time KeyErrors, flag mistakes and loader rejections,
+caught early), then compares the quantized model with its float source on the reference
+runtime: perplexity, greedy agreement, per-layer SQNR. A failed gate ends the run with exit code
+3, names the rule and points at the report, which is kept under the run directory even though a
+failed stage's output is discarded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gcupipe.errors import StageError
+from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+
+
+class EvalConfig(BaseModel):
+    """`eval:` — the text perplexity is measured on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_file: Path | None = Field(
+        default=None, description="UTF-8 text to score; default: a built-in English passage.")
+    max_tokens: int = Field(default=2048, gt=1, description="Tokens of the text to score.")
+    window: int = Field(default=512, gt=1, description="Tokens per perplexity window.")
+    stride: int = Field(default=512, gt=0, description="Tokens the window advances by.")
+
+
+class ValidateConfig(StageConfig):
+    model: Path | None = Field(
+        default=None, description="Quantized model directory; default: the upstream quantize "
+        "stage's model_dir.")
+    reference: Path | None = Field(
+        default=None, description="The float source model, for the numeric checks; default: "
+        "the upstream stage's source_model_dir when it has one.")
+    quantization: str | None = Field(
+        default=None, description="The `quantization` value the model will be served with; "
+        "checked against the files. Default: the upstream stage's `quantization` output.")
+    max_ppl_increase: float | None = Field(
+        default=0.05, ge=0, description="Largest allowed relative perplexity increase over "
+        "float (0.05 = +5%); null turns the gate off.")
+    min_token_agreement: float | None = Field(
+        default=0.9, ge=0, le=1, description="Smallest allowed share of the float model's "
+        "greedy tokens the quantized model also picks; null turns the gate off.")
+    min_sqnr_db: float | None = Field(
+        default=None, description="Smallest allowed per-layer output SQNR in dB; null = report "
+        "the worst layers only.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Perplexity text.")
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompts for greedy agreement; default: four built-in.")
+    max_new_tokens: int = Field(default=16, gt=0, description="Greedy tokens per prompt.")
+    sqnr_tokens: int = Field(default=512, gt=0, description="Tokens run for per-layer SQNR.")
+    worst_layers: int = Field(default=5, ge=0, description="Worst-SQNR layers to report.")
+    kv_cache_int8: bool | None = Field(
+        default=None, description="Require int8 KV-cache scales; default: what the upstream "
+        "stage says it wrote.")
+    numeric: bool = Field(default=True, description="Run the numeric checks (needs reference).")
+    fail: bool = Field(default=True, description="Fail the run (exit 3) when a check fails; "
+                       "false only reports.")
+
+
+class ValidateOutputs(StageOutputs):
+    passed: bool = Field(description="Every rule and gate passed.")
+    model_dir: Path = Field(description="The validated model directory (for serve).")
+    format: str = Field(description="Its layout: modelslim, gcu, compressed-tensors or float.")
+    quantization: str | None = Field(description="The `quantization` value the files need.")
+    failures: list[str] = Field(description="Names of the failed rules and gates.")
+    report_json: Path = Field(description="Everything, machine-readable.")
+    report_markdown: Path = Field(description="Summary for people.")
+    junit: Path = Field(description="One JUnit test case per rule and gate.")
+    sqnr_plot: Path | None = Field(description="PNG of per-layer SQNR (when measured).")
+    ppl_float: float | None = Field(description="Perplexity of the float model.")
+    ppl_quantized: float | None = Field(description="Perplexity of the quantized model.")
+    ppl_increase: float | None = Field(description="Relative increase (0.01 = +1%).")
+    token_agreement: float | None = Field(description="Greedy token agreement with float.")
+
+
+class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
+    """Structural rules + numeric gates + reports for a quantized model directory."""
+
+    Config = ValidateConfig
+    Outputs = ValidateOutputs
+    version = "1"
+
+    def check(self, config: ValidateConfig) -> list[Problem]:
+        problems = []
+        if config.eval.stride > config.eval.window:
+            problems.append(Problem("stride must not exceed window", "eval.stride"))
+        if config.eval.text_file is not None and not config.eval.text_file.is_file():
+            problems.append(Problem(f"no such file: {config.eval.text_file}", "eval.text_file"))
+        return problems
+
+    def describe(self, config: ValidateConfig, cache_dir: Path) -> str | None:
+        gates = []
+        if config.max_ppl_increase is not None:
+            gates.append(f"ppl +{config.max_ppl_increase:.1%}")
+        if config.min_token_agreement is not None:
+            gates.append(f"agreement >= {config.min_token_agreement:.0%}")
+        return "structural rules" + (", " + ", ".join(gates) if config.numeric and gates else "")
+
+    def run(self, config: ValidateConfig, ctx: StageContext) -> ValidateOutputs:
+        from gcupipe.validation.api import ValidationSettings, enforce, validate_model_dir
+        from gcupipe.validation.flag import expected_quantization
+        from gcupipe.validation.modeldir import ModelDir
+
+        upstream = _upstream_model(ctx)
+        model_dir = config.model or (upstream and getattr(upstream, "model_dir", None))
+        if model_dir is None:
+            raise StageError("validate: no model to check: set `model:` or put a quantize "
+                             "stage in `needs:`")
+        reference = config.reference or (upstream and getattr(upstream, "source_model_dir", None))
+        quantization = config.quantization
+        check_flag = config.quantization is not None
+        if not check_flag and upstream is not None and hasattr(upstream, "quantization"):
+            quantization, check_flag = upstream.quantization, True
+        kv = config.kv_cache_int8
+        if kv is None and upstream is not None and hasattr(upstream, "kv_cache_layers"):
+            kv = bool(upstream.kv_cache_layers) or None
+        if reference is None and config.numeric:
+            ctx.log("validate: no float reference (`reference:`): numeric checks are skipped")
+        settings = ValidationSettings(
+            max_ppl_increase=config.max_ppl_increase,
+            min_token_agreement=config.min_token_agreement,
+            min_sqnr_db=config.min_sqnr_db,
+            eval_text_file=config.eval.text_file,
+            eval_tokens=config.eval.max_tokens,
+            window=config.eval.window,
+            stride=config.eval.stride,
+            prompts=tuple(config.prompts),
+            max_new_tokens=config.max_new_tokens,
+            sqnr_tokens=config.sqnr_tokens,
+            worst_layers=config.worst_layers,
+            quantization=quantization,
+            check_quantization=check_flag,
+            kv_cache_int8=kv,
+            numeric=config.numeric,
+        )
+        result = validate_model_dir(Path(model_dir), reference, settings, ctx.output_dir,
+                                    log=ctx.log)
+        report = result.report
+        if not report.passed and config.fail:
+            # the engine discards a failed stage's output: keep the report where it can be read
+            kept = ctx.run_dir / "reports" / ctx.stage_id
+            if kept.exists():
+                shutil.rmtree(kept)
+            shutil.copytree(ctx.output_dir, kept, ignore=shutil.ignore_patterns("*.tmp"))
+            result.paths = {kind: kept / path.name for kind, path in result.paths.items()}
+            enforce(result)
+        metrics = report.metrics
+        return ValidateOutputs(
+            passed=report.passed,
+            model_dir=Path(model_dir),
+            format=report.format,
+            quantization=expected_quantization(ModelDir(Path(model_dir))).value,
+            failures=[r.rule for r in report.failures],
+            report_json=result.paths["json"],
+            report_markdown=result.paths["markdown"],
+            junit=result.paths["junit"],
+            sqnr_plot=result.paths.get("plot"),
+            ppl_float=metrics.get("ppl_float"),
+            ppl_quantized=metrics.get("ppl_quantized"),
+            ppl_increase=metrics.get("ppl_increase"),
+            token_agreement=metrics.get("token_agreement"),
+        )
+
+
+def _upstream_model(ctx: StageContext) -> StageOutputs | None:
+    """The upstream stage that produced a model: a quantize stage first, else any with a
+    model_dir (download, a custom stage)."""
+    from gcupipe.stages.quantize import QuantizeOutputs
+
+    quantized = ctx.upstream_outputs(QuantizeOutputs)
+    if len(quantized) > 1:
+        raise StageError("validate: several quantize stages upstream: set `model:` to choose")
+    if quantized:
+        return quantized[0]
+    with_model = [o for o in ctx.upstream.values() if hasattr(o, "model_dir")]
+    return with_model[0] if len(with_model) == 1 else None
