@@ -45,3 +45,18 @@ def test_smollm2_checkpoint_is_a_plain_float32_llama():
     assert (directory / "model.safetensors").is_file()
     assert (directory / "tokenizer.json").is_file()
     assert real_data.smollm2_checkpoint() == directory
+
+
+@pytest.mark.slow
+def test_smollm2_checkpoint_knows_the_capital_of_france():
+    """The converted weights are a working model, not just the right shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = real_data.smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
