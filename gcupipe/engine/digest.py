@@ -34,11 +34,21 @@ def _files(root: Path, exclude: frozenset[str] = frozenset()) -> list[Path]:
 
 
 def content_digest(root: Path, exclude: frozenset[str] = frozenset()) -> str:
-    """sha256 over every file's relative path and content: equal outputs, equal digest."""
+    """sha256 over every file's relative path and content: equal outputs, equal digest.
+
+    A symbolic link (a download stage links a model out of the hub cache rather than copying
+    30 GB) counts by its target's path, size and mtime: reading the target again would double
+    the cost of a download that already checked every hash."""
     digest = hashlib.sha256()
     for path in _files(root, exclude):
         relative = path.relative_to(root).as_posix() if root.is_dir() else path.name
-        digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
+        if path.is_symlink():
+            target = path.resolve()
+            stat = target.stat()
+            identity = f"link:{target}:{stat.st_size}:{stat.st_mtime_ns}"
+        else:
+            identity = sha256_file(path)
+        digest.update(f"{relative}\0{identity}\n".encode())
     return digest.hexdigest()
 
 

@@ -252,3 +252,17 @@ def test_secrets_never_reach_records_or_events(tmp_path: Path) -> None:
     assert "hf_supersecret123" in str(result.error)  # the stage itself saw the real value
     for text in (stream.getvalue(), (tmp_path / "gcupipe.lock.json").read_text()):
         assert "hf_supersecret123" not in text and "***" in text
+
+
+def test_content_digest_counts_links_by_target(tmp_path: Path) -> None:
+    from gcupipe.engine.digest import content_digest
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"weights")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").symlink_to(blob)
+    first = content_digest(out)
+    assert content_digest(out) == first
+    blob.write_bytes(b"other weights")
+    assert content_digest(out) != first
