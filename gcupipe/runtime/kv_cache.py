@@ -64,3 +64,16 @@ def install_int8_kv(model: Any, scales: dict[int, tuple[Any, Any, Any, Any]]) ->
             attached += 1
     model.set_attn_implementation(ATTENTION_NAME)
     return attached
+
+
+def attach_int8_kv(attention: Any, params: tuple[Any, Any, Any, Any]) -> None:
+    """The same as `install_int8_kv` for one attention module outside a full model (the
+    layer-by-layer evaluator builds decoder layers one at a time)."""
+    import copy
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _int8_kv_attention)
+    attention.config = copy.copy(attention.config)
+    attention.config._attn_implementation = ATTENTION_NAME
+    setattr(attention, _KV_ATTR, params)
