@@ -11,13 +11,21 @@ from vllm.model_executor.layers.quantization.base_config import (
 )
 
 from gcupipe.vllm_plugin.description import DESCRIPTION_FILE, DescriptionError, QuantDescription
-from gcupipe.vllm_plugin.linear import linear_method
+from gcupipe.vllm_plugin.linear import GcuKVCacheScalesMethod, linear_method
 
 QUANTIZATION_NAME = "gcu"
 
 
 class GcuQuantConfig(QuantizationConfig):
     """Maps every vLLM layer to the linear method its modelslim description asks for."""
+
+    # C8 KV-cache scales (`<attn>.k_proj.kv_cache_scale|offset`) are read by vLLM-GCU's int8 KV
+    # cache; a vLLM without one serves the weights with its default KV cache and skips them.
+    _ignore_unexpected_suffixes = (
+        *QuantizationConfig._ignore_unexpected_suffixes,
+        ".kv_cache_scale",
+        ".kv_cache_offset",
+    )
 
     def __init__(self, description: QuantDescription):
         super().__init__()
@@ -61,7 +69,10 @@ class GcuQuantConfig(QuantizationConfig):
 
         if isinstance(layer, LinearBase):
             kind = self.description.layer_type(prefix, self.packed_modules_mapping)
-            return linear_method(kind, self.description.group_size, prefix)
+            method = linear_method(kind, self.description.group_size, prefix)
+            if self.description.has_kv_cache_scales(prefix, self.packed_modules_mapping):
+                return GcuKVCacheScalesMethod(method)
+            return method
         if isinstance(layer, VocabParallelEmbedding):
             name = f"{prefix}.weight"
             if name in self.description.tensor_types:

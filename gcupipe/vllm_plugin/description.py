@@ -67,17 +67,25 @@ class QuantDescription:
                 aliases.append(name.replace(vllm_name, hf_name))
         return aliases
 
+    def part_names(self, prefix: str, packed_modules: Mapping[str, list[str]]) -> list[str]:
+        """Checkpoint module names behind a vLLM layer (several for a fused module)."""
+        parent, _, leaf = prefix.rpartition(".")
+        parts = packed_modules.get(leaf)
+        if not parts:
+            return [prefix]
+        return [f"{parent}.{part}" if parent else part for part in parts]
+
+    def has_kv_cache_scales(self, prefix: str, packed_modules: Mapping[str, list[str]]) -> bool:
+        """Whether C8 KV-cache tensors are stored under this layer (k_proj / v_proj parts)."""
+        return any(f"{part}.kv_cache_scale" in self.tensor_types
+                   for part in self.part_names(prefix, packed_modules))
+
     def layer_type(self, prefix: str, packed_modules: Mapping[str, list[str]]) -> str:
         """The one type of a (possibly fused) vLLM linear layer named `prefix`.
 
         A fused module (qkv_proj, gate_up_proj, fused_qkv_a_proj...) is looked up part by part;
         its parts must share one type because vLLM loads them into one tensor."""
-        parent, _, leaf = prefix.rpartition(".")
-        parts = packed_modules.get(leaf)
-        if parts:
-            names = [f"{parent}.{part}.weight" if parent else f"{part}.weight" for part in parts]
-        else:
-            names = [f"{prefix}.weight"]
+        names = [f"{part}.weight" for part in self.part_names(prefix, packed_modules)]
         types = {name: self.tensor_type(name, prefix) for name in names}
         distinct = sorted(set(types.values()))
         if len(distinct) > 1:

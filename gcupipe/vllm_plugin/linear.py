@@ -232,3 +232,33 @@ def linear_method(quant_type: str, group_size: int, prefix: str) -> LinearMethod
     if quant_type in ("W8A16", "W4A16"):
         return GcuWeightOnlyLinearMethod(quant_type, group_size, prefix)
     raise DescriptionError(f"gcu quantization: unknown weight type '{quant_type}' for '{prefix}'")
+
+
+@register_weight_loader_v2_supported_method
+class GcuKVCacheScalesMethod(LinearMethodBase):
+    """Wraps the k/v (or fused qkv) projection's method to accept the C8 KV-cache tensors.
+
+    vLLM routes `<attn>.k_proj.kv_cache_scale` to the fused qkv_proj, whose loader needs a
+    parameter of that name; the values are kept on the layer (`kv_cache_scale`, one per output
+    channel of k and v) for a KV cache that can use them, and are not applied here."""
+
+    def __init__(self, inner: LinearMethodBase):
+        self.inner = inner
+
+    def create_weights(  # type: ignore[no-untyped-def]
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+        params_dtype, **extra_weight_attrs,
+    ):
+        self.inner.create_weights(layer, input_size_per_partition, output_partition_sizes,
+                                  input_size, output_size, params_dtype, **extra_weight_attrs)
+        n = sum(output_partition_sizes)
+        for name in ("kv_cache_scale", "kv_cache_offset"):
+            layer.register_parameter(name, ChannelQuantScaleParameter(
+                data=torch.zeros(n, dtype=torch.float32), output_dim=0,
+                weight_loader=extra_weight_attrs["weight_loader"]))
+
+    def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
+        self.inner.process_weights_after_loading(layer)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return self.inner.apply(layer, x, bias)

@@ -17,7 +17,7 @@ from gcupipe.formats.modelslim import ModelslimWriter, read_modelslim  # noqa: E
 from gcupipe.quant.methods import LayerSpec  # noqa: E402
 from gcupipe.quant.observers import scale_offset_from_range  # noqa: E402
 from gcupipe.quant.rtn import rtn_linear  # noqa: E402
-from gcupipe.quant.scheme import ActivationScheme  # noqa: E402
+from gcupipe.quant.scheme import ActivationScheme, KVCacheScale  # noqa: E402
 from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.serving.platform import Platform, platform_env  # noqa: E402
 from gcupipe.serving.runner import offline_spec, run_offline_spec  # noqa: E402
@@ -64,7 +64,7 @@ def _calibrate(model_dir: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def write_modelslim(source: Path, out: Path, kind: str) -> Path:
+def write_modelslim(source: Path, out: Path, kind: str, kv_cache: bool = False) -> Path:
     """Quantize every decoder linear of `source` by RTN and write it with the real writer."""
     from safetensors.torch import load_file
 
@@ -91,6 +91,11 @@ def write_modelslim(source: Path, out: Path, kind: str) -> Path:
         prefix, _, leaf = name.rpartition(".")
         if prefix not in written:
             writer.add_float(name, tensor)
+    if kv_cache:  # C8 tensors as the int8 KV-cache calibration writes them
+        kv_channels = config["num_key_value_heads"] * config["head_dim"]
+        for index in range(config["num_hidden_layers"]):
+            writer.add_kv_cache(f"model.layers.{index}.self_attn",
+                                KVCacheScale(index, 0.05, 0.0, 0.05, 0.0), kv_channels)
     writer.finish()
     return out
 
@@ -140,6 +145,13 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
                 "prompts": PROMPTS, "max_tokens": GREEDY_TOKENS, "logprobs": TOP_LOGPROBS,
                 "output": str(root / f"{arch}-{kind.lower()}.jsonl"),
             })
+    # the same W8A8_DYNAMIC llama with C8 KV-cache tensors: vLLM-GCU's int8 KV cache reads them;
+    # here they must load (not KeyError) and leave the weights' results unchanged
+    c8 = write_modelslim(models[("llama", "float")], root / "llama-c8", "W8A8_DYNAMIC",
+                         kv_cache=True)
+    models[("llama", "C8")] = c8
+    jobs.append({**jobs[0], "llm": {**jobs[0]["llm"], "model": str(c8)},
+                 "output": str(root / "llama-c8.jsonl")})
     env = {**os.environ, **platform_env(Platform.CPU, root, kv_cache_space_gib=1)}
     run_offline_spec(offline_spec(jobs, root / "summary.json"), root, env, root / "vllm.log",
                      timeout_s=600)
@@ -168,6 +180,16 @@ def test_vllm_matches_reference_runtime(served, arch: str, kind: str) -> None:  
         assert got["token_ids"] == want["token_ids"]
     # the check is sensitive: quantization moves these logprobs by more than the tolerance
     assert worst > LOGPROB_ATOL
+
+
+def test_c8_kv_cache_tensors_load_and_leave_weights_alone(served) -> None:  # type: ignore[no-untyped-def]
+    models, outputs = served
+    description = json.loads((models[("llama", "C8")] / "quant_model_description.json")
+                             .read_text())
+    assert description["kv_cache_type"] == "C8"
+    assert description["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
+    plain, with_c8 = outputs[("llama", "W8A8_DYNAMIC")], outputs[("llama", "C8")]
+    assert [row["token_ids"] for row in with_c8] == [row["token_ids"] for row in plain]
 
 
 def test_description_is_what_vllm_loaded(served) -> None:  # type: ignore[no-untyped-def]
