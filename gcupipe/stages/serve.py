@@ -127,7 +127,9 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         artifact = inspect_artifact(model_dir)
         platform = detect_platform()
         quantization = self._quantization(config, artifact, platform)
-        _check_flag(model_dir, quantization)
+        if config.quantization is not None or platform is Platform.GCU or artifact.format != "gcu":
+            # (off GCU, GPTQ/AWQ in the gcu layout are left to vLLM's own config detection)
+            _check_flag(model_dir, quantization)
         args = self._vllm_args(config, str(model_dir), quantization, platform)
         if artifact.int8_kv_cache is not None:
             if platform is Platform.GCU:
@@ -188,9 +190,10 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
 
 
 def _check_flag(model_dir: Path, quantization: str | None) -> None:
-    """The validation engineer's check that the flag matches the artifact, when it exists."""
-    try:
-        from gcupipe.validation import check_quantization_flag  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    check_quantization_flag(model_dir, quantization)
+    """Fail before vLLM starts when the flag does not fit the files (the seed guide's W8A8 model
+    served with quantization="w4a16"), naming the right value."""
+    from gcupipe.validation.flag import check_quantization_flag
+
+    result = check_quantization_flag(model_dir, quantization)
+    if result.failed:
+        raise StageError(f"serve: {result.message}")

@@ -79,7 +79,8 @@ behaviour = os.environ.get("FAKE_SERVER_BEHAVIOUR", "ok")
 # a grandchild, like vLLM's engine core: it must not survive the stop
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 print("starting fake server", flush=True)
-if args.quantization not in (None, "gcu", "compressed-tensors", "gptq", "awq"):
+known = (None, "compressed-tensors", "gptq", "awq") + (() if behaviour == "noplugin" else ("gcu",))
+if args.quantization not in known:
     print("Value error, Unknown quantization method: %s. Must be one of [...]" % args.quantization)
     sys.exit(1)
 if behaviour == "crash":
@@ -125,7 +126,7 @@ HTTPServer((args.host, args.port), Handler).serve_forever()
 
 def write_fake_server(path: Path | str) -> Path:
     """Write the fake OpenAI server script (behaviour via $FAKE_SERVER_BEHAVIOUR: ok, crash,
-    stubborn, never, badchat) and return its path."""
+    stubborn, never, badchat, noplugin) and return its path."""
     path = Path(path)
     path.write_text(FAKE_OPENAI_SERVER)
     return path

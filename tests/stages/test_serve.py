@@ -147,11 +147,20 @@ def test_start_timeout_kills_the_server(fake_vllm, models, tmp_path: Path) -> No
 
 
 def test_unknown_quantization_is_one_clear_line(fake_vllm, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The fake prints vLLM 0.32's own message for an unknown --quantization."""
-    config = ServeConfig(model=models["float"], quantization="no-such-method")
+    """A server Python without gcupipe's plugin: the fake prints vLLM 0.32's own message."""
+    fake_vllm.setenv("FAKE_SERVER_BEHAVIOUR", "noplugin")
+    with pytest.raises(StageError) as info:
+        ServeStage().run(ServeConfig(model=models["modelslim"]), _ctx(tmp_path))
+    first = str(info.value).splitlines()[0]
+    assert "exited with code 1 during start: unknown quantization" in first
+
+
+def test_wrong_flag_fails_before_vllm_starts_with_the_right_value(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = ServeConfig(model=models["modelslim"], quantization="w4a16")
     with pytest.raises(StageError) as info:
         ServeStage().run(config, _ctx(tmp_path))
-    assert "unknown quantization" in str(info.value).splitlines()[0]
+    assert "the right value is 'gcu'" in str(info.value)
+    assert not (tmp_path / "out" / "vllm-server.log").exists()
 
 
 @pytest.mark.slow
