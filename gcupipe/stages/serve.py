@@ -155,17 +155,20 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
     def _model_dir(self, config: ServeConfig, ctx: StageContext) -> Path:
         if config.model is not None:
             return config.model
-        candidates = [outputs for outputs in ctx.upstream.values()
-                      if getattr(outputs, "model_dir", None) is not None]
-        if not candidates:
+        found: dict[Path, list[str]] = {}  # validate passes on quantize's dir: one model
+        for stage_id, outputs in ctx.upstream.items():
+            model_dir = getattr(outputs, "model_dir", None)
+            if model_dir is not None:
+                found.setdefault(Path(model_dir).resolve(), []).append(stage_id)
+        if not found:
             raise StageError(
                 "serve: no model to serve: set `model:` or add a stage that outputs a model_dir "
                 "(download, quantize) to `needs`"
             )
-        if len(candidates) > 1:
-            names = ", ".join(stage for stage, out in ctx.upstream.items() if out in candidates)
+        if len(found) > 1:
+            names = ", ".join(sorted(stage for stages in found.values() for stage in stages))
             raise StageError(f"serve: several upstream models ({names}): set `model:` to pick one")
-        return Path(candidates[0].model_dir)  # type: ignore[attr-defined]
+        return next(iter(found))
 
     def _quantization(self, config: ServeConfig, artifact: Artifact,
                       platform: Platform) -> str | None:

@@ -223,10 +223,15 @@ def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:
     stage = ServeStage()
     with pytest.raises(StageError, match="no model to serve"):
         stage.run(ServeConfig(), _ctx(tmp_path / "a"))
-    model = ModelOutputs(model_dir=tmp_path)
-    two = _ctx(tmp_path / "b", a=model, b=model)
-    with pytest.raises(StageError, match="several upstream models"):
+    two = _ctx(tmp_path / "b", a=ModelOutputs(model_dir=tmp_path / "a"),
+               b=ModelOutputs(model_dir=tmp_path / "b"))
+    with pytest.raises(StageError, match=r"several upstream models \(a, b\)"):
         stage.run(ServeConfig(), two)
+    # quantize and validate hand over the same directory: that is one model
+    same = _ctx(tmp_path / "c", quantize=ModelOutputs(model_dir=tmp_path / "x"),
+                validate=ModelOutputs(model_dir=tmp_path / "x"))
+    with pytest.raises(StageError, match="not a model directory"):
+        stage.run(ServeConfig(), same)
 
 
 def test_check_flags_keep_alive_offline() -> None:
