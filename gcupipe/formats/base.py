@@ -52,6 +52,49 @@ def strip_quantization_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int8": "I8",
+    "uint8": "U8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "bool": "BOOL",
+}
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file straight from the tensors' memory (the library's save_file
+    builds a bytes copy of every tensor first, doubling a shard's memory)."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    offset = 0
+    ordered = sorted(tensors.items())
+    for name, tensor in ordered:
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPES[str(tensor.dtype).removeprefix("torch.")],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
+    with path.open("wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for _name, tensor in ordered:
+            if tensor.numel():
+                flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                handle.write(memoryview(flat.numpy()))
+
+
 class ShardWriter:
     """Writes safetensors shards of about `max_shard_bytes`, then names them
     `<stem>-0000i-of-0000N.safetensors` (or `<stem>.safetensors` for one) plus an index."""
@@ -90,12 +133,10 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         temp = self.out_dir / f".{self.stem}-part{len(self.temp_files):05d}.safetensors"
-        save_file(self.pending, str(temp), metadata={"format": "pt"})
+        write_safetensors(temp, self.pending, {"format": "pt"})
         self.temp_files.append((temp, list(self.pending)))
         self.pending = {}
         self.pending_bytes = 0

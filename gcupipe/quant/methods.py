@@ -74,6 +74,9 @@ class QuantMethod:
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # True: the uncalibrated streaming path may pass weights in the checkpoint dtype (bf16)
+    # instead of an fp32 copy, saving memory; the method must upcast as it needs.
+    accepts_low_precision: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options

@@ -20,11 +20,10 @@ def weight_qparams(
     if group_size:
         if k % group_size:
             raise ValueError(f"group size {group_size} does not divide input size {k}")
-        w = weight.float().reshape(n, k // group_size, group_size)
+        w = weight.reshape(n, k // group_size, group_size)
         return scale_offset_from_range(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
-    w = weight.float()
     return scale_offset_from_range(
-        w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), bits, symmetric
+        weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True), bits, symmetric
     )
 
 
@@ -42,12 +41,45 @@ def quantize_weight(
     return quantize(weight, scale, offset, bits)
 
 
+# Rows per chunk of the low-memory path: a chunk of fp32 temporaries stays around 32 MB.
+_CHUNK_ELEMENTS = 8 << 20
+
+
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 [n, k], scale, offset) by round-to-nearest, chunked over rows so that a weight
+    of any size and dtype (bf16 straight from the checkpoint) needs only its int8 output plus a
+    small fp32 working set: what keeps streaming quantization's memory at about one layer."""
+    import torch
+
+    from gcupipe.quant.scheme import qrange
+
+    n, k = weight.shape
+    qmin, qmax = qrange(bits)
+    groups = k // group_size if group_size else 1
+    if group_size and k % group_size:
+        raise ValueError(f"group size {group_size} does not divide input size {k}")
+    q = torch.empty((n, k), dtype=torch.int8)
+    scale = torch.empty((n, groups), dtype=torch.float32)
+    offset = torch.empty((n, groups), dtype=torch.float32)
+    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, rows):
+        chunk = weight[start : start + rows].to(torch.float32, copy=True)
+        chunk = chunk.reshape(-1, groups, k // groups)
+        s, o = scale_offset_from_range(chunk.amin(dim=-1), chunk.amax(dim=-1), bits, symmetric)
+        chunk.div_(s.unsqueeze(-1)).add_(o.unsqueeze(-1)).round_().clamp_(qmin, qmax)
+        q[start : start + rows] = chunk.reshape(-1, k).to(torch.int8)
+        scale[start : start + rows] = s
+        offset[start : start + rows] = o
+    return q, scale, offset
+
+
 def rtn_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec, method: str = "rtn"
 ) -> QuantizedLinear:
-    """Quantize one weight by round-to-nearest with min-max ranges."""
-    scale, offset = weight_qparams(weight, spec.bits, spec.group_size, spec.symmetric)
-    q = quantize_weight(weight, scale, offset, spec.bits, spec.group_size)
+    """Quantize one weight by round-to-nearest with min-max ranges (any float dtype)."""
+    q, scale, offset = rtn_quantize(weight, spec.bits, spec.group_size, spec.symmetric)
     return QuantizedLinear(
         weight=q,
         weight_scale=scale,
@@ -66,6 +98,7 @@ class RTNMethod(QuantMethod):
 
     name = "rtn"
     needs_calibration = False
+    accepts_low_precision = True
 
     def quantize_layer(
         self,

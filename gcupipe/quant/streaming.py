@@ -239,13 +239,15 @@ def _quantize_layer_plain(
     quantized = {}
     for module, spec in specs.items():
         bias = tensors.get(f"{module}.bias")
+        weight = tensors[f"{module}.weight"]
         quantized[module] = method.quantize_layer(
             f"{arch.layer_prefix}.{index}.{module}",
-            tensors[f"{module}.weight"].float(),
+            weight if method.accepts_low_precision else weight.float(),
             None if bias is None else bias.float(),
             None,
             spec,
         )
+        tensors[f"{module}.weight"] = None  # free the input weight as soon as it is quantized
     _emit_layer(arch, index, tensors, quantized, writer, report)
 
 

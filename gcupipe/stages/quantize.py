@@ -78,7 +78,9 @@ class QuantizeConfig(StageConfig):
     )
     device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="Compute device.")
     batch_size: int = Field(default=8, gt=0, description="Calibration sequences per forward.")
-    max_shard_size_mb: int = Field(default=2048, gt=0, description="Output shard size.")
+    max_shard_size_mb: int = Field(
+        default=1024, gt=0, description="Output shard size (also bounds buffered output)."
+    )
 
     @model_validator(mode="before")
     @classmethod
