@@ -43,7 +43,8 @@ class ModelInspection:
             f"kv cache:      {self.kv_cache or 'model dtype'}",
             f"weights:       {self.weight_bytes / 2**20:.1f} MiB in {self.weight_files} file(s),"
             f" {self.tensors} tensors",
-            "layer types:   " + ", ".join(f"{k} x{v}" for k, v in sorted(self.type_counts.items())),
+            "layer types:   "
+            + (", ".join(f"{k} x{v}" for k, v in sorted(self.type_counts.items())) or "all float"),
             f"vLLM:          --quantization {self.quantization}"
             if self.quantization
             else "vLLM:          (no --quantization needed)",
@@ -149,3 +150,11 @@ def _compressed_tensors(
         prefix, _, leaf = name.rpartition(".")
         if leaf == "weight_scale":
             result.layer_types[prefix] = kind
+
+
+def render_inspection(info: ModelInspection, per_layer: bool = False) -> str:
+    """The text `gcupipe inspect` prints (per-layer types only when asked)."""
+    lines = info.summary_lines()
+    if per_layer:
+        lines += [f"  {prefix}: {kind}" for prefix, kind in sorted(info.layer_types.items())]
+    return "\n".join(lines)

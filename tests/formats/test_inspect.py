@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gcupipe.formats.inspect import inspect_model_dir
+from gcupipe.formats.inspect import inspect_model_dir, render_inspection
 from gcupipe.stages.base import StageContext
 from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
 from gcupipe.testing.tiny_models import tiny_model
@@ -34,5 +34,7 @@ def test_inspect_reports_format_method_and_vllm_flag(
     assert info.layer_types["model.layers.1.mlp.down_proj"] == kind
     assert info.group_size == extra.get("group_size", 64 if method == "w4a16" else 0)
     assert any("--quantization " + quantization in line for line in info.summary_lines())
+    text = render_inspection(info, per_layer=True)
+    assert f"model.layers.0.self_attn.q_proj: {kind}" in text
     plain = inspect_model_dir(src)
     assert plain.format == "float" and plain.quantization is None
