@@ -21,6 +21,12 @@ class ArchMap:
     # factor can be divided out of the norm gain and multiplied into the readers' input columns.
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...]
     router: tuple[str, ...] = ()  # linears that always stay float (MoE gates)
+    # (producer linear regex, reader template): the reader's input is a per-channel linear
+    # function of the producer's output rows (up_proj -> down_proj through act(gate) * up), so
+    # a factor can be divided out of the producer's rows and multiplied into the reader.
+    linear_pairs: tuple[tuple[str, str], ...] = (
+        (r"(mlp(?:\.shared_experts|\.experts\.\d+)?)\.up_proj", r"\1.down_proj"),
+    )
     layer_prefix: str = "model.layers"
     default_ignore: tuple[str, ...] = field(
         default=(r"lm_head", r".*embed_tokens", r".*\.mlp\.gate")

@@ -67,6 +67,7 @@ class LayerView:
     module: Any  # torch.nn.Module of the decoder layer
     smooth_groups: list[tuple[str, list[str]]]  # (norm / previous linear, readers), in-layer names
     layer_index: int = 0
+    linear_pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer re, reader)
 
 
 class QuantMethod:

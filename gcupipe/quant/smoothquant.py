@@ -69,6 +69,26 @@ def apply_smoothing(view: LayerView, calib: LayerCalibration, alpha: float) -> l
             if x is not None:
                 calib.inputs[reader] = x
         moved.append(norm_name)
+    for producer_pattern, reader_template in view.linear_pairs:
+        for name in list(modules):
+            match = re.fullmatch(producer_pattern, name)
+            reader = match.expand(reader_template) if match else None
+            x = calib.inputs.get(reader) if reader else None
+            if match is None or reader not in modules or x is None or not x.numel():
+                continue
+            producer, consumer = modules[name], modules[reader]
+            factors = smoothing_factors(
+                x.abs().amax(dim=0), consumer.weight.detach().abs().amax(dim=0), alpha
+            )
+            producer.weight.data = (producer.weight.data.float() / factors[:, None]).to(
+                producer.weight.dtype
+            )
+            if getattr(producer, "bias", None) is not None:
+                producer.bias.data = (producer.bias.data.float() / factors).to(producer.bias.dtype)
+            weight = consumer.weight
+            weight.data = (weight.data.float() * factors).to(weight.dtype)
+            x.div_(factors)
+            moved.append(name)
     return moved
 
 

@@ -292,7 +292,12 @@ def _quantize_layer_calibrated(
     calib = capture.remove() if capture is not None else LayerCalibration()
     del capture
     if method.needs_calibration:
-        view = LayerView(module=layer, smooth_groups=list(arch.smooth_groups), layer_index=index)
+        view = LayerView(
+            module=layer,
+            smooth_groups=list(arch.smooth_groups),
+            layer_index=index,
+            linear_pairs=list(arch.linear_pairs),
+        )
         method.prepare_layer(view, calib)
     quantized: dict[str, QuantizedLinear] = {}
     for module, spec in specs.items():

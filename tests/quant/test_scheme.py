@@ -106,3 +106,51 @@ def test_histogram_observer_clips_tails_when_it_lowers_the_error():
     uniform.observe(torch.rand(100_000) * 2 - 1)
     lo_u, hi_u = observed_range(uniform, 3)
     assert lo_u < -0.95 and hi_u > 0.95
+
+
+def test_smoothing_keeps_the_layer_function_and_shrinks_outliers(tmp_path):
+    """SmoothQuant folded into the norm and up_proj -> down_proj is exact in float."""
+    from gcupipe.quant.archs import LLAMA
+    from gcupipe.quant.checkpoint import CheckpointReader, layer_relative, load_config
+    from gcupipe.quant.layer_module import build_layer, rotary_embeddings
+    from gcupipe.quant.methods import LayerCalibration, LayerView
+    from gcupipe.quant.smoothquant import apply_smoothing
+    from gcupipe.testing.tiny_models import tiny_model
+
+    path = tiny_model("llama", tmp_path / "m")
+    config, reader = load_config(path), CheckpointReader(path)
+    tensors = {layer_relative(n)[1]: reader.tensor(n) for n in reader.layers[0]}
+    tensors["input_layernorm.weight"][:4] *= 30  # activation outlier channels
+    layer = build_layer(config, 0, tensors)
+    x = torch.randn(2, 16, 128)
+    pos = rotary_embeddings(config, 16)
+    captured: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        layer.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: captured.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
+    with torch.no_grad():
+        before = layer(x, attention_mask=None, position_embeddings=pos)
+    for h in hooks:
+        h.remove()
+    calib = LayerCalibration({n: torch.cat(v) for n, v in captured.items()})
+    q_input = calib.inputs["self_attn.q_proj"]
+    calib.inputs["self_attn.k_proj"] = calib.inputs["self_attn.v_proj"] = q_input
+    outlier_ratio = float(q_input.abs().amax(0).max() / q_input.abs().amax(0).median())
+    view = LayerView(layer, list(LLAMA.smooth_groups), 0, list(LLAMA.linear_pairs))
+    moved = apply_smoothing(view, calib, 0.5)
+    assert moved == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    with torch.no_grad():
+        after = layer(x, attention_mask=None, position_embeddings=pos)
+    assert torch.allclose(before, after, atol=1e-4)
+    smoothed = calib.inputs["self_attn.q_proj"]
+    assert float(smoothed.abs().amax(0).max() / smoothed.abs().amax(0).median()) < outlier_ratio
