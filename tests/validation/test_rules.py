@@ -248,3 +248,56 @@ def test_flag_for_other_layouts(good_gptq, tiny_llama):
     assert "'gptq'" in check_quantization_flag(good_gptq, "gcu").message
     assert not check_quantization_flag(tiny_llama, None).failed
     assert "leave quantization unset" in check_quantization_flag(tiny_llama, "gcu").message
+
+
+@pytest.fixture(scope="module")
+def good_gcu_w8a8_kv(tmp_path_factory, tiny_llama):
+    from .conftest import calibration, quantize
+
+    tmp = tmp_path_factory.mktemp("gcu-kv")
+    return quantize(tiny_llama, tmp / "model", method="w8a8", format="gcu",
+                    kv_cache={"dtype": "int8"}, calibration=calibration(tmp))
+
+
+def test_gcu_kv_json_misses_a_layer(good_gcu_w8a8_kv, broken):
+    assert failed(good_gcu_w8a8_kv) == {}
+    assert results(good_gcu_w8a8_kv)["kv-cache-scales"].status == "pass"
+    path = broken(good_gcu_w8a8_kv)
+    data = json.loads((path / "int8_kv_cache.json").read_text())
+    del data["kv_cache"]["scaling_factor"]["0"]["1"]
+    (path / "int8_kv_cache.json").write_text(json.dumps(data))
+    bad = failed(path)
+    assert set(bad) == {"kv-cache-scales"}
+    assert "no scale for layer(s) [1]" in bad["kv-cache-scales"].message
+
+
+def test_gcu_flag_is_the_loader_name(good_gcu_w8a8_kv):
+    assert not check_quantization_flag(good_gcu_w8a8_kv, "w8a8").failed
+    assert "the right value is 'w8a8'" in check_quantization_flag(good_gcu_w8a8_kv, "gcu").message
+
+
+def test_index_points_at_a_missing_shard(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+    index = next(path.glob("*.index.json"))
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = "quant_model_weight_w8a8-00002-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    bad = failed(path)
+    assert set(bad) == {"safetensors-integrity"}
+    assert "00002-of-00002.safetensors, which is missing" in bad["safetensors-integrity"].message
+
+
+def test_modelslim_group_size_disagrees_with_scales(tiny_llama, tmp_path):
+    from .conftest import quantize
+
+    path = quantize(tiny_llama, tmp_path / "w4", method="w4a16", group_size=64,
+                    format="modelslim")
+    assert failed(path) == {}
+    assert results(path)["group-size"].status == "pass"
+    description = json.loads((path / DESCRIPTION).read_text())
+    description["group_size"] = 32
+    (path / DESCRIPTION).write_text(json.dumps(description))
+    bad = failed(path)
+    assert set(bad) == {"group-size"}
+    assert "not group_size 32" in bad["group-size"].message
