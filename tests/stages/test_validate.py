@@ -127,3 +127,51 @@ def test_without_reference_numeric_checks_are_skipped(quantized, tmp_path):
 def test_needs_a_model():
     with pytest.raises(Exception, match="no model to check"):
         ValidateStage().run(ValidateConfig(), context(Path("/tmp"), "validate-none"))
+
+
+RECIPE = """\
+version: 1
+name: validate-tiny
+vars:
+  source: {source}
+stages:
+  quantize:
+    uses: quantize
+    needs: []
+    with:
+      model: ${{vars.source}}
+      method: w8a8_dynamic
+      format: modelslim
+  validate:
+    uses: validate
+    needs: [quantize]
+    with:
+      reference: ${{vars.source}}
+      quantization: {quantization}
+      eval: {{max_tokens: 300, window: 128, stride: 128}}
+      max_new_tokens: 3
+      prompts: [hello]
+"""
+
+
+@pytest.mark.parametrize("quantization", ["gcu", "w4a16"])
+def test_recipe_run_through_the_engine(quantized, tmp_path, quantization):
+    """The seed flow in a recipe: the right flag passes, the seed guide's w4a16 fails with
+    exit code 3 and the report kept under the run directory."""
+    from gcupipe.engine import run_recipe
+    from gcupipe.recipe import load_recipe
+
+    source, _ = quantized
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(source=source, quantization=quantization))
+    run_dir = tmp_path / "run"
+    result = run_recipe(load_recipe(recipe), run_dir)
+    if quantization == "gcu":
+        assert result.outcome == "ok"
+        assert result.outputs("validate")["passed"] is True
+        return
+    assert result.outcome == "failed"
+    assert isinstance(result.error, GateFailed) and result.error.exit_code == 3
+    assert "quantization-flag" in str(result.error)
+    report = Path(str(result.error).rsplit("report: ", 1)[1])
+    assert report.is_file() and "'gcu'" in report.read_text()
