@@ -5,7 +5,7 @@ lets one spec carry several models (one Python + vLLM import for all of them, wh
 the start-up time on CPU). SPEC is JSON:
 
     {"jobs": [{"llm": {...LLM keywords...}, "prompts": [...], "max_tokens": 16,
-               "temperature": 0.0, "logprobs": null, "output": "out.jsonl"}],
+               "temperature": 0.0, "logprobs": null, "env": {}, "output": "out.jsonl"}],
      "summary": "summary.json"}
 
 Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when asked) and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Load one model, generate for every prompt, write the JSONL, return figures."""
     from vllm import LLM, SamplingParams
 
+    os.environ.update(job.get("env", {}))  # per-model switches read at load (e.g. plugin modes)
     started = time.perf_counter()
     llm = LLM(**job["llm"])
     loaded = time.perf_counter()

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 QUANTIZATION_NAME = "gcu"
 
-__all__ = ["QUANTIZATION_NAME", "register"]
+LOW_MEMORY_ENV = "GCUPIPE_VLLM_LOW_MEMORY"
+"""Set to 1 to keep W8A16/W4A16 weights as integers and dequantize at every call (4x less weight
+memory, several times slower on CPU). Default: dequantize once at load; the numbers are equal."""
+
+__all__ = ["LOW_MEMORY_ENV", "QUANTIZATION_NAME", "register"]
 
 
 def register() -> None:

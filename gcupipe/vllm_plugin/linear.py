@@ -7,6 +7,8 @@ before it reaches a GCU machine, where vLLM-GCU's own kernels take over.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.nn import Parameter
 from vllm.model_executor.layers.linear import (
@@ -20,6 +22,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from gcupipe.vllm_plugin import LOW_MEMORY_ENV
 from gcupipe.vllm_plugin.description import DescriptionError
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -81,11 +84,15 @@ class _ModelslimLinearMethod(LinearMethodBase):
 
 @register_weight_loader_v2_supported_method
 class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
-    """W8A16 / W4A16: int weights dequantized to the activation dtype at each call."""
+    """W8A16 / W4A16: (q - offset) * scale in fp32, cast to the activation dtype, float matmul.
+
+    By default the dequantized weight is computed once at load (what a weight-only kernel
+    computes on the fly, so the results are identical); see LOW_MEMORY_ENV."""
 
     def __init__(self, quant_type: str, group_size: int, prefix: str):
         super().__init__(group_size, prefix)
         self.quant_type = quant_type
+        self.low_memory = os.environ.get(LOW_MEMORY_ENV, "0") not in ("", "0", "false")
 
     def create_weights(  # type: ignore[no-untyped-def]
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -97,6 +104,7 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
             raise DescriptionError(f"gcu quantization: W4A16 layer '{self.prefix}' has odd k={k}")
         self._weight(layer, n, k, loader, extra_weight_attrs)
         self._weight_scales(layer, n, k, loader, per_group=self.group_size > 0)
+        layer.gcu_params_dtype = params_dtype
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
         weight = layer.weight.data
@@ -109,12 +117,22 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
             group = weight.shape[1] // scale.shape[1]
             scale = scale.repeat_interleave(group, dim=1)
             offset = offset.repeat_interleave(group, dim=1)
+        if not self.low_memory:
+            dequantized = ((weight.float() - offset) * scale).to(layer.gcu_params_dtype)
+            layer.weight = _frozen(dequantized.contiguous())
+            del layer.weight_scale, layer.weight_offset
+            layer.gcu_dequantized = True
+            return
         layer.weight = _frozen(weight.contiguous())
         layer.weight_scale = _frozen(scale.contiguous())
         layer.weight_offset = _frozen(offset.contiguous())
+        layer.gcu_dequantized = False
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        weight = ((layer.weight.float() - layer.weight_offset) * layer.weight_scale).to(x.dtype)
+        if layer.gcu_dequantized:
+            weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
+        else:
+            weight = ((layer.weight.float() - layer.weight_offset) * layer.weight_scale).to(x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -22,6 +22,7 @@ from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.serving.platform import Platform, platform_env  # noqa: E402
 from gcupipe.serving.runner import offline_spec, run_offline_spec  # noqa: E402
 from gcupipe.testing.serving import servable_tiny_model  # noqa: E402
+from gcupipe.vllm_plugin import LOW_MEMORY_ENV  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +153,11 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
     models[("llama", "C8")] = c8
     jobs.append({**jobs[0], "llm": {**jobs[0]["llm"], "model": str(c8)},
                  "output": str(root / "llama-c8.jsonl")})
+    # W4A16 again with integer weights kept in memory and dequantized at every call
+    w4a16 = next(job for job in jobs if job["output"].endswith("llama-w4a16.jsonl"))
+    models[("llama", "W4A16-low-memory")] = models[("llama", "W4A16")]
+    jobs.append({**w4a16, "env": {LOW_MEMORY_ENV: "1"},
+                 "output": str(root / "llama-w4a16-low-memory.jsonl")})
     env = {**os.environ, **platform_env(Platform.CPU, root, kv_cache_space_gib=1)}
     run_offline_spec(offline_spec(jobs, root / "summary.json"), root, env, root / "vllm.log",
                      timeout_s=600)
@@ -190,6 +196,11 @@ def test_c8_kv_cache_tensors_load_and_leave_weights_alone(served) -> None:  # ty
     assert description["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
     plain, with_c8 = outputs[("llama", "W8A8_DYNAMIC")], outputs[("llama", "C8")]
     assert [row["token_ids"] for row in with_c8] == [row["token_ids"] for row in plain]
+
+
+def test_low_memory_weight_only_mode_gives_the_same_results(served) -> None:  # type: ignore[no-untyped-def]
+    _, outputs = served
+    assert outputs[("llama", "W4A16-low-memory")] == outputs[("llama", "W4A16")]
 
 
 def test_description_is_what_vllm_loaded(served) -> None:  # type: ignore[no-untyped-def]
