@@ -1,0 +1,267 @@
+"""W4A16 accuracy and speed on SmolLM2-135M: float, RTN, GPTQ and AWQ (gcupipe) vs llmcompressor.
+
+Every model is scored on the same eval tokens (Botchan eval text, window 512, stride 512, the
+DATA.md convention) and every calibrated method gets the same 64 x 256 calibration tokens of the
+calibration text. gcupipe's methods run through the real stage path (streaming quantizer ->
+modelslim files -> reader -> reference runtime). llmcompressor's GPTQModifier runs in its own
+benchmark-only venv (.cache/bench-venv, created on first use, see `ensure_bench_venv`) as a
+subprocess on the same token ids.
+
+    python benchmarks/w4a16_accuracy.py                      # full table (~15 min on 2 cores)
+    python benchmarks/w4a16_accuracy.py --eval-tokens 4096   # quick look while developing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_VENV = REPO / ".cache" / "bench-venv"
+# torch first, from the CPU wheel this machine's pip constraints allow, so that nothing pulls a
+# CUDA torch; llmcompressor 0.14.0.1 then pins transformers <= 5.17 (5.17.0 resolves) inside
+# the venv only. The project's own venv keeps its transformers.
+BENCH_REQUIREMENTS = (["torch==2.13.0"], ["llmcompressor==0.14.0.1"])
+GROUP_SIZE = 64
+BITS = 4
+
+
+def ensure_bench_venv() -> Path:
+    """The python of the llmcompressor venv, created (python3 -m venv + pip) when missing."""
+    python = BENCH_VENV / "bin" / "python"
+    stamp = BENCH_VENV / ".gcupipe-ready"
+    if stamp.is_file():
+        return python
+    print(f"creating the llmcompressor benchmark venv at {BENCH_VENV} (a few minutes)")
+    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    for requirement in BENCH_REQUIREMENTS:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *requirement], check=True)
+    check = "import torch, llmcompressor; assert '+cu' not in torch.__version__, torch.__version__"
+    subprocess.run([str(python), "-c", check], check=True)
+    stamp.write_text(" ".join(r for group in BENCH_REQUIREMENTS for r in group) + "\n")
+    return python
+
+
+def calibration_tokens(model_dir: Path, calib_text: str, samples: int, seq_len: int) -> Any:
+    """[samples, seq_len] token ids, drawn the way the quantize stage draws them."""
+    from gcupipe.quant.calibration import CalibrationConfig, calibration_batches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "calibration.txt"
+        text_file.write_text(calib_text)
+        config = CalibrationConfig(text_file=text_file, samples=samples, seq_len=seq_len)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        return calibration_batches(config, model_dir, vocab)
+
+
+def resolver(symmetric: bool) -> Any:
+    from gcupipe.quant.methods import LayerSpec
+
+    spec = LayerSpec(bits=BITS, group_size=GROUP_SIZE, symmetric=symmetric)
+    ignored = ("lm_head", "embed_tokens")
+    return lambda name: None if any(part in name for part in ignored) else spec
+
+
+def run_gcupipe(
+    method_name: str, options: dict[str, Any], symmetric: bool, model_dir: Path, tokens: Any,
+    eval_ids: list[int], work: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Quantize with the streaming core into modelslim files, read back, score."""
+    from gcupipe.formats.modelslim import ModelslimWriter
+    from gcupipe.formats.registry import read_quantized
+    from gcupipe.quant.methods import load_method
+    from gcupipe.quant.streaming import quantize_model
+    from gcupipe.runtime.model import build_model, load_config
+    from gcupipe.runtime.perplexity import perplexity
+
+    out = work / method_name
+    out.mkdir(parents=True)
+    raw = json.loads((model_dir / "config.json").read_text())
+    method = load_method(method_name, **options)
+    writer = ModelslimWriter(out, model_dir, raw, method_name)
+    started = time.perf_counter()
+    report = quantize_model(
+        model_dir, writer, method, resolver(symmetric),
+        tokens if method.needs_calibration else None, log=lambda _m: None,
+    )  # fmt: skip
+    writer.finish()
+    seconds = time.perf_counter() - started
+    checkpoint = read_quantized(out)
+    model = build_model(load_config(out), checkpoint.float_tensors, checkpoint.linears)
+    result = perplexity(model, eval_ids)
+    return {
+        "ppl": result.ppl,
+        "quantize_s": seconds,
+        "eval_s": result.seconds,
+        "scored_tokens": result.scored_tokens,
+        "fallbacks": len(report.fallbacks),
+    }
+
+
+def run_float(model_dir: Path, eval_ids: list[int]) -> dict[str, Any]:
+    from gcupipe.runtime.model import load_float_model
+    from gcupipe.runtime.perplexity import perplexity
+
+    result = perplexity(load_float_model(model_dir), eval_ids)
+    return {"ppl": result.ppl, "quantize_s": 0.0, "eval_s": result.seconds,
+            "scored_tokens": result.scored_tokens}  # fmt: skip
+
+
+def run_llmcompressor(model_dir: Path, tokens: Any, eval_ids: list[int], work: Path) -> dict:
+    """GPTQModifier w4 g64 symmetric in the bench venv, on the same tokens."""
+    import torch
+
+    python = ensure_bench_venv()
+    request = work / "peer-request.pt"
+    answer = work / "peer-answer.json"
+    torch.save({"calibration": tokens, "eval_ids": eval_ids, "model_dir": str(model_dir)}, request)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [str(python), str(Path(__file__).resolve()), "--peer-worker", str(request), str(answer)],
+        check=True, env=env,
+    )  # fmt: skip
+    return json.loads(answer.read_text())  # type: ignore[no-any-return]
+
+
+def peer_worker(request_path: str, answer_path: str) -> None:
+    """Runs inside the bench venv: llmcompressor oneshot GPTQ, then the same perplexity."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    from gcupipe.runtime.perplexity import perplexity
+
+    request = torch.load(request_path)
+    tokens = request["calibration"]
+    model = AutoModelForCausalLM.from_pretrained(request["model_dir"], dtype=torch.float32)
+    dataset = Dataset.from_dict(
+        {"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()}
+    )
+    weights = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group",
+               "group_size": GROUP_SIZE}  # fmt: skip
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        ignore=["lm_head"],
+    )
+    started = time.perf_counter()
+    oneshot(
+        model=model, dataset=dataset, recipe=recipe,
+        num_calibration_samples=int(tokens.shape[0]), max_seq_length=int(tokens.shape[1]),
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    result = perplexity(model.eval(), request["eval_ids"])
+    answer = {"ppl": result.ppl, "quantize_s": seconds, "eval_s": result.seconds,
+              "scored_tokens": result.scored_tokens}  # fmt: skip
+    Path(answer_path).write_text(json.dumps(answer))
+
+
+# (row label, gcupipe method, options, symmetric)
+GCUPIPE_ROWS = [
+    ("RTN w4 g64 sym", "w4a16", {}, True),
+    ("RTN w4 g64 asym", "w4a16", {}, False),
+    ("GPTQ w4 g64 sym", "gptq", {}, True),
+    ("GPTQ w4 g64 asym", "gptq", {}, False),
+    ("AWQ w4 g64 sym", "awq", {}, True),
+    ("AWQ w4 g64 asym", "awq", {}, False),
+]
+PEER = "llmcompressor GPTQModifier w4 g64 sym"
+
+
+def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    float_ppl = rows.get("float", {}).get("ppl")
+    peer = rows.get(PEER)
+    lines = [
+        "# W4A16 on SmolLM2-135M-Instruct (Botchan eval text)",
+        "",
+        f"Calibration: {meta['calib_samples']} x {meta['calib_seq_len']} tokens of the "
+        f"calibration text; eval: {meta['scored_tokens']} scored tokens (window 512, stride "
+        f"512); {meta['threads']} torch threads, CPU. Times: quantization only (gcupipe: "
+        "streaming quantizer incl. reading and writing files; llmcompressor: `oneshot`).",
+        "",
+        "| model | ppl | vs float | quantize s | ppl / peer | time / peer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        vs_float = f"{row['ppl'] / float_ppl - 1:+.1%}" if float_ppl else "-"
+        if peer and label != "float":
+            ppl_ratio = f"{row['ppl'] / peer['ppl']:.3f}"
+            time_ratio = f"{row['quantize_s'] / peer['quantize_s']:.2f}"
+        else:
+            ppl_ratio = time_ratio = "-"
+        lines.append(
+            f"| {label} | {row['ppl']:.2f} | {vs_float} | {row['quantize_s']:.1f} | "
+            f"{ppl_ratio} | {time_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval-tokens", type=int, default=None, help="cut the eval text")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--only", default="", help="comma-separated row labels to run")
+    parser.add_argument("--no-peer", action="store_true", help="skip llmcompressor")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--peer-worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peer_worker:
+        peer_worker(*args.peer_worker)
+        return 0
+
+    import torch
+
+    from gcupipe.runtime.perplexity import load_tokenizer, tokenize
+    from gcupipe.testing.real_data import botchan_text, smollm2_checkpoint
+
+    model_dir = smollm2_checkpoint()
+    calib_text, eval_text = botchan_text()
+    tokens = calibration_tokens(model_dir, calib_text, args.calib_samples, args.calib_seq_len)
+    eval_ids = tokenize(load_tokenizer(model_dir), eval_text, args.eval_tokens)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    wanted = lambda label: not only or label in only  # noqa: E731
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="w4a16-bench-") as tmp:
+        work = Path(tmp)
+        if wanted("float"):
+            rows["float"] = run_float(model_dir, eval_ids)
+            print(f"float: {rows['float']}", flush=True)
+        for label, method, options, symmetric in GCUPIPE_ROWS:
+            if wanted(label):
+                slug = label.replace(" ", "_")
+                rows[label] = run_gcupipe(
+                    method, options, symmetric, model_dir, tokens, eval_ids, work / slug
+                )
+                print(f"{label}: {rows[label]}", flush=True)
+        if not args.no_peer and wanted(PEER):
+            rows[PEER] = run_llmcompressor(model_dir, tokens, eval_ids, work)
+            print(f"{PEER}: {rows[PEER]}", flush=True)
+    meta = {
+        "calib_samples": args.calib_samples,
+        "calib_seq_len": args.calib_seq_len,
+        "scored_tokens": next(iter(rows.values()))["scored_tokens"] if rows else 0,
+        "threads": torch.get_num_threads(),
+    }
+    table = markdown(rows, meta)
+    print(table)
+    if not args.no_write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _results import write_results
+
+        name = "w4a16_accuracy" if args.eval_tokens is None else "w4a16_accuracy_reduced"
+        path = write_results(name, {"meta": meta, "rows": rows}, table)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""GPTQ: the math on synthetic layers, then tiny models through the stage, writers and readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcupipe.quant.gptq import (
+    GPTQMethod,
+    GPTQOptions,
+    HessianAccumulator,
+    gptq_quantize,
+    hessian_of,
+)
+from gcupipe.quant.methods import LayerSpec
+from gcupipe.quant.rtn import rtn_linear
+from gcupipe.quant.scheme import QuantizedLinear
+
+GROUP = 64
+
+
+def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Activations like a transformer's: low-rank structure, uneven channel magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    low_rank = torch.randn(tokens, 16, generator=g) @ torch.randn(16, k, generator=g)
+    x = low_rank + 0.3 * torch.randn(tokens, k, generator=g)
+    return x * (0.2 + 2 * torch.rand(k, generator=g))
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((x @ weight.t() - x @ approx.t()) ** 2).mean())
+
+
+def as_linear(result, bits: int, group: int, symmetric: bool) -> QuantizedLinear:
+    return QuantizedLinear(
+        weight=result.weight, weight_scale=result.scale, weight_offset=result.offset,
+        bits=bits, group_size=group, symmetric=symmetric,
+    )  # fmt: skip
+
+
+def test_hessian_accumulated_in_batches_equals_one_pass():
+    x = correlated_inputs(300, 64)
+    acc = HessianAccumulator(64, chunk_rows=50)
+    for part in x.split(70):
+        acc.add(part)
+    assert acc.rows == 300
+    torch.testing.assert_close(acc.hessian, 2 * x.t() @ x / 300, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "symmetric", "act_order"),
+    [(4, GROUP, True, True), (4, GROUP, False, True), (4, GROUP, True, False),
+     (4, 0, True, True), (8, GROUP, True, False)],
+)  # fmt: skip
+def test_gptq_output_error_is_below_rtn(bits, group, symmetric, act_order):
+    g = torch.Generator().manual_seed(1)
+    weight = 0.02 * torch.randn(96, 256, generator=g)
+    x = correlated_inputs(2048, 256)
+    options = GPTQOptions(act_order=act_order, static_groups=True)
+    result = gptq_quantize(weight, hessian_of(x), bits, group, symmetric, options)
+    gptq = as_linear(result, bits, group, symmetric)
+    rtn = rtn_linear(weight, None, LayerSpec(bits=bits, group_size=group, symmetric=symmetric))
+    assert gptq.weight.dtype == torch.int8
+    assert int(gptq.weight.min()) >= -(2 ** (bits - 1)) and int(gptq.weight.max()) < 2 ** (bits - 1)
+    assert gptq.weight_scale.shape == (96, 256 // group if group else 1)
+    gptq_error = output_error(weight, gptq.dequantize(), x)
+    rtn_error = output_error(weight, rtn.dequantize(), x)
+    assert gptq_error < 0.6 * rtn_error, (gptq_error, rtn_error)
+
+
+def test_dynamic_groups_follow_the_updated_weights_and_beat_rtn():
+    weight = 0.02 * torch.randn(64, 192, generator=torch.Generator().manual_seed(2))
+    x = correlated_inputs(1024, 192, seed=3)
+    options = GPTQOptions(act_order=False, static_groups=False, clip_search=False)
+    gptq = as_linear(
+        gptq_quantize(weight, hessian_of(x), 4, GROUP, False, options), 4, GROUP, False
+    )
+    rtn = rtn_linear(weight, None, LayerSpec(bits=4, group_size=GROUP, symmetric=False))
+    assert output_error(weight, gptq.dequantize(), x) < output_error(weight, rtn.dequantize(), x)
+
+
+def test_act_order_with_dynamic_groups_is_refused_with_the_reason():
+    method = GPTQMethod(act_order=True, static_groups=False)
+    x = correlated_inputs(128, 128)
+    with pytest.raises(ValueError, match="static_groups: true.*g_idx"):
+        method.quantize_layer("l", torch.randn(8, 128), None, x, LayerSpec(4, GROUP))
+    problems = GPTQMethod.check_options({"act_order": True, "static_groups": False}, GROUP)
+    assert len(problems) == 1 and "vLLM-GCU" in problems[0]
+    assert GPTQMethod.check_options({"act_order": True, "static_groups": False}, 0) == []
+    assert "unknown GPTQ option" in GPTQMethod.check_options({"dampening": 0.1}, GROUP)[0]
+
+
+def test_dead_columns_are_zero_and_finite():
+    x = correlated_inputs(512, 128)
+    x[:, 5] = 0.0
+    x[:, 77] = 0.0
+    weight = torch.randn(16, 128)
+    result = gptq_quantize(weight, hessian_of(x), 4, GROUP, False, GPTQOptions())
+    deq = as_linear(result, 4, GROUP, False).dequantize()
+    assert torch.isfinite(deq).all()
+    assert deq[:, [5, 77]].abs().max() == 0
+
+
+def test_too_few_tokens_fall_back_to_rtn_and_say_so():
+    method = GPTQMethod(min_tokens=32)
+    spec = LayerSpec(bits=4, group_size=GROUP, symmetric=True)
+    weight = torch.randn(8, 128)
+    layer = method.quantize_layer("experts.3.up_proj", weight, None, torch.randn(5, 128), spec)
+    assert (
+        layer.extra["fallback"] == "rtn"
+        and "5 calibration tokens" in layer.extra["fallback_reason"]
+    )
+    assert torch.equal(layer.weight, rtn_linear(weight, None, spec).weight)
+
+
+def test_shared_inputs_reuse_one_hessian():
+    method = GPTQMethod()
+    x = correlated_inputs(256, 128)
+    first = method.hessian(x, "cpu")
+    assert method.hessian(x, "cpu") is first
+    assert method.hessian(x.clone(), "cpu") is first  # equal content, another tensor
+    assert method.hessian(x + 1, "cpu") is not first
+
+
+# ---- tiny models through the stage -------------------------------------------------------
+
+
+def quantize(model: Path, out: Path, work: Path, **config: object) -> object:
+    from gcupipe.stages.base import StageContext
+    from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
+
+    text = work / "calib.txt"
+    if not text.exists():
+        text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    out.mkdir(parents=True)
+    settings = {
+        "model": model,
+        "calibration": {"text_file": text, "samples": 8, "seq_len": 64},
+        **config,
+    }
+    return QuantizeStage().run(
+        QuantizeConfig.model_validate(settings),
+        StageContext("quantize", out, work / "scratch", work / "cache", work, log=lambda m: None),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gcupipe.testing.tiny_models import tiny_model
+
+    return tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def first_layer_inputs(model_dir: Path, work: Path) -> dict[str, torch.Tensor]:
+    """Inputs of layer 0's linears in the float model on the stage's calibration tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from gcupipe.quant.calibration import CalibrationConfig, calibration_batches
+
+    tokens = calibration_batches(
+        CalibrationConfig(text_file=work / "calib.txt", samples=8, seq_len=64), model_dir, 256
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    layer = model.model.layers[0]
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):  # a forward hook returning None leaves the output alone
+        def hook(module, args, output) -> None:
+            captured[name] = args[0].reshape(-1, module.in_features)
+
+        return hook
+
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        layer.get_submodule(name).register_forward_hook(keep(name))
+    with torch.no_grad():
+        model(tokens)
+    return captured
+
+
+def test_tiny_llama_layer_output_error_below_rtn(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from gcupipe.formats.registry import read_quantized
+
+    quantize(tiny_llama, tmp_path / "gptq", tmp_path, method="gptq", format="modelslim")
+    quantize(tiny_llama, tmp_path / "rtn", tmp_path, method="w4a16", format="modelslim")
+    gptq, rtn = read_quantized(tmp_path / "gptq"), read_quantized(tmp_path / "rtn")
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    for name, x in first_layer_inputs(tiny_llama, tmp_path).items():
+        prefix = f"model.layers.0.{name}"
+        weight = original[f"{prefix}.weight"]
+        gptq_error = output_error(weight, gptq.linears[prefix].dequantize(), x)
+        rtn_error = output_error(weight, rtn.linears[prefix].dequantize(), x)
+        assert gptq_error < rtn_error, (name, gptq_error, rtn_error)
+
+
+def unpack_int32_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Independent reading of the GPTQ layout: value i of a word sits at bits [i*b, (i+1)*b),
+    values of one word are consecutive along `dim` (k for qweight, n for qzeros)."""
+    per_word = 32 // bits
+    as_unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    parts = [(as_unsigned >> (bits * i)) & ((1 << bits) - 1) for i in range(per_word)]
+    stacked = torch.stack(parts, dim=dim + 1)  # [.., words, per_word, ..]
+    shape = list(words.shape)
+    shape[dim] *= per_word
+    return stacked.reshape(shape)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gcu_gptq_layout_round_trips_and_matches_an_independent_unpacking(
+    tiny_llama, tmp_path, symmetric
+):
+    from safetensors import safe_open
+
+    from gcupipe.formats.registry import read_quantized
+
+    out = tmp_path / "gcu"
+    outputs = quantize(tiny_llama, out, tmp_path, method="gptq", format="gcu", symmetric=symmetric)
+    assert outputs.quantization == "gptq"
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == 4
+    assert config["group_size"] == GROUP and config["desc_act"] is False
+    assert config["sym"] is symmetric
+    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is False
+    checkpoint = read_quantized(out)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            tensors.update({n: handle.get_tensor(n) for n in handle.keys()})  # noqa: SIM118
+    prefix = "model.layers.1.mlp.down_proj"
+    qweight, qzeros = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"]
+    scales, g_idx = tensors[f"{prefix}.scales"].float(), tensors[f"{prefix}.g_idx"]
+    k = qweight.shape[0] * 8
+    assert torch.equal(g_idx, torch.arange(k, dtype=torch.int32) // GROUP)  # contiguous
+    q = unpack_int32_words(qweight, 4, 0)  # [k, n] unsigned
+    zeros = unpack_int32_words(qzeros, 4, 1) + 1  # [groups, n], stored as zero - 1
+    if symmetric:
+        assert bool((zeros == 8).all())
+    dequantized = ((q - zeros[g_idx.long()]) * scales[g_idx.long()]).t()
+    layer = checkpoint.linears[prefix]
+    torch.testing.assert_close(dequantized, layer.dequantize(), rtol=0, atol=1e-6)
+    assert layer.method == "gptq" or checkpoint.method == "gptq"
+
+
+def test_one_gptq_run_reads_back_the_same_from_every_format(tiny_llama, tmp_path):
+    from gcupipe.formats.registry import read_quantized
+    from gcupipe.runtime.model import build_model, load_config
+
+    results = {}
+    for fmt in ("modelslim", "gcu", "compressed-tensors"):
+        out = tmp_path / fmt
+        quantize(tiny_llama, out, tmp_path, method="gptq", format=fmt)
+        results[fmt] = read_quantized(out)
+    names = set(results["modelslim"].linears)
+    assert len(names) == 2 * 7
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fmt, checkpoint in results.items():
+        assert set(checkpoint.linears) == names, fmt
+        for name in names:
+            a, b = results["modelslim"].linears[name], checkpoint.linears[name]
+            assert torch.equal(a.weight, b.weight), (fmt, name)
+            # gcu stores fp16 scales: the same numbers within fp16 precision
+            torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=1e-3, atol=1e-5)
+        model = build_model(load_config(tmp_path / fmt), checkpoint.float_tensors,
+                            checkpoint.linears)  # fmt: skip
+        with torch.no_grad():
+            logits[fmt] = model(ids).logits
+    for fmt in ("gcu", "compressed-tensors"):
+        torch.testing.assert_close(logits[fmt], logits["modelslim"], rtol=1e-2, atol=1e-3)
