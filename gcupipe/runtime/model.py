@@ -57,7 +57,7 @@ def load_float_model(model_dir: Path | str, dtype: str = "float32") -> Any:
 
 def _fuse_float_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-expert float checkpoint tensors -> transformers' fused 3D expert parameters."""
-    torch = require("torch", "quant")
+    torch_ = require("torch", "quant")
     groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     rest: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -70,32 +70,32 @@ def _fuse_float_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         ] = tensor
     for prefix, experts in groups.items():
         order = sorted(experts)
-        rest[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in order]
+        rest[f"{prefix}.gate_up_proj"] = torch_.stack(
+            [torch_.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in order]
         )
-        rest[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+        rest[f"{prefix}.down_proj"] = torch_.stack([experts[e]["down_proj"] for e in order])
     return rest
 
 
 def _experts_class() -> type:
-    torch = require("torch", "quant")
+    torch_ = require("torch", "quant")
 
-    class QuantizedExperts(torch.nn.Module):
+    class QuantizedExperts(torch_.nn.Module):  # type: ignore[name-defined,misc]
         """Per-expert quantized gate/up/down projections behind transformers' experts API
         (hidden_states, top_k_index, top_k_weights), as vLLM's fused-MoE kernels see them."""
 
         def __init__(self, gate: list[Any], up: list[Any], down: list[Any], act_fn: Any):
             super().__init__()
             self.num_experts = len(gate)
-            self.gate_proj = torch.nn.ModuleList(gate)
-            self.up_proj = torch.nn.ModuleList(up)
-            self.down_proj = torch.nn.ModuleList(down)
+            self.gate_proj = torch_.nn.ModuleList(gate)
+            self.up_proj = torch_.nn.ModuleList(up)
+            self.down_proj = torch_.nn.ModuleList(down)
             self.act_fn = act_fn
 
         def forward(self, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
-            out = torch.zeros_like(hidden_states)
+            out = torch_.zeros_like(hidden_states)
             for expert in range(self.num_experts):
-                token_idx, slot = torch.where(top_k_index == expert)
+                token_idx, slot = torch_.where(top_k_index == expert)
                 if token_idx.numel() == 0:
                     continue
                 x = hidden_states[token_idx]

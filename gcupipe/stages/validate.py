@@ -108,11 +108,11 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
         from gcupipe.validation.modeldir import ModelDir
 
         upstream = _upstream_model(ctx)
-        model_dir = config.model or (upstream and getattr(upstream, "model_dir", None))
+        model_dir: Path | None = config.model or _path_output(upstream, "model_dir")
         if model_dir is None:
             raise StageError("validate: no model to check: set `model:` or put a quantize "
                              "stage in `needs:`")
-        reference = config.reference or (upstream and getattr(upstream, "source_model_dir", None))
+        reference = config.reference or _path_output(upstream, "source_model_dir")
         quantization = config.quantization
         check_flag = config.quantization is not None
         if not check_flag and upstream is not None and hasattr(upstream, "quantization"):
@@ -166,6 +166,11 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             ppl_increase=metrics.get("ppl_increase"),
             token_agreement=metrics.get("token_agreement"),
         )
+
+
+def _path_output(outputs: StageOutputs | None, name: str) -> Path | None:
+    value = getattr(outputs, name, None) if outputs is not None else None
+    return Path(value) if value is not None else None
 
 
 def _upstream_model(ctx: StageContext) -> StageOutputs | None:

@@ -151,7 +151,8 @@ def _modelslim_shapes(md: ModelDir, findings: list[Finding]) -> None:
         k = stored_k * 2 if kind == "W4A16" else stored_k
         scale = tensors.get(f"{prefix}.weight_scale")
         groups = scale.shape[1] if scale is not None and len(scale.shape) == 2 else 1
-        allowed = [(n, 1)] if kind in ("W8A8", "W8A8_DYNAMIC") else [(n, 1), (n, groups)]
+        allowed: list[tuple[int, ...]] = (
+            [(n, 1)] if kind in ("W8A8", "W8A8_DYNAMIC") else [(n, 1), (n, groups)])
         if groups > 1 and k % groups:
             findings.append(Finding(f"{prefix}: {groups} groups do not divide k = {k}",
                                     "pick a group size that divides every layer's input size"))

@@ -127,7 +127,7 @@ def junit_xml(report: ValidationReport) -> bytes:
             failure.text = "\n".join(f"{f.message}\nfix: {f.fix}" for f in result.findings)
         elif result.status == "skip":
             ET.SubElement(case, "skipped", message=result.skip_reason)
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True)
+    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
 
 
 def plot_sqnr(sqnr_db: dict[str, float], worst: list[str], path: Path,
