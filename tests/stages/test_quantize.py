@@ -216,3 +216,26 @@ def test_formats_round_trip_exact_integers(arch, fmt, method, extra, models, tmp
     assert outputs.quantization == expected_quant[fmt].get(
         method, "gcu" if fmt == "modelslim" else "compressed-tensors"
     )
+
+
+def test_recipe_runs_quantize_through_the_engine_and_lint_rejects_bad_combo(models, tmp_path):
+    from gcupipe.engine import Selection, run_recipe
+    from gcupipe.errors import RecipeError
+    from gcupipe.recipe import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "version: 1\nname: tiny-w8a8\nstages:\n  quantize:\n    uses: quantize\n    with:\n"
+        f"      model: {models['deepseek_v2']}\n      w_bit: 8\n      a_bit: 8\n"
+        "      is_dynamic: true\n      format: modelslim\n"
+    )
+    result = run_recipe(load_recipe(recipe, environ={}), tmp_path / "run", Selection())
+    assert result.outcome == "ok", result.error
+    outputs = result.outputs("quantize")
+    assert outputs["method"] == "w8a8_dynamic" and outputs["quantization"] == "gcu"
+    assert (Path(outputs["model_dir"]) / "quant_model_description.json").is_file()
+    again = run_recipe(load_recipe(recipe, environ={}), tmp_path / "run", Selection())
+    assert [s.outcome for s in again.stages] == ["cached"]
+    recipe.write_text(recipe.read_text().replace("format: modelslim", "format: gcu"))
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+:\d+: stages.quantize.with.format"):
+        load_recipe(recipe, environ={})  # lint time: nothing runs
