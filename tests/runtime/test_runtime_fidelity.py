@@ -17,7 +17,7 @@ from gcupipe.quant.rtn import rtn_linear  # noqa: E402
 from gcupipe.quant.scheme import ActivationScheme, KVCacheScale  # noqa: E402
 from gcupipe.runtime.kv_cache import kv_fake_quant  # noqa: E402
 from gcupipe.runtime.linear import ReferenceLinear, RuntimeLinear, int8_matmul  # noqa: E402
-from gcupipe.runtime.model import build_model, load_config, load_float_model  # noqa: E402, F401
+from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.testing.tiny_models import tiny_model  # noqa: E402
 
 SPECS = {
