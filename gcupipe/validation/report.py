@@ -142,11 +142,12 @@ def plot_sqnr(sqnr_db: dict[str, float], worst: list[str], path: Path,
     values = [sqnr_db[n] if math.isfinite(sqnr_db[n]) else float("nan") for n in names]
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.06 * len(names), 24.0)), 3.6), dpi=100)
     ax.plot(range(len(names)), values, marker=".", linewidth=0.8, color="#3465a4")
-    for name in worst:
+    for rank, name in enumerate(worst):
         i = names.index(name)
         ax.scatter([i], [values[i]], color="#cc0000", zorder=3)
         ax.annotate(name.removeprefix("model.layers."), (i, values[i]), fontsize=7,
-                    textcoords="offset points", xytext=(3, -10), color="#cc0000")
+                    textcoords="offset points", xytext=(4, -11 if rank % 2 == 0 else 5),
+                    color="#cc0000")
     if threshold_db is not None:
         ax.axhline(threshold_db, color="#cc0000", linestyle="--", linewidth=0.8)
     ax.set_xlabel("quantized linear layer (checkpoint order)")
