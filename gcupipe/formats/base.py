@@ -121,7 +121,8 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.pending or name in self.names:
             raise ValueError(f"tensor {name} written twice")
-        self.pending[name] = tensor.contiguous()
+        tensor = tensor.detach()
+        self.pending[name] = (tensor if tensor.device.type == "cpu" else tensor.cpu()).contiguous()
         size = tensor.numel() * tensor.element_size()
         self.pending_bytes += size
         self.total_bytes += size

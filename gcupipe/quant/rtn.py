@@ -60,9 +60,9 @@ def rtn_quantize(
     groups = k // group_size if group_size else 1
     if group_size and k % group_size:
         raise ValueError(f"group size {group_size} does not divide input size {k}")
-    q = torch.empty((n, k), dtype=torch.int8)
-    scale = torch.empty((n, groups), dtype=torch.float32)
-    offset = torch.empty((n, groups), dtype=torch.float32)
+    q = torch.empty((n, k), dtype=torch.int8, device=weight.device)
+    scale = torch.empty((n, groups), dtype=torch.float32, device=weight.device)
+    offset = torch.empty((n, groups), dtype=torch.float32, device=weight.device)
     rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, n, rows):
         chunk = weight[start : start + rows].to(torch.float32, copy=True)

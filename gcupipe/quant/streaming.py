@@ -87,10 +87,15 @@ def quantize_model(
     batch_size: int = 8,
     on_layer: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> QuantizeReport:
     """Quantize `model_dir` into `writer` layer by layer. `calib_tokens` [samples, seq_len] is
-    required when the method needs calibration or `kv_cache` is set."""
+    required when the method needs calibration or `kv_cache` is set. `device` (cpu, cuda,
+    auto) is where calibrated layers run; tensors come back to the CPU to be written."""
     import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
     config = load_config(model_dir)
     arch = arch_for(config.model_type)
@@ -104,9 +109,9 @@ def quantize_model(
         from gcupipe.quant.layer_module import rotary_embeddings
 
         embed = reader.tensor("model.embed_tokens.weight").float()
-        hidden = torch.nn.functional.embedding(calib_tokens, embed)
+        hidden = torch.nn.functional.embedding(calib_tokens, embed).to(device)
         del embed
-        position_embeddings = rotary_embeddings(config, calib_tokens.shape[1])
+        position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
 
     with torch.no_grad():
         for name in reader.globals:
@@ -286,7 +291,7 @@ def _quantize_layer_calibrated(
     )
 
     specs = _linear_specs(arch, index, tensors, resolve, report)
-    layer = build_layer(config, index, tensors)
+    layer = build_layer(config, index, tensors).to(hidden.device)
     capture = _Capture(layer, list(specs)) if method.needs_calibration else None
     _run_layer(layer, hidden, position_embeddings, batch_size)
     calib = capture.remove() if capture is not None else LayerCalibration()
@@ -312,7 +317,8 @@ def _quantize_layer_calibrated(
             spec,
         )
         quantized[module] = q
-        linear.weight.data = q.dequantize().to(linear.weight.dtype)  # fake quant for the next pass
+        # fake quant: the next pass (and the next layer) sees the quantized weights
+        linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
     calib.inputs.clear()
     # the float tensors written are the (possibly smoothed) ones of the module
     state = layer.state_dict()
@@ -358,6 +364,12 @@ def _emit_kv(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_kv_cache(f"{arch.layer_prefix}.{index}.self_attn", kv, heads * head_dim)
     report.kv_cache_layers += 1
+
+
+def _to_device(value: Any, device: str) -> Any:
+    if isinstance(value, tuple | list):
+        return type(value)(v.to(device) for v in value)
+    return value.to(device)
 
 
 def compile_patterns(patterns: list[str]) -> list[re.Pattern[str]]:

@@ -217,6 +217,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 batch_size=config.batch_size,
                 on_layer=on_layer,
                 log=ctx.log,
+                device=config.device,
             )
         result = writer.finish()
         return QuantizeOutputs(
