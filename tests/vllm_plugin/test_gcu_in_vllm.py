@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from gcupipe.formats.modelslim import ModelslimWriter, read_modelslim  # noqa: E402
+from gcupipe.formats.registry import read_quantized  # noqa: E402
 from gcupipe.quant.methods import LayerSpec  # noqa: E402
 from gcupipe.quant.observers import scale_offset_from_range  # noqa: E402
 from gcupipe.quant.rtn import rtn_linear  # noqa: E402
@@ -42,6 +42,13 @@ same integer math: measured differences are ~1e-5; an activation rounding flip m
 logprob by ~1e-4 on these tiny models. 2e-3 catches any real format error (those are > 0.05)."""
 
 
+CT_LOGPROB_ATOL = 5e-2
+"""compressed-tensors runs on vLLM's own int8 kernels (oneDNN), which take bf16 activations on
+CPU: compared with the fp32 reference, bf16 rounding moves these logprobs by ~1e-2; a wrong
+scale or layout moves them by > 0.1. (Greedy tokens of a random model are near ties in bf16,
+so they are not compared.)"""
+
+
 def _calibrate(model_dir: Path) -> dict[str, tuple[float, float]]:
     """Per-linear input min/max on the test prompts (static W8A8 needs input ranges)."""
     from gcupipe.runtime.model import load_float_model
@@ -65,16 +72,19 @@ def _calibrate(model_dir: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def write_modelslim(source: Path, out: Path, kind: str, kv_cache: bool = False) -> Path:
+def write_modelslim(source: Path, out: Path, kind: str, kv_cache: bool = False,
+                    fmt: str = "modelslim") -> Path:
     """Quantize every decoder linear of `source` by RTN and write it with the real writer."""
     from safetensors.torch import load_file
+
+    from gcupipe.formats.registry import writer_for
 
     spec = SPECS[kind]
     state = load_file(str(source / "model.safetensors"))
     ranges = _calibrate(source) if spec.activation is ActivationScheme.STATIC else {}
     config = json.loads((source / "config.json").read_text())
     out.mkdir(parents=True)
-    writer = ModelslimWriter(out, source, config, kind.lower())
+    writer = writer_for(fmt)(out, source, config, kind.lower())
     written = set()
     for name, tensor in state.items():
         prefix, _, leaf = name.rpartition(".")
@@ -112,7 +122,7 @@ def float_first_logprobs(model_dir: Path) -> list:
 
 def reference_logprobs(model_dir: Path) -> list[dict]:
     """Greedy continuation + next-token top logprobs per prompt, from the reference runtime."""
-    ckpt = read_modelslim(model_dir)
+    ckpt = read_quantized(model_dir)
     model = build_model(load_config(model_dir), ckpt.float_tensors, ckpt.linears)
     rows = []
     with torch.no_grad():
@@ -153,6 +163,15 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
     models[("llama", "C8")] = c8
     jobs.append({**jobs[0], "llm": {**jobs[0]["llm"], "model": str(c8)},
                  "output": str(root / "llama-c8.jsonl")})
+    # compressed-tensors W8A8 (dynamic per-token activations): upstream vLLM's own loader and
+    # int8 kernels, no plugin and no --quantization
+    ct = write_modelslim(models[("llama", "float")], root / "llama-ct-w8a8", "W8A8_DYNAMIC",
+                         fmt="compressed-tensors")
+    models[("llama", "compressed-tensors")] = ct
+    ct_llm = {key: value for key, value in jobs[0]["llm"].items() if key != "quantization"}
+    ct_llm["dtype"] = "bfloat16"  # vLLM's CPU int8 GEMM takes bf16/fp16 activations only
+    jobs.append({**jobs[0], "llm": {**ct_llm, "model": str(ct)},
+                 "output": str(root / "llama-ct.jsonl")})
     # W4A16 again with integer weights kept in memory and dequantized at every call
     w4a16 = next(job for job in jobs if job["output"].endswith("llama-w4a16.jsonl"))
     models[("llama", "W4A16-low-memory")] = models[("llama", "W4A16")]
@@ -196,6 +215,17 @@ def test_c8_kv_cache_tensors_load_and_leave_weights_alone(served) -> None:  # ty
     assert description["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
     plain, with_c8 = outputs[("llama", "W8A8_DYNAMIC")], outputs[("llama", "C8")]
     assert [row["token_ids"] for row in with_c8] == [row["token_ids"] for row in plain]
+
+
+def test_compressed_tensors_w8a8_loads_without_the_plugin(served) -> None:  # type: ignore[no-untyped-def]
+    models, outputs = served
+    config = json.loads((models[("llama", "compressed-tensors")] / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    reference = reference_logprobs(models[("llama", "compressed-tensors")])
+    for got, want in zip(outputs[("llama", "compressed-tensors")], reference, strict=True):
+        for token, logprob in got["logprobs"][0].items():
+            expected = float(want["first"][int(token)])
+            assert math.isclose(logprob, expected, abs_tol=CT_LOGPROB_ATOL), (token, logprob)
 
 
 def test_low_memory_weight_only_mode_gives_the_same_results(served) -> None:  # type: ignore[no-untyped-def]
