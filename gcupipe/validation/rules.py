@@ -195,6 +195,24 @@ def experts_quantized(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     return findings
 
 
+@rule("compressed-tensors-scales", "compressed-tensors: every quantized weight carries its "
+      "scale (and its shape when packed)")
+def compressed_tensors_scales(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    if md.format != "compressed-tensors":
+        raise Skip(f"{md.format} layout")
+    missing = []
+    for prefix, kind in sorted(md.module_types.items()):
+        needs = {"INT8": ("weight_scale",), "PACKED": ("weight_scale", "weight_shape")}
+        for leaf in needs.get(kind, ()):
+            if f"{prefix}.{leaf}" not in md.tensors:
+                missing.append(f"{prefix}.{leaf}")
+    if not missing:
+        return []
+    return [Finding(f"{len(missing)} compressed-tensors parameter(s) are missing, e.g. "
+                    f"{missing[0]} (vLLM cannot decompress the weight without it)",
+                    "re-write the model through the compressed-tensors writer")]
+
+
 # The target's loader rules come after the layout rules, the serve flag last.
 from gcupipe.validation import rules_gcu  # noqa: E402,F401
 

@@ -301,3 +301,23 @@ def test_modelslim_group_size_disagrees_with_scales(tiny_llama, tmp_path):
     bad = failed(path)
     assert set(bad) == {"group-size"}
     assert "not group_size 32" in bad["group-size"].message
+
+
+def test_compressed_tensors_packed_weight_without_its_scale(tiny_llama, tmp_path):
+    from .conftest import quantize
+
+    path = quantize(tiny_llama, tmp_path / "ct", method="w4a16", group_size=64,
+                    format="compressed-tensors")
+    assert failed(path) == {}
+    assert results(path)["compressed-tensors-scales"].status == "pass"
+    shard = next(path.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    del tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    for index in path.glob("*.index.json"):
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("model.layers.0.mlp.up_proj.weight_scale", None)
+        index.write_text(json.dumps(data))
+    bad = failed(path)
+    assert set(bad) == {"compressed-tensors-scales"}
+    assert "model.layers.0.mlp.up_proj.weight_scale" in bad["compressed-tensors-scales"].message
