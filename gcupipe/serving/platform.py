@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib.util
 import os
+import sys
+import tempfile
 from pathlib import Path
+
+MAX_SOCKET_DIR_CHARS = 60
 
 
 class Platform(enum.StrEnum):
@@ -23,13 +28,12 @@ def detect_platform() -> Platform:
         return Platform(forced.lower())
     if importlib.util.find_spec("vllm_gcu") is not None:
         return Platform.GCU
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return Platform.CUDA
-    except ImportError:  # pragma: no cover - torch is a dependency of vLLM
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already imported: ask it
+        return Platform.CUDA if torch.cuda.is_available() else Platform.CPU
+    # `gcupipe plan` must stay light: the NVIDIA driver's device files say it without torch
+    if Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists():
+        return Platform.CUDA
     return Platform.CPU
 
 
@@ -40,6 +44,10 @@ def platform_env(platform: Platform, run_dir: Path, kv_cache_space_gib: int) -> 
     start, so the KV cache gets an explicit size; the in-process engine starts twice as fast."""
     cache_root = run_dir / "vllm-cache"
     tmp_dir = run_dir / "tmp"
+    if len(str(tmp_dir.resolve())) > MAX_SOCKET_DIR_CHARS:
+        # vLLM puts IPC sockets in TMPDIR and a socket path must fit in 107 bytes
+        digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        tmp_dir = Path(tempfile.gettempdir()) / f"gcupipe-vllm-{digest}"
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     env = {"VLLM_CACHE_ROOT": str(cache_root), "TMPDIR": str(tmp_dir)}

@@ -110,3 +110,10 @@ def test_platform_override_and_cpu_env(tmp_path: Path, monkeypatch: pytest.Monke
     assert Path(env["VLLM_CACHE_ROOT"]).is_relative_to(tmp_path)
     assert Path(env["TMPDIR"]).is_dir()
     assert "VLLM_CPU_KVCACHE_SPACE" not in platform_env(Platform.CUDA, tmp_path, 1)
+
+
+def test_long_run_dirs_keep_sockets_short(tmp_path: Path) -> None:
+    deep = tmp_path / ("x" * 80)
+    env = platform_env(Platform.CPU, deep, kv_cache_space_gib=1)
+    assert len(env["TMPDIR"]) <= 60 + len("/gcupipe-vllm-") and Path(env["TMPDIR"]).is_dir()
+    assert env == platform_env(Platform.CPU, deep, kv_cache_space_gib=1)  # stable per run

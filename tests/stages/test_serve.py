@@ -86,8 +86,8 @@ def test_online_modelslim_checks_pass_and_nothing_survives(models, tmp_path: Pat
     leftover = [pid for pid in _descendants() - before
                 if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert leftover == []
-    # vLLM kept its caches and sockets inside the run
-    assert (ctx.run_dir / "vllm-cache").is_dir() and (ctx.run_dir / "tmp").is_dir()
+    # vLLM kept its caches inside the run
+    assert (ctx.run_dir / "vllm-cache").is_dir()
 
 
 @pytest.fixture
