@@ -104,21 +104,31 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         return problems
 
     def describe(self, config: ServeConfig, cache_dir: Path) -> str | None:
+        """The exact command (or LLM call); what only the run can know is named in <...>."""
+        known = config.model is not None and config.model.is_dir()
         model = str(config.model) if config.model else "<upstream model_dir>"
         platform = detect_platform()
         quantization = config.quantization
-        if quantization is None and config.model is not None and config.model.is_dir():
-            try:
-                quantization = derive_quantization(inspect_artifact(config.model), platform)
-            except StageError as exc:
-                return f"vllm {config.mode} on {platform.value}: {exc}"
+        notes = []
+        if quantization is None:
+            if known:
+                try:
+                    quantization = derive_quantization(inspect_artifact(config.model), platform)
+                except StageError as exc:
+                    return f"vllm {config.mode} on {platform.value}: {exc}"
+            else:
+                notes.append("--quantization follows the model's files at run time")
+        elif quantization.lower() == "none":
+            quantization = None
         args = self._vllm_args(config, model, quantization, platform)
-        port = config.port or 0
         if config.mode == "online":
-            command = render_command(server_command(args, config.host, port))
-            return f"vllm online on {platform.value}: {command}" + (
-                "" if config.port else "  (port 0 = a free port at run time)")
-        return f"vllm offline on {platform.value}: vllm.LLM(**{args.llm_kwargs()!r})"
+            command = server_command(args, config.host, config.port or 0)
+            if not config.port:
+                command[-1] = "<free port>"
+            line = f"vllm online on {platform.value}: {render_command(command)}"
+        else:
+            line = f"vllm offline on {platform.value}: vllm.LLM(**{args.llm_kwargs()!r})"
+        return line + (f"  ({'; '.join(notes)})" if notes else "")
 
     # -- run ---------------------------------------------------------------------------------
 
