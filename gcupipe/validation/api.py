@@ -99,7 +99,16 @@ def validate_model_dir(
         report.gates = [skipped(g, s, "the directory is damaged (see the structural rules)")
                         for g, s in _GATES.items()]
     else:
-        report.gates = _numeric_gates(model_dir, reference, settings, report, log)
+        try:
+            report.gates = _numeric_gates(model_dir, reference, settings, report, log)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot run is a failed check
+            first_line = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            log(f"numeric checks could not run: {first_line}")
+            report.gates = [RuleResult("model-runs", "the quantized and float models load and "
+                                       "run on the reference runtime", "fail", [Finding(
+                                           f"the models could not be run: {first_line}",
+                                           "fix what the structural rules report; check "
+                                           "that `reference:` is the float source model")])]
     out = Path(report_dir) if report_dir is not None else model_dir / "validation"
     return ValidationOutcome(report, write_reports(report, out))
 

@@ -175,3 +175,13 @@ def test_recipe_run_through_the_engine(quantized, tmp_path, quantization):
     assert "quantization-flag" in str(result.error)
     report = Path(str(result.error).rsplit("report: ", 1)[1])
     assert report.is_file() and "'gcu'" in report.read_text()
+
+
+def test_a_model_that_cannot_run_is_a_failed_check_with_a_report(quantized, tmp_path):
+    _, upstream = quantized
+    ctx = context(tmp_path, "validate", {"quantize": upstream})
+    wrong_reference = tiny_model("qwen2", tmp_path / "other", hidden_size=64, head_dim=16,
+                                 intermediate_size=128)
+    outputs = ValidateStage().run(ValidateConfig(reference=wrong_reference, fail=False), ctx)
+    assert outputs.failures == ["model-runs"]
+    assert "could not be run" in outputs.report_markdown.read_text()
