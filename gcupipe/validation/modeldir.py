@@ -19,7 +19,7 @@ DESCRIPTION = "quant_model_description.json"
 KV_JSON = "int8_kv_cache.json"
 QUANTIZE_CONFIG = "quantize_config.json"
 QUANT_TYPES = {"FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "C8"}
-DESCRIPTION_META = {"model_quant_type", "version", "group_size", "kv_cache_type",
+DESCRIPTION_META = {"model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type",
                     "fa_quant_type", "reduce_quant_type", "metadata"}
 GCU_METHODS = {"gptq", "awq", "w8a8"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
