@@ -92,7 +92,7 @@ def write_safetensors(
         for _name, tensor in ordered:
             if tensor.numel():
                 flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                handle.write(memoryview(flat.numpy()))
+                handle.write(memoryview(flat.numpy()))  # type: ignore[arg-type]
 
 
 class ShardWriter:

@@ -65,7 +65,7 @@ class LayerView:
     """What `prepare_layer` may touch: the module and the architecture's smoothing groups."""
 
     module: Any  # torch.nn.Module of the decoder layer
-    smooth_groups: list[tuple[str, list[str]]]  # (norm / previous linear, readers), in-layer names
+    smooth_groups: list[tuple[str, tuple[str, ...]]]  # (norm, reader regexes), in-layer names
     layer_index: int = 0
     linear_pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer re, reader)
 

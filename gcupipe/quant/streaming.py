@@ -104,8 +104,10 @@ def quantize_model(
     needs_forward = method.needs_calibration or kv_cache
     if needs_forward and calib_tokens is None:
         raise StageError("this method (or kv_cache: int8) needs calibration data")
-    hidden = position_embeddings = None
+    hidden: Any = None
+    position_embeddings: Any = None
     if needs_forward:
+        assert calib_tokens is not None
         from gcupipe.quant.layer_module import rotary_embeddings
 
         embed = reader.tensor("model.embed_tokens.weight").float()
