@@ -164,14 +164,15 @@ def peer_worker(request_path: str, answer_path: str) -> None:
     Path(answer_path).write_text(json.dumps(answer))
 
 
-# (row label, gcupipe method, options, symmetric)
+# (row label, gcupipe method, options, symmetric), in the order they run: the comparisons
+# the acceptance needs first, so a cut-short run still has them.
 GCUPIPE_ROWS = [
-    ("RTN w4 g64 sym", "w4a16", {}, True),
-    ("RTN w4 g64 asym", "w4a16", {}, False),
     ("GPTQ w4 g64 sym", "gptq", {}, True),
-    ("GPTQ w4 g64 asym", "gptq", {}, False),
-    ("AWQ w4 g64 sym", "awq", {}, True),
+    ("RTN w4 g64 sym", "w4a16", {}, True),
     ("AWQ w4 g64 asym", "awq", {}, False),
+    ("RTN w4 g64 asym", "w4a16", {}, False),
+    ("AWQ w4 g64 sym", "awq", {}, True),
+    ("GPTQ w4 g64 asym", "gptq", {}, False),
 ]
 PEER = "llmcompressor GPTQModifier w4 g64 sym"
 
@@ -230,36 +231,39 @@ def main(argv: list[str] | None = None) -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     wanted = lambda label: not only or label in only  # noqa: E731
     rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="w4a16-bench-") as tmp:
-        work = Path(tmp)
-        if wanted("float"):
-            rows["float"] = run_float(model_dir, eval_ids)
-            print(f"float: {rows['float']}", flush=True)
-        for label, method, options, symmetric in GCUPIPE_ROWS:
-            if wanted(label):
-                slug = label.replace(" ", "_")
-                rows[label] = run_gcupipe(
-                    method, options, symmetric, model_dir, tokens, eval_ids, work / slug
-                )
-                print(f"{label}: {rows[label]}", flush=True)
-        if not args.no_peer and wanted(PEER):
-            rows[PEER] = run_llmcompressor(model_dir, tokens, eval_ids, work)
-            print(f"{PEER}: {rows[PEER]}", flush=True)
     meta = {
         "calib_samples": args.calib_samples,
         "calib_seq_len": args.calib_seq_len,
-        "scored_tokens": next(iter(rows.values()))["scored_tokens"] if rows else 0,
+        "scored_tokens": 0,
         "threads": torch.get_num_threads(),
     }
-    table = markdown(rows, meta)
-    print(table)
-    if not args.no_write:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from _results import write_results
 
-        name = "w4a16_accuracy" if args.eval_tokens is None else "w4a16_accuracy_reduced"
-        path = write_results(name, {"meta": meta, "rows": rows}, table)
-        print(f"wrote {path}")
+    def record(label: str, row: dict[str, Any]) -> None:
+        """Keep a row and rewrite the results file, so a run cut short keeps what it measured."""
+        rows[label] = row
+        meta["scored_tokens"] = row.get("scored_tokens", meta["scored_tokens"])
+        print(f"{label}: {row}", flush=True)
+        if not args.no_write:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from _results import write_results
+
+            write_results("w4a16_accuracy", {"meta": meta, "rows": rows}, markdown(rows, meta))
+
+    with tempfile.TemporaryDirectory(prefix="w4a16-bench-") as tmp:
+        work = Path(tmp)
+        if wanted("float"):
+            record("float", run_float(model_dir, eval_ids))
+        for index, (label, method, options, symmetric) in enumerate(GCUPIPE_ROWS):
+            if wanted(label):
+                slug = label.replace(" ", "_")
+                record(label, run_gcupipe(method, options, symmetric, model_dir, tokens,
+                                          eval_ids, work / slug))  # fmt: skip
+            if index == 0 and not args.no_peer and wanted(PEER):
+                try:
+                    record(PEER, run_llmcompressor(model_dir, tokens, eval_ids, work))
+                except (OSError, subprocess.CalledProcessError) as exc:
+                    print(f"{PEER} failed: {exc}", flush=True)
+    print(markdown(rows, meta))
     return 0
 
 
