@@ -118,9 +118,14 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
             scale = scale.repeat_interleave(group, dim=1)
             offset = offset.repeat_interleave(group, dim=1)
         if not self.low_memory:
+            from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
             dequantized = ((weight.float() - offset) * scale).to(layer.gcu_params_dtype)
             layer.weight = _frozen(dequantized.contiguous())
             del layer.weight_scale, layer.weight_offset
+            # from here on it is a float layer: vLLM's own GEMM path for the platform
+            self.float_method = UnquantizedLinearMethod()
+            self.float_method.process_weights_after_loading(layer)
             layer.gcu_dequantized = True
             return
         layer.weight = _frozen(weight.contiguous())
@@ -130,9 +135,8 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if layer.gcu_dequantized:
-            weight = layer.weight if layer.weight.dtype == x.dtype else layer.weight.to(x.dtype)
-        else:
-            weight = ((layer.weight.float() - layer.weight_offset) * layer.weight_scale).to(x.dtype)
+            return self.float_method.apply(layer, x, bias)
+        weight = ((layer.weight.float() - layer.weight_offset) * layer.weight_scale).to(x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
 
 
