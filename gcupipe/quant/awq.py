@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from gcupipe.errors import StageError
 from gcupipe.quant.gptq import fallback_reason, rtn_fallback
 from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
 from gcupipe.quant.observers import quantize, scale_offset_from_range
@@ -227,13 +228,25 @@ class AWQMethod(QuantMethod):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.awq_options = AWQOptions.from_mapping(dict(options))
+        try:
+            self.awq_options = AWQOptions.from_mapping(dict(options))
+        except (TypeError, ValueError) as exc:
+            raise StageError(f"options: {exc}") from exc
         self._view: LayerView | None = None
         self._calib: LayerCalibration | None = None
         self._searched = False
         self._scales: dict[str, torch.Tensor] = {}  # reader (in-layer name) -> s [k]
         self._ratios: dict[str, float] = {}
         self._cache: tuple[Any, Any, torch.Tensor] | None = None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], group_size: int = 0) -> list[str]:
+        """Lint-time problems of `options:` (empty when fine)."""
+        try:
+            AWQOptions.from_mapping(dict(options))
+        except (TypeError, ValueError) as exc:
+            return [str(exc)]
+        return []
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         self._view, self._calib = view, calib

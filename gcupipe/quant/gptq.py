@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from gcupipe.errors import StageError
 from gcupipe.quant.methods import LayerSpec, QuantMethod
 from gcupipe.quant.observers import scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
@@ -333,7 +334,10 @@ class GPTQMethod(QuantMethod):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.gptq_options = GPTQOptions.from_mapping(dict(options))
+        try:
+            self.gptq_options = GPTQOptions.from_mapping(dict(options))
+        except (TypeError, ValueError) as exc:
+            raise StageError(f"options: {exc}") from exc
         self._cached_inputs: torch.Tensor | None = None
         self._cached_hessian: torch.Tensor | None = None
 

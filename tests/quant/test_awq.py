@@ -55,6 +55,15 @@ def test_scale_search_keeps_identity_when_nothing_helps():
         assert torch.equal(scale, torch.ones(128))
 
 
+def test_bad_options_are_a_stage_error():
+    from gcupipe.errors import StageError
+
+    with pytest.raises(StageError, match="unknown AWQ option"):
+        AWQMethod(alpha=0.5)
+    assert AWQMethod.check_options({"grid": 10}) == []
+    assert "clip_max_shrink" in AWQMethod.check_options({"clip_max_shrink": 2.0})[0]
+
+
 def test_clip_search_never_increases_the_group_error():
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))
     weight[0, 3] = 8.0  # an outlier worth clipping

@@ -93,6 +93,13 @@ def test_act_order_with_dynamic_groups_is_refused_with_the_reason():
     assert "unknown GPTQ option" in GPTQMethod.check_options({"dampening": 0.1}, GROUP)[0]
 
 
+def test_bad_options_are_a_stage_error_naming_the_known_ones():
+    from gcupipe.errors import StageError
+
+    with pytest.raises(StageError, match="unknown GPTQ option.*damp_percent"):
+        GPTQMethod(dampening=0.1)
+
+
 def test_dead_columns_are_zero_and_finite():
     x = correlated_inputs(512, 128)
     x[:, 5] = 0.0
