@@ -108,19 +108,19 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         known = config.model is not None and config.model.is_dir()
         model = str(config.model) if config.model else "<upstream model_dir>"
         platform = detect_platform()
-        quantization = config.quantization
         notes = []
-        if quantization is None:
+        artifact = None
+        try:
             if known:
-                try:
-                    quantization = derive_quantization(inspect_artifact(config.model), platform)
-                except StageError as exc:
-                    return f"vllm {config.mode} on {platform.value}: {exc}"
+                artifact = inspect_artifact(config.model)  # type: ignore[arg-type]
+                quantization = self._quantization(config, artifact, platform)
             else:
-                notes.append("--quantization follows the model's files at run time")
-        elif quantization.lower() == "none":
-            quantization = None
-        args = self._vllm_args(config, model, quantization, platform)
+                quantization = self._quantization(config, None, platform)
+                if config.quantization is None:
+                    notes.append("--quantization follows the model's files at run time")
+        except StageError as exc:
+            return f"vllm {config.mode} on {platform.value}: {exc}"
+        args = self._vllm_args(config, model, quantization, platform, artifact)
         if config.mode == "online":
             command = server_command(args, config.host, config.port or 0)
             if not config.port:
@@ -140,14 +140,10 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         if config.quantization is not None or platform is Platform.GCU or artifact.format != "gcu":
             # (off GCU, GPTQ/AWQ in the gcu layout are left to vLLM's own config detection)
             _check_flag(model_dir, quantization)
-        args = self._vllm_args(config, str(model_dir), quantization, platform)
-        if artifact.int8_kv_cache is not None:
-            if platform is Platform.GCU:
-                args.kv_cache_dtype = "int8"
-                args.quantization_param_path = str(artifact.int8_kv_cache)
-            else:
-                ctx.log(f"int8 KV cache scales are used on GCU only; {platform.value} serves "
-                        "with its default KV cache")
+        args = self._vllm_args(config, str(model_dir), quantization, platform, artifact)
+        if artifact.int8_kv_cache is not None and platform is not Platform.GCU:
+            ctx.log(f"int8 KV cache scales are used on GCU only; {platform.value} serves "
+                    "with its default KV cache")
         env = {**os.environ, **platform_env(platform, ctx.run_dir, config.kv_cache_space_gib),
                **config.env}
         ctx.log(f"serve: {artifact.format} model {model_dir} on {platform.value}, "
@@ -180,15 +176,17 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             raise StageError(f"serve: several upstream models ({names}): set `model:` to pick one")
         return next(iter(found))
 
-    def _quantization(self, config: ServeConfig, artifact: Artifact,
+    def _quantization(self, config: ServeConfig, artifact: Artifact | None,
                       platform: Platform) -> str | None:
         if config.quantization is not None:
             return None if config.quantization.lower() == "none" else config.quantization
-        return derive_quantization(artifact, platform)
+        return derive_quantization(artifact, platform) if artifact is not None else None
 
     def _vllm_args(self, config: ServeConfig, model: str, quantization: str | None,
-                   platform: Platform) -> VllmArgs:
+                   platform: Platform, artifact: Artifact | None = None) -> VllmArgs:
         eager = config.enforce_eager
+        kv_file = artifact.int8_kv_cache if artifact is not None else None
+        on_gcu_with_kv = platform is Platform.GCU and kv_file is not None
         return VllmArgs(
             model=model,
             quantization=quantization,
@@ -198,6 +196,8 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             trust_remote_code=config.trust_remote_code,
             dtype=config.dtype,
             enforce_eager=(platform is Platform.CPU) if eager is None else eager,
+            kv_cache_dtype="int8" if on_gcu_with_kv else None,
+            quantization_param_path=str(kv_file) if on_gcu_with_kv else None,
             extra_args=list(config.extra_args),
         )
 

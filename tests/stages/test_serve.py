@@ -226,6 +226,21 @@ def test_describe_prints_the_exact_command(models, tmp_path: Path) -> None:  # t
     assert offline is not None and "vllm.LLM(" in offline and "quantization" not in offline
 
 
+def test_gcu_platform_gets_the_loader_name_and_the_int8_kv_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GCUPIPE_PLATFORM", "gcu")
+    model = tmp_path / "gptq-int8kv"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (model / "int8_kv_cache.json").write_text("{}")
+    line = ServeStage().describe(ServeConfig(model=model, port=9000), tmp_path)
+    assert line is not None and line.startswith("vllm online on gcu:")
+    assert "--quantization gptq" in line
+    assert f"--kv-cache-dtype int8 --quantization-param-path {model}/int8_kv_cache.json" in line
+    assert "--enforce-eager" not in line  # eager is the CPU default only
+
+
 def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:
     stage = ServeStage()
     with pytest.raises(StageError, match="no model to serve"):
