@@ -95,6 +95,19 @@ def write_safetensors(
                 handle.write(memoryview(flat.numpy()))  # type: ignore[arg-type]
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): streaming frees a
+    shard's worth of tensors at a time, and peak RSS is what the memory budget measures."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class ShardWriter:
     """Writes safetensors shards of about `max_shard_bytes`, then names them
     `<stem>-0000i-of-0000N.safetensors` (or `<stem>.safetensors` for one) plus an index."""
@@ -141,6 +154,7 @@ class ShardWriter:
         self.temp_files.append((temp, list(self.pending)))
         self.pending = {}
         self.pending_bytes = 0
+        _release_freed_memory()
 
     def finish(self) -> list[str]:
         self.flush()

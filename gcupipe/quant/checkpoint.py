@@ -79,6 +79,8 @@ class CheckpointReader:
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.model_dir / file), "pt")
+        # A view of the memory-mapped file: tensors that outlive their layer (floats waiting in
+        # an output shard) must be cloned by the caller, or they pin the whole input file.
         return self._handles[file].get_tensor(name)  # type: ignore[no-any-return]
 
     def release(self) -> None:

@@ -67,8 +67,12 @@ def rtn_quantize(
     for start in range(0, n, rows):
         chunk = weight[start : start + rows].to(torch.float32, copy=True)
         chunk = chunk.reshape(-1, groups, k // groups)
-        s, o = scale_offset_from_range(chunk.amin(dim=-1), chunk.amax(dim=-1), bits, symmetric)
-        chunk.div_(s.unsqueeze(-1)).add_(o.unsqueeze(-1)).round_().clamp_(qmin, qmax)
+        low, high = torch.aminmax(chunk, dim=-1)
+        s, o = scale_offset_from_range(low, high, bits, symmetric)
+        chunk.div_(s.unsqueeze(-1))
+        if not symmetric:
+            chunk.add_(o.unsqueeze(-1))
+        chunk.round_().clamp_(qmin, qmax)
         q[start : start + rows] = chunk.reshape(-1, k).to(torch.int8)
         scale[start : start + rows] = s
         offset[start : start + rows] = o

@@ -167,7 +167,7 @@ def _write_global(
         else None
     )
     if spec is None:
-        writer.add_float(name, tensor)
+        writer.add_float(name, tensor.clone())  # own the memory: see CheckpointReader.tensor
         return
     q = method.quantize_layer(prefix, tensor.float(), None, None, spec)
     writer.add_linear(prefix, q)
@@ -230,7 +230,7 @@ def _emit_layer(
                 if "fallback" in q.extra:
                     report.fallbacks[f"{prefix}.{module}"] = str(q.extra["fallback"])
             continue  # the bias travels inside the QuantizedLinear
-        writer.add_float(f"{prefix}.{rel}", tensor)
+        writer.add_float(f"{prefix}.{rel}", tensor.clone())  # see CheckpointReader.tensor
 
 
 def _quantize_layer_plain(

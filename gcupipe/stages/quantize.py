@@ -79,7 +79,7 @@ class QuantizeConfig(StageConfig):
     device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="Compute device.")
     batch_size: int = Field(default=8, gt=0, description="Calibration sequences per forward.")
     max_shard_size_mb: int = Field(
-        default=1024, gt=0, description="Output shard size (also bounds buffered output)."
+        default=512, gt=0, description="Output shard size (also bounds buffered output)."
     )
 
     @model_validator(mode="before")
