@@ -5,7 +5,8 @@ lets one spec carry several models (one Python + vLLM import for all of them, wh
 the start-up time on CPU). SPEC is JSON:
 
     {"jobs": [{"llm": {...LLM keywords...}, "prompts": [...], "max_tokens": 16,
-               "temperature": 0.0, "logprobs": null, "env": {}, "output": "out.jsonl"}],
+               "temperature": 0.0, "logprobs": null, "env": {}, "warmup": false,
+               "repeats": 1, "output": "out.jsonl"}],
      "summary": "summary.json"}
 
 Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when asked) and
@@ -47,8 +48,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     prompts = list(job["prompts"])  # text, or token ids (a list) to bypass the tokenizer
     inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    if job.get("warmup"):  # first batches pay one-time costs; benchmarks time the steady state
+        llm.generate(inputs[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+        loaded = time.perf_counter()
     results = llm.generate(inputs, params, use_tqdm=False)
     finished = time.perf_counter()
+    best_s = finished - loaded
+    for _ in range(int(job.get("repeats", 1)) - 1):  # best of N: a shared machine is noisy
+        again = time.perf_counter()
+        llm.generate(inputs, params, use_tqdm=False)
+        best_s = min(best_s, time.perf_counter() - again)
     generated = 0
     with Path(job["output"]).open("w") as handle:
         for prompt, result in zip(prompts, results, strict=True):
@@ -66,7 +75,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             handle.write(json.dumps(row) + "\n")
     del llm
     gc.collect()
-    generate_s = finished - loaded
+    generate_s = best_s
     return {
         "output": job["output"],
         "load_s": round(loaded - started, 3),

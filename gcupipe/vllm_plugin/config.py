@@ -11,7 +11,6 @@ from vllm.model_executor.layers.quantization.base_config import (
 )
 
 from gcupipe.vllm_plugin.description import DESCRIPTION_FILE, DescriptionError, QuantDescription
-from gcupipe.vllm_plugin.linear import GcuKVCacheScalesMethod, linear_method
 
 QUANTIZATION_NAME = "gcu"
 
@@ -64,8 +63,11 @@ class GcuQuantConfig(QuantizationConfig):
                     self.description.renames[vllm_name] = hf_name
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        # imported on first use, not when vLLM loads plugins (before its platform is set up)
         from vllm.model_executor.layers.linear import LinearBase
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        from gcupipe.vllm_plugin.linear import GcuKVCacheScalesMethod, linear_method
 
         if isinstance(layer, LinearBase):
             kind = self.description.layer_type(prefix, self.packed_modules_mapping)
