@@ -77,6 +77,7 @@ def test_deepseek_recipe_quantizes_and_validates_moe_mla(tmp_path: Path) -> None
         ("mistral-w8a16.yaml", "mistral", "modelslim"),
         ("llama3-w8a8-kv-int8.yaml", "llama", "gcu"),
         ("llama3-gptq-w4a16.yaml", "llama", "gcu"),
+        ("qwen2-awq-w4a16.yaml", "qwen2", "gcu"),
     ],
 )
 def test_heavy_recipe_runs_on_a_tiny_model(recipe: str, arch: str, layout: str,
