@@ -24,15 +24,20 @@ def deep_merge(
     source: dict[str, Any],
     source_positions: Positions,
     prefix: KeyPath = (),
+    *,
+    over: bool = True,
 ) -> None:
     """Merge `source` over `target` in place: mappings merge key by key, anything else
-    (lists included) is replaced whole, and the positions follow the values that win."""
+    (lists included) is replaced whole, and the positions follow the values that win.
+    With `over=False` the target wins instead and `source` only fills in what it lacks."""
     for key, value in source.items():
         path = prefix + (key,)
         if isinstance(value, dict) and isinstance(target.get(key), dict):
-            if path in source_positions.keys:
+            if over and path in source_positions.keys:
                 target_positions.keys[path] = source_positions.keys[path]
-            deep_merge(target[key], target_positions, value, source_positions, path)
+            deep_merge(target[key], target_positions, value, source_positions, path, over=over)
+            continue
+        if not over and key in target:
             continue
         target[key] = value
         target_positions.drop(path)
@@ -47,7 +52,10 @@ def deep_merge(
 def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Positions]:
     """Load a recipe file with everything it extends and includes merged in.
 
-    Order (later wins): extended files in order < included fragments in order < the file."""
+    Precedence (later wins): extended files in order < included fragments in order < the file.
+    Key order: the extended files' keys, then the file's own, then keys only fragments add, so
+    a fragment mounted at `stages.<id>.with` never moves that stage ahead of the ones the
+    file declares before it."""
     display = display_path(path)
     data, positions = read_yaml_file(path, display)
     if data is None:
@@ -65,17 +73,20 @@ def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
     for reference, _ in _references(data, positions, "extends"):
         base, base_positions = _load_reference(path, reference, chain, positions, "extends")
         deep_merge(merged, merged_positions, base, base_positions)
+    fragments: dict[str, Any] = {}
+    fragments_positions = Positions()
     for reference, at in _references(data, positions, "include"):
         fragment, fragment_positions = _load_reference(path, reference, chain, positions, "include")
         if at:
             fragment, fragment_positions = _mount(fragment, fragment_positions, at)
-        deep_merge(merged, merged_positions, fragment, fragment_positions)
+        deep_merge(fragments, fragments_positions, fragment, fragment_positions)
 
     own = {key: value for key, value in data.items() if key not in ("extends", "include")}
     positions.drop(("extends",))
     positions.drop(("include",))
     positions.keys.pop(("extends",), None)
     positions.keys.pop(("include",), None)
+    deep_merge(own, positions, fragments, fragments_positions, over=False)
     deep_merge(merged, merged_positions, own, positions)
     return merged, merged_positions
 

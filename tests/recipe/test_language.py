@@ -75,6 +75,31 @@ stages:
     }
 
 
+def test_a_mounted_fragment_keeps_the_recipes_stage_order(tmp_path: Path) -> None:
+    write(tmp_path / "second.yaml", "run: echo fragment\n")
+    recipe = load_recipe(
+        write(
+            tmp_path / "r.yaml",
+            """
+version: 1
+name: r
+include:
+  - {file: second.yaml, at: stages.second.with}
+stages:
+  first:
+    uses: command
+    with: {run: "true"}
+  second:
+    uses: command
+""",
+        ),
+        environ={},
+    )
+    assert list(recipe.stages) == ["first", "second"]
+    assert recipe.stages["second"].needs == ["first"]
+    assert recipe.stages["second"].config == {"run": "echo fragment"}
+
+
 def test_interpolation_keeps_types_and_escapes(tmp_path: Path) -> None:
     recipe = load_recipe(
         write(
