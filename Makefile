@@ -29,11 +29,13 @@ test: $(STAMP)
 # The quickstart: SmolLM2-135M from PyPI -> W8A8 dynamic (modelslim) -> validate -> vLLM on CPU.
 # The venv's bin goes first on PATH so the recipe's `command` stage runs the venv's python.
 demo: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/gcupipe run recipes/quickstart.yaml
+	$(VENV)/bin/gcupipe run recipes/quickstart.yaml
 	@$(PY) examples/show_run.py runs/quickstart
 
+# the shipped JSON Schema and the README stage reference, both generated from the stage classes
 schema: $(STAMP)
 	$(VENV)/bin/gcupipe schema -o gcupipe.schema.json
+	$(PY) -c 'from tests.test_readme import write; write()'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gcupipe tests benchmarks examples

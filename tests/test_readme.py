@@ -28,8 +28,7 @@ def current_readme() -> str:
 def test_stage_reference_is_current() -> None:
     expected = current_readme()
     if README.read_text() != expected:
-        pytest.fail("README stage reference is stale: run "
-                    "`python -c 'from tests.test_readme import write; write()'`")
+        pytest.fail("README stage reference is stale: run `make schema`")
 
 
 def write() -> None:

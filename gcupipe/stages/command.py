@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from pydantic import Field
@@ -13,7 +14,10 @@ from gcupipe.stages.base import Stage, StageConfig, StageContext, StageOutputs
 
 
 class CommandConfig(StageConfig):
-    run: str = Field(description="Shell command, run with bash in the stage's output directory.")
+    run: str = Field(
+        description="Shell command, run with bash in the stage's output directory; `python` "
+        "there is the interpreter gcupipe runs on."
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the command."
     )
@@ -37,6 +41,8 @@ class CommandStage(Stage[CommandConfig, CommandOutputs]):
     def run(self, config: CommandConfig, ctx: StageContext) -> CommandOutputs:
         log_path = ctx.output_dir / "command.log"
         env = {**os.environ, **config.env, "GCUPIPE_OUTPUT_DIR": str(ctx.output_dir)}
+        # `python` in the command is gcupipe's own interpreter, venv or not
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with log_path.open("wb") as log:
             try:
                 completed = subprocess.run(
