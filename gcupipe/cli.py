@@ -261,6 +261,62 @@ def inspect(
 
 
 @app.command()
+def validate(
+    directory: Annotated[
+        Path, typer.Argument(help="A quantized model directory.", show_default=False)
+    ],
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="The float source model; without it only the structural rules run."),
+    ] = None,
+    quantization: Annotated[
+        str | None,
+        typer.Option(help="The --quantization value it will be served with (checked)."),
+    ] = None,
+    eval_text: Annotated[
+        Path | None, typer.Option(help="Text file for the perplexity gate (default: built-in).")
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens of it to score.")] = 2048,
+    max_ppl_increase: Annotated[
+        float, typer.Option(help="Largest relative perplexity increase over float.")
+    ] = 0.05,
+    min_token_agreement: Annotated[
+        float, typer.Option(help="Least greedy-token agreement with float.")
+    ] = 0.9,
+    report_dir: Annotated[
+        Path,
+        typer.Option(help="Where the reports go (JSON, Markdown, JUnit, SQNR plot)."),
+    ] = Path("validation"),
+) -> None:
+    """Check a quantized model directory outside a recipe: the same rules and gates as
+    `uses: validate`. Exit code 3 when a rule or gate fails.
+
+    gcupipe validate runs/quickstart/stages/quantize/out --reference float/ --quantization gcu
+    """
+    try:
+        from gcupipe.validation.api import ValidationSettings, enforce, validate_model_dir
+
+        if not directory.is_dir():
+            raise UsageError(f"{directory} is not a directory")
+        settings = ValidationSettings(
+            max_ppl_increase=max_ppl_increase,
+            min_token_agreement=min_token_agreement,
+            eval_text_file=eval_text,
+            eval_tokens=eval_tokens,
+            quantization=quantization,
+            check_quantization=quantization is not None,
+        )
+        outcome = validate_model_dir(directory, reference, settings, report_dir,
+                                     log=lambda line: errors.print(line, highlight=False))
+        console.print(f"report: {outcome.paths.get('markdown')}", highlight=False)
+        enforce(outcome)
+        console.print(f"[green]passed[/]: {len(outcome.report.rules)} rules, "
+                      f"{len(outcome.report.gates)} gates")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command()
 def clean(
     recipe: RecipeArg,
     workdir: WorkdirOpt = None,

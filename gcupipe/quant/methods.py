@@ -82,6 +82,14 @@ class QuantMethod:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    @classmethod
+    def check_options(cls, options: dict[str, Any], group_size: int) -> list[str]:
+        """Lint-time problems of the recipe's `options:` for this group size (empty when fine).
+        Methods with options override this; the others take none."""
+        if not options:
+            return []
+        return [f"method takes no options (got {', '.join(sorted(options))})"]
+
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         """Change float weights before quantization (SmoothQuant, AWQ scaling). Default: none."""
 
@@ -112,10 +120,14 @@ def register_method(name: str, target: str) -> None:
     METHODS[name] = target
 
 
-def load_method(name: str, **options: Any) -> QuantMethod:
-    """Instantiate the method registered under `name` with its options."""
+def method_class(name: str) -> type[QuantMethod]:
+    """The class registered under `name`."""
     if name not in METHODS:
         raise KeyError(f"unknown quantization method {name!r}; known: {sorted(METHODS)}")
     module_name, _, class_name = METHODS[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
+
+
+def load_method(name: str, **options: Any) -> QuantMethod:
+    """Instantiate the method registered under `name` with its options."""
+    return method_class(name)(**options)

@@ -120,6 +120,9 @@ class QuantizeConfig(StageConfig):
 
 class QuantizeOutputs(StageOutputs):
     model_dir: Path = Field(description="The quantized model directory.")
+    source_model_dir: Path = Field(
+        description="The float model it was quantized from (validate's default reference)."
+    )
     format: str = Field(description="Its layout (modelslim, gcu, compressed-tensors).")
     method: str = Field(description="The quantization method.")
     quantization: str | None = Field(description="vLLM's --quantization value for it.")
@@ -138,6 +141,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
 
     def check(self, config: QuantizeConfig) -> list[Problem]:
         from gcupipe.formats.compat import Combination, incompatibilities
+        from gcupipe.quant.methods import method_class
         from gcupipe.quant.plan import group_size_problems
 
         combo = Combination(
@@ -162,6 +166,10 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                     "calibration",
                 )
             )
+        for message in method_class(config.method).check_options(
+            config.options, config.weight_group_size
+        ):
+            problems.append(Problem(message, "options"))
         for pattern in [*config.ignore, *config.overrides]:
             try:
                 re.compile(pattern)
@@ -222,6 +230,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         result = writer.finish()
         return QuantizeOutputs(
             model_dir=ctx.output_dir,
+            source_model_dir=config.model,
             format=config.format,
             method=config.method,
             quantization=result.quantization,

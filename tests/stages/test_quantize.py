@@ -132,6 +132,22 @@ def test_check_reports_incompatible_format_and_group_size(models):
     assert [p.key for p in problems] == ["calibration"]
 
 
+def test_check_reports_method_options(models, tmp_path):
+    stage = QuantizeStage()
+    calibration = {"text_file": tmp_path / "calib.txt"}
+    shuffled = QuantizeConfig(model=models["llama"], method="gptq", group_size=64,
+                              calibration=calibration,
+                              options={"act_order": True, "static_groups": False})
+    [problem] = stage.check(shuffled)
+    assert problem.key == "options" and "static_groups: true" in problem.message
+    [problem] = stage.check(QuantizeConfig(model=models["llama"], method="awq", group_size=64,
+                                           calibration=calibration, options={"grid": 0.5}))
+    assert problem.key == "options"
+    [problem] = stage.check(QuantizeConfig(model=models["llama"], method="w8a16",
+                                           options={"damp_percent": 0.1}))
+    assert problem.message == "method takes no options (got damp_percent)"
+
+
 def test_ignore_and_overrides(models, tmp_path):
     outputs, out = run_stage(
         tmp_path,

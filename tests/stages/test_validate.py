@@ -115,10 +115,19 @@ def test_gates_fail_on_a_numerically_damaged_model(quantized, tmp_path):
     assert report["metrics"]["worst_layers"][0].endswith("mlp.down_proj")
 
 
+def test_the_reference_defaults_to_the_quantize_stages_source(quantized, tmp_path):
+    source, upstream = quantized
+    assert upstream.source_model_dir == source
+    ctx = context(tmp_path, "validate", {"quantize": upstream})
+    outputs = ValidateStage().run(ValidateConfig(eval={"max_tokens": 300}, max_new_tokens=2,
+                                                 prompts=["ab"]), ctx)
+    assert outputs.passed and outputs.ppl_float is not None
+
+
 def test_without_reference_numeric_checks_are_skipped(quantized, tmp_path):
     _, upstream = quantized
-    ctx = context(tmp_path, "validate", {"quantize": upstream})
-    outputs = ValidateStage().run(ValidateConfig(), ctx)
+    ctx = context(tmp_path, "validate")
+    outputs = ValidateStage().run(ValidateConfig(model=upstream.model_dir), ctx)
     assert outputs.passed and outputs.ppl_float is None
     gates = json.loads(outputs.report_json.read_text())["gates"]
     assert all(g["status"] == "skip" for g in gates)
@@ -185,3 +194,25 @@ def test_a_model_that_cannot_run_is_a_failed_check_with_a_report(quantized, tmp_
     outputs = ValidateStage().run(ValidateConfig(reference=wrong_reference, fail=False), ctx)
     assert outputs.failures == ["model-runs"]
     assert "could not be run" in outputs.report_markdown.read_text()
+
+
+def test_validate_command_outside_a_recipe(quantized, tmp_path, monkeypatch):
+    """`gcupipe validate DIR`: the same rules and gates; the seed's flag mistake exits 3."""
+    from typer.testing import CliRunner
+
+    from gcupipe.cli import app
+
+    source, upstream = quantized
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(upstream.model_dir), "--reference", str(source),
+                             "--quantization", "gcu", "--eval-tokens", "300"])
+    assert ok.exit_code == 0, ok.output
+    assert "passed" in ok.stdout
+    assert json.loads((tmp_path / "validation" / "validation.json").read_text())["passed"]
+    wrong = runner.invoke(app, ["validate", str(upstream.model_dir), "--quantization", "w4a16",
+                                "--report-dir", str(tmp_path / "wrong")])
+    assert wrong.exit_code == 3
+    assert "quantization-flag" in wrong.stderr and "'gcu'" in wrong.stderr
+    missing = runner.invoke(app, ["validate", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "is not a directory" in missing.stderr
