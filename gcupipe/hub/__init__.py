@@ -1,1 +1,1 @@
-"""Model sources for the download stage: ModelScope, Hugging Face, local directories, GGUF files."""
+"""Model and dataset sources: ModelScope, Hugging Face, local directories, GGUF files."""

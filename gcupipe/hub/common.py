@@ -21,6 +21,8 @@ class HubFetch:
     ignore_patterns: list[str] | None
     offline: bool
     max_workers: int = 4
+    repo_type: str = "model"
+    """"model" or "dataset": the hubs keep the two kinds in separate namespaces."""
 
 
 class HashMismatch(Exception):
@@ -32,7 +34,8 @@ class HashMismatch(Exception):
 
 
 class NotFound(Exception):
-    """The hub says 404; `what` is "model", "revision" or "file" when the source could tell."""
+    """The hub says 404; `what` is "model", "dataset", "revision" or "file" when the source
+    could tell."""
 
     def __init__(self, what: str, detail: str = ""):
         self.what = what

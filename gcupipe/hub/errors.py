@@ -22,9 +22,11 @@ def hub_stage_error(
     offline: bool,
     cache_dir: str,
     attempts: int,
+    kind: str = "model",
 ) -> StageError:
-    """One line naming the model, the endpoint and the fix. Never includes the token."""
-    where = f"{hub} model '{repo_id}' (revision '{revision}')"
+    """One line naming the model (or dataset: `kind`), the endpoint and the fix. Never
+    includes the token."""
+    where = f"{hub} {kind} '{repo_id}' (revision '{revision}')"
     names = {type(link).__name__ for link in _chain(exc)}
     text = " ".join(str(link) for link in _chain(exc))
 
@@ -44,15 +46,16 @@ def hub_stage_error(
     if code in (401, 403):
         return StageError(
             f"{where}: {endpoint} refused access (HTTP {code}): set ${token_env} to a token "
-            "that can read this model (or check the model id)."
+            f"that can read this {kind} (or check the {kind} id)."
         )
     not_found = next((link for link in _chain(exc) if isinstance(link, NotFound)), None)
     if not_found is not None:
-        names.add({"model": "RepositoryNotFoundError", "revision": "RevisionNotFoundError",
+        names.add({"model": "RepositoryNotFoundError", "dataset": "RepositoryNotFoundError",
+                   "revision": "RevisionNotFoundError",
                    "file": "EntryNotFoundError"}.get(not_found.what, "NotFound"))  # fmt: skip
     if code == 404 or not_found or names & {"RepositoryNotFoundError", "RevisionNotFoundError",
                                             "EntryNotFoundError", "NotExistError"}:  # fmt: skip
-        return StageError(_not_found(where, repo_id, revision, endpoint, names))
+        return StageError(_not_found(where, repo_id, revision, endpoint, names, kind))
     if unresolvable(exc):
         return StageError(
             f"{where}: the host of {endpoint} does not resolve (DNS): check the network, the "
@@ -68,7 +71,9 @@ def hub_stage_error(
     return StageError(f"{where}: download from {endpoint} failed: {first_line}")
 
 
-def _not_found(where: str, repo_id: str, revision: str, endpoint: str, names: set[str]) -> str:
+def _not_found(
+    where: str, repo_id: str, revision: str, endpoint: str, names: set[str], kind: str
+) -> str:
     if "RevisionNotFoundError" in names:
         return (
             f"{where}: revision '{revision}' does not exist on {endpoint}: "
@@ -78,11 +83,11 @@ def _not_found(where: str, repo_id: str, revision: str, endpoint: str, names: se
         return f"{where}: a file listed by {endpoint} could not be fetched (404): retry later."
     if "RepositoryNotFoundError" not in names:
         return (
-            f"{where} was not found on {endpoint} (HTTP 404): check the model id (org/name) "
+            f"{where} was not found on {endpoint} (HTTP 404): check the {kind} id (org/name) "
             "and the revision."
         )
     return (
-        f"{where}: model '{repo_id}' was not found on {endpoint}: check the id (org/name), "
+        f"{where}: {kind} '{repo_id}' was not found on {endpoint}: check the id (org/name), "
         "or set a token if it is private."
     )
 

@@ -40,9 +40,11 @@ def env_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def cached_snapshot(cache_dir: Path, repo_id: str, revision: str) -> Path | None:
+def cached_snapshot(
+    cache_dir: Path, repo_id: str, revision: str, repo_type: str = "model"
+) -> Path | None:
     """The cached snapshot for a branch (through refs/) or a commit; reads the disk only."""
-    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    repo_dir = cache_dir / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     commit = revision
     ref = repo_dir / "refs" / revision
     if ref.is_file():
@@ -60,6 +62,7 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
     hf = require("huggingface_hub", "hub")
     kwargs = dict(
         repo_id=request.repo_id,
+        repo_type=request.repo_type,
         revision=request.revision,
         cache_dir=str(request.cache_dir),
         allow_patterns=request.allow_patterns,
@@ -71,7 +74,8 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
     )
     pinned = _COMMIT_RE.fullmatch(request.revision) is not None
     if request.offline or (
-        pinned and cached_snapshot(request.cache_dir, request.repo_id, request.revision)
+        pinned
+        and cached_snapshot(request.cache_dir, request.repo_id, request.revision, request.repo_type)
     ):
         try:  # a commit never changes: a cached one needs no network at all
             path = hf.snapshot_download(**kwargs, local_files_only=True)
@@ -82,6 +86,16 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
     else:
         path = hf.snapshot_download(**kwargs)
     return Path(path), True
+
+
+def list_files(request: HubFetch) -> list[str]:
+    """The repository's file paths at the request's revision, from the hub's tree listing
+    (nothing downloaded)."""
+    hf = require("huggingface_hub", "hub")
+    api = hf.HfApi(endpoint=request.endpoint, token=request.token or False)
+    return sorted(
+        api.list_repo_files(request.repo_id, revision=request.revision, repo_type=request.repo_type)
+    )
 
 
 def verify(model_dir: Path, files: list[str]) -> tuple[int, dict[str, str]]:

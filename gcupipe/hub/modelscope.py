@@ -32,14 +32,20 @@ def describe_endpoint(configured: str | None) -> str:
     return endpoint(configured) or (f"https://{domain}" if domain else PUBLIC_ENDPOINT)
 
 
-def snapshot_dir(cache_dir: Path, repo_id: str, revision: str) -> Path:
+def env_cache_dir() -> Path | None:
+    return Path(os.environ[CACHE_ENV]).expanduser() if os.environ.get(CACHE_ENV) else None
+
+
+def snapshot_dir(cache_dir: Path, repo_id: str, revision: str, repo_type: str = "model") -> Path:
     """Where the client keeps a snapshot: named by branch or tag, not by commit."""
-    return cache_dir / "models" / repo_id.replace("/", "--") / "snapshots" / revision
+    return cache_dir / f"{repo_type}s" / repo_id.replace("/", "--") / "snapshots" / revision
 
 
-def cached_snapshot(cache_dir: Path, repo_id: str, revision: str) -> Path | None:
+def cached_snapshot(
+    cache_dir: Path, repo_id: str, revision: str, repo_type: str = "model"
+) -> Path | None:
     """The snapshot directory when it already holds files; reads the disk only."""
-    path = snapshot_dir(cache_dir, repo_id, revision)
+    path = snapshot_dir(cache_dir, repo_id, revision, repo_type)
     return path if path.is_dir() and any(path.iterdir()) else None
 
 
@@ -52,7 +58,10 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
     modelscope = require("modelscope", "hub")
     callbacks = [_callback_class(sink)] if sink is not None else None
     if not request.offline and _COMMIT_RE.fullmatch(request.revision):
-        if cached_snapshot(request.cache_dir, request.repo_id, request.revision) is not None:
+        cached = cached_snapshot(
+            request.cache_dir, request.repo_id, request.revision, request.repo_type
+        )
+        if cached is not None:
             try:  # a commit never changes: a cached one needs no network at all
                 return fetch(replace(request, offline=True), sink)
             except Exception:  # incomplete for these patterns: fetch online below
@@ -61,6 +70,7 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
         with _quiet_bars(sink is not None):
             path = modelscope.snapshot_download(
                 model_id=request.repo_id,
+                repo_type=request.repo_type,
                 revision=request.revision,
                 cache_dir=str(request.cache_dir),
                 allow_patterns=request.allow_patterns,
@@ -110,18 +120,32 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _which_missing(request: HubFetch, modelscope: object) -> NotFound:
-    """A 404 on the listing means a missing model or a missing revision; ask once more for
-    the default branch to tell which (only on this error path)."""
+    """A 404 on the listing means a missing repository or a missing revision; ask once more
+    for the default branch to tell which (only on this error path)."""
     if request.revision == DEFAULT_REVISION:
-        return NotFound("model", request.repo_id)
+        return NotFound(request.repo_type, request.repo_id)
     try:
-        api = modelscope.HubApi(  # type: ignore[attr-defined]
-            endpoint=request.endpoint, token=request.token, max_retries=1
-        )
-        api.get_model_files(request.repo_id, revision=DEFAULT_REVISION, recursive=False)
+        if request.repo_type == "model":
+            api = modelscope.HubApi(  # type: ignore[attr-defined]
+                endpoint=request.endpoint, token=request.token, max_retries=1
+            )
+            api.get_model_files(request.repo_id, revision=DEFAULT_REVISION, recursive=False)
+        else:
+            list_files(replace(request, revision=DEFAULT_REVISION))
     except Exception:
-        return NotFound("model", request.repo_id)
+        return NotFound(request.repo_type, request.repo_id)
     return NotFound("revision", request.revision)
+
+
+def list_files(request: HubFetch) -> list[str]:
+    """The repository's file paths at the request's revision, from the hub's listing (one
+    paged listing call, nothing downloaded)."""
+    require("modelscope", "hub")
+    from modelscope_hub import HubApi
+
+    api = HubApi(token=request.token, endpoint=request.endpoint)
+    entries = api.list_repo_files(request.repo_id, request.repo_type, revision=request.revision)
+    return sorted(entry.path for entry in entries if entry.type != "tree")
 
 
 def _callback_class(sink: ProgressSink) -> type:

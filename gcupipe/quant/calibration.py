@@ -7,13 +7,14 @@ GPTQ/llm-compressor convention); a text shorter than one window is repeated.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gcupipe.errors import StageError
+from gcupipe.errors import RecipeError, StageError
+from gcupipe.hub.dataset_files import json_lines_texts
+from gcupipe.hub.datasets import fetch_dataset_texts, parse_dataset_spec
 
 if TYPE_CHECKING:
     import torch
@@ -31,20 +32,47 @@ class CalibrationConfig(BaseModel):
     )
     dataset: str | None = Field(
         default=None,
-        description="Hub dataset id (e.g. 'modelscope:owner/name' or 'hf:owner/name'), fetched "
-        "through gcupipe's hub sources.",
+        description="Hub dataset, 'modelscope:owner/name' or 'hf:owner/name', fetched with the "
+        "hub's own client (endpoint, token and cache as for the download stage). Its split's "
+        ".jsonl/.json/.txt files are read (.parquet when pyarrow is installed).",
     )
-    split: str = Field(default="train", description="Dataset split (hub datasets).")
+    dataset_revision: str | None = Field(
+        default=None,
+        description="Branch, tag or commit of the hub dataset. Default: master on ModelScope, "
+        "main on Hugging Face. A commit already in the cache is used without any request.",
+    )
+    dataset_offline: bool = Field(
+        default=False,
+        description="Read the hub dataset from the cache only, with no network request "
+        "($HF_HUB_OFFLINE=1 also turns this on for Hugging Face).",
+    )
+    split: str = Field(
+        default="train",
+        description="Dataset split (hub datasets): the data files whose path has this word "
+        "(data/train-00000-of-00001.jsonl, train.jsonl, train/part.txt).",
+    )
     text_field: str = Field(default="text", description="Field holding the text (jsonl, hub).")
     samples: int = Field(default=64, gt=0, description="Number of calibration sequences.")
     seq_len: int = Field(default=256, gt=1, description="Tokens per calibration sequence.")
     seed: int = Field(default=0, description="Seed of the window offsets.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_names_its_hub(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            try:
+                parse_dataset_spec(spec)
+            except RecipeError as exc:
+                raise ValueError(exc.message) from exc
+        return spec
 
     @model_validator(mode="after")
     def _one_source(self) -> CalibrationConfig:
         given = [n for n in ("text_file", "jsonl", "dataset") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give one calibration source, not {' and '.join(given)}")
+        if self.dataset is None and (self.dataset_revision or self.dataset_offline):
+            raise ValueError("dataset_revision and dataset_offline are for calibration.dataset")
         return self
 
     @property
@@ -61,35 +89,22 @@ def load_text(config: CalibrationConfig, cache_dir: Path | None = None) -> str:
     if config.jsonl is not None:
         if not config.jsonl.is_file():
             raise StageError(f"calibration jsonl {config.jsonl} does not exist")
-        docs = []
-        for number, line in enumerate(config.jsonl.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(str(json.loads(line)[config.text_field]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise StageError(
-                    f"{config.jsonl}:{number}: not a JSON object with a "
-                    f"'{config.text_field}' field ({exc})"
-                ) from exc
-        return "\n\n".join(docs)
+        text = config.jsonl.read_text(encoding="utf-8")
+        return "\n\n".join(json_lines_texts(text, str(config.jsonl), config.text_field))
     if config.dataset is not None:
         return _hub_dataset_text(config, cache_dir)
     raise StageError("no calibration source: set calibration.text_file, jsonl or dataset")
 
 
 def _hub_dataset_text(config: CalibrationConfig, cache_dir: Path | None) -> str:
-    import importlib
-
-    hub = importlib.import_module("gcupipe.hub")
-    fetch = getattr(hub, "fetch_dataset_texts", None)
-    if fetch is None:
-        raise StageError(
-            "hub datasets are not available in this gcupipe build: use calibration.text_file "
-            "or calibration.jsonl"
-        )
-    texts = fetch(
-        config.dataset, split=config.split, text_field=config.text_field, cache_dir=cache_dir
+    assert config.dataset is not None
+    texts = fetch_dataset_texts(
+        config.dataset,
+        split=config.split,
+        text_field=config.text_field,
+        cache_dir=cache_dir,
+        offline=config.dataset_offline,
+        revision=config.dataset_revision,
     )
     return "\n\n".join(texts)
 

@@ -1,9 +1,11 @@
 """A small model hub on 127.0.0.1 speaking the few ModelScope and Hugging Face endpoints.
 
 The real `modelscope` and `huggingface_hub` clients are pointed at it, so tests exercise the
-clients we ship against, not a mock of them. Every request is recorded, and knobs make the hub
-misbehave the ways real hubs do: a corrupted file, a missing model or revision, a bad token, a
-connection dropped in the middle of a file. The endpoints are those listed in shared/HUBS.md.
+clients we ship against, not a mock of them. It serves model repositories and dataset
+repositories (a separate namespace on both hubs, as on the real ones). Every request is
+recorded, and knobs make the hub misbehave the ways real hubs do: a corrupted file, a missing
+model or revision, a bad token, a connection dropped in the middle of a file. The endpoints
+are those listed in shared/HUBS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".parquet", ".arrow")
 """Files the fake HF hub reports as LFS (with a sha256), like large weight files on the real one."""
 
 
@@ -64,6 +66,7 @@ class LoopbackHub:
     """A threaded HTTP hub. Use as a context manager; `url` is its endpoint."""
 
     repos: dict[str, Repo] = field(default_factory=dict)
+    datasets: dict[str, Repo] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     corrupt: set[str] = field(default_factory=set)
     """Paths served with one flipped byte (the listing still has the true hash)."""
@@ -79,16 +82,16 @@ class LoopbackHub:
 
     # -- set-up ---------------------------------------------------------------------------
     def add_repo(self, repo_id: str, files: dict[str, bytes] | Path, **kwargs: Any) -> Repo:
-        """Serve `files` (a dict, or every file under a directory) as `repo_id`."""
-        if isinstance(files, Path):
-            root = files
-            files = {
-                p.relative_to(root).as_posix(): p.read_bytes()
-                for p in sorted(root.rglob("*"))
-                if p.is_file()
-            }
-        repo = Repo(repo_id, dict(files), **kwargs)
+        """Serve `files` (a dict, or every file under a directory) as the model `repo_id`."""
+        repo = Repo(repo_id, _files(files), **kwargs)
         self.repos[repo_id] = repo
+        return repo
+
+    def add_dataset(self, repo_id: str, files: dict[str, bytes] | Path, **kwargs: Any) -> Repo:
+        """Serve `files` as the dataset repository `repo_id` (ModelScope /api/v1/datasets/...,
+        Hugging Face /api/datasets/... and /datasets/.../resolve/...)."""
+        repo = Repo(repo_id, _files(files), **kwargs)
+        self.datasets[repo_id] = repo
         return repo
 
     @property
@@ -139,6 +142,13 @@ class LoopbackHub:
         return data
 
 
+def _files(files: dict[str, bytes] | Path) -> dict[str, bytes]:
+    if isinstance(files, dict):
+        return dict(files)
+    return {p.relative_to(files).as_posix(): p.read_bytes()
+            for p in sorted(files.rglob("*")) if p.is_file()}  # fmt: skip
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a file, which HF reports as `oid` for non-LFS files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -168,17 +178,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                 return
         segments = path.strip("/").split("/")
-        if path.startswith("/api/v1/models/") and len(segments) >= 6:
+        if segments[:3] in (["api", "v1", "models"], ["api", "v1", "datasets"]) and (
+            len(segments) >= 6
+        ):
             self._modelscope(segments, query)
-        elif path.startswith("/api/models/") and len(segments) >= 5:
+        elif segments[:2] in (["api", "models"], ["api", "datasets"]) and len(segments) >= 5:
             self._hf_api(segments, query)
         elif "resolve" in segments:
             self._hf_resolve(method, segments)
         else:
             self._error(404, "EntryNotFound", f"no route {path}")
 
-    def _repo(self, repo_id: str, revision: str, kind: str) -> Repo | None:
-        repo = self.hub.repos.get(repo_id)
+    def _repo(
+        self, repo_id: str, revision: str, kind: str, repo_type: str = "model"
+    ) -> Repo | None:
+        repos = self.hub.datasets if repo_type == "dataset" else self.hub.repos
+        repo = repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found", kind)
             return None
@@ -189,13 +204,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- ModelScope -----------------------------------------------------------------------
     def _modelscope(self, segments: list[str], query: dict[str, list[str]]) -> None:
-        # /api/v1/models/{org}/{name}/repo[/files]
+        # /api/v1/models/{org}/{name}/repo[/files]  |  /api/v1/datasets/{org}/{name}/repo[/tree]
+        repo_type = "dataset" if segments[2] == "datasets" else "model"
         repo_id = f"{segments[3]}/{segments[4]}"
         revision = query.get("Revision", ["master"])[0]
-        repo = self._repo(repo_id, revision, "modelscope")
+        repo = self._repo(repo_id, revision, "modelscope", repo_type)
         if repo is None:
             return
-        if segments[5:] == ["repo", "files"]:
+        listing = ["repo", "tree"] if repo_type == "dataset" else ["repo", "files"]
+        if segments[5:] == listing:
             files = [
                 {
                     "Path": path,
@@ -207,6 +224,10 @@ class _Handler(BaseHTTPRequestHandler):
                 }
                 for path, data in sorted(repo.files.items())
             ]
+            if "PageSize" in query:  # the dataset tree pages: PageNumber from 1
+                size = int(query["PageSize"][0])
+                start = (int(query.get("PageNumber", ["1"])[0]) - 1) * size
+                files = files[start : start + size]
             self._json({"Code": 200, "Success": True, "Data": {"Files": files}})
         elif segments[5:] == ["repo"] and "FilePath" in query:
             file_path = query["FilePath"][0]
@@ -219,12 +240,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- Hugging Face ---------------------------------------------------------------------
     def _hf_api(self, segments: list[str], query: dict[str, list[str]]) -> None:
-        # /api/models/{org}/{name}/revision/{rev}  |  /api/models/{org}/{name}/tree/{rev}[/path]
+        # /api/{models|datasets}/{org}/{name}/revision/{rev}
+        # /api/{models|datasets}/{org}/{name}/tree/{rev}[/path]
+        repo_type = "dataset" if segments[1] == "datasets" else "model"
         repo_id = f"{segments[2]}/{segments[3]}"
         action, revision = segments[4], "/".join(segments[5:]) or "main"
         if action == "tree":
             revision = segments[5] if len(segments) > 5 else "main"
-        repo = self._repo(repo_id, revision, "hf")
+        repo = self._repo(repo_id, revision, "hf", repo_type)
         if repo is None:
             return
         if action == "revision":
@@ -245,11 +268,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", "no such endpoint", "hf")
 
     def _hf_resolve(self, method: str, segments: list[str]) -> None:
-        # /{org}/{name}/resolve/{rev}/{path...}
+        # /{org}/{name}/resolve/{rev}/{path...}  |  /datasets/{org}/{name}/resolve/{rev}/{path...}
         index = segments.index("resolve")
-        repo_id = "/".join(segments[:index])
+        repo_type = "dataset" if segments[0] == "datasets" and index == 3 else "model"
+        repo_id = "/".join(segments[1 if repo_type == "dataset" else 0 : index])
         revision, file_path = segments[index + 1], "/".join(segments[index + 2 :])
-        repo = self._repo(repo_id, revision, "hf")
+        repo = self._repo(repo_id, revision, "hf", repo_type)
         if repo is None:
             return
         if file_path not in repo.files:
