@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -93,6 +94,27 @@ def write_safetensors(
             if tensor.numel():
                 flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
                 handle.write(memoryview(flat.numpy()))  # type: ignore[arg-type]
+
+
+TensorSelector = Callable[[str], bool]
+"""Which tensor names a reader returns (None: all); called once for every name in the files."""
+
+
+def read_tensors(
+    files: Iterable[Path], select: TensorSelector | None = None
+) -> dict[str, torch.Tensor]:
+    """The selected tensors of safetensors `files`, read one by one through `safe_open`: a
+    reader asked for one decoder layer touches only that layer's bytes, so a checkpoint larger
+    than memory can still be read a layer at a time."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                if select is None or select(name):
+                    tensors[name] = handle.get_tensor(name)
+    return tensors
 
 
 def _release_freed_memory() -> None:

@@ -18,8 +18,10 @@ from gcupipe.formats.base import (
     FormatWriter,
     QuantizedCheckpoint,
     ShardWriter,
+    TensorSelector,
     WriteResult,
     copy_side_files,
+    read_tensors,
     strip_quantization_config,
 )
 from gcupipe.quant.scheme import ActivationScheme, KVCacheScale, QuantizedLinear
@@ -158,17 +160,18 @@ def _scheme_of(prefix: str, groups: dict[str, Any]) -> Any:
     raise KeyError(f"no config group targets {prefix}")
 
 
-def read_compressed_tensors(path: Path) -> QuantizedCheckpoint:
+def read_compressed_tensors(
+    path: Path, select: TensorSelector | None = None
+) -> QuantizedCheckpoint:
+    """A compressed-tensors directory -> QuantizedCheckpoint; only the tensors `select`
+    accepts when given."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig
-    from safetensors.torch import load_file
 
     config = json.loads((path / "config.json").read_text())
     qconfig = QuantizationConfig.model_validate(config["quantization_config"])
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
+    tensors = read_tensors(sorted(path.glob("*.safetensors")), select)
     ckpt = QuantizedCheckpoint(
         format="compressed-tensors", method="", config=config, quantization=QUANTIZATION
     )

@@ -23,8 +23,10 @@ from gcupipe.formats.base import (
     FormatWriter,
     QuantizedCheckpoint,
     ShardWriter,
+    TensorSelector,
     WriteResult,
     copy_side_files,
+    read_tensors,
     strip_quantization_config,
 )
 from gcupipe.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
@@ -222,14 +224,12 @@ def is_gcu(path: Path) -> bool:
     return qc is not None and qc.get("quant_method") in ("gptq", "awq", "w8a8")
 
 
-def read_gcu(path: Path) -> QuantizedCheckpoint:
-    from safetensors.torch import load_file
-
+def read_gcu(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
+    """A gcu directory -> QuantizedCheckpoint; only the tensors `select` accepts when given
+    (the KV-cache json is always read: it is small and not per tensor)."""
     qc = _quant_config(path) or {}
     config = json.loads((path / "config.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
+    tensors = read_tensors(sorted(path.glob("*.safetensors")), select)
     method = qc["quant_method"]
     bits = int(qc.get("bits", qc.get("w_bit", 8)))
     group_size = max(int(qc.get("group_size", qc.get("q_group_size", -1))), 0)

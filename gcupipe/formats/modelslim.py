@@ -16,8 +16,10 @@ from gcupipe.formats.base import (
     FormatWriter,
     QuantizedCheckpoint,
     ShardWriter,
+    TensorSelector,
     WriteResult,
     copy_side_files,
+    read_tensors,
     strip_quantization_config,
 )
 from gcupipe.quant.packing import pack_int4_modelslim, unpack_int4_modelslim
@@ -127,14 +129,11 @@ def is_modelslim(path: Path) -> bool:
     return (path / DESCRIPTION).is_file()
 
 
-def read_modelslim(path: Path) -> QuantizedCheckpoint:
-    """A modelslim directory -> QuantizedCheckpoint (shared representation)."""
-    from safetensors.torch import load_file
-
+def read_modelslim(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
+    """A modelslim directory -> QuantizedCheckpoint (shared representation); only the tensors
+    `select` accepts (a whole module prefix at a time) when given."""
     description = json.loads((path / DESCRIPTION).read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("quant_model_weight*.safetensors")):
-        tensors.update(load_file(str(file)))
+    tensors = read_tensors(sorted(path.glob("quant_model_weight*.safetensors")), select)
     types = {k: v for k, v in description.items() if isinstance(v, str) and k in tensors}
     config = json.loads((path / "config.json").read_text())
     ckpt = QuantizedCheckpoint(

@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from gcupipe.errors import StageError
-from gcupipe.formats.base import FormatWriter, QuantizedCheckpoint
+from gcupipe.formats.base import FormatWriter, QuantizedCheckpoint, TensorSelector
 
 WRITERS: dict[str, str] = {
     "modelslim": "gcupipe.formats.modelslim:ModelslimWriter",
@@ -42,12 +42,14 @@ def detect_format(path: Path) -> str | None:
     return None
 
 
-def read_quantized(path: Path | str) -> QuantizedCheckpoint:
-    """Read any gcupipe output format back into the shared representation."""
+def read_quantized(path: Path | str, select: TensorSelector | None = None) -> QuantizedCheckpoint:
+    """Read any gcupipe output format back into the shared representation; with `select`,
+    only the tensors whose names it accepts (select whole module prefixes, e.g. one decoder
+    layer: a quantized linear needs all its tensors)."""
     path = Path(path)
     for detector, reader in READERS:
         if _load(detector)(path):  # type: ignore[operator]
-            return _load(reader)(path)  # type: ignore[operator,no-any-return]
+            return _load(reader)(path, select)  # type: ignore[operator,no-any-return]
     raise StageError(
         f"{path} is not a quantized model directory gcupipe recognises "
         "(modelslim, gcu, compressed-tensors)"

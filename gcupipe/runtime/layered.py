@@ -13,6 +13,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from gcupipe.errors import require
 from gcupipe.runtime.perplexity import PerplexityResult, windows
 
 _LAYER = re.compile(r"^model\.layers\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+LayerProbe = Callable[[int, Any, list[Any]], None]
+"""Called with (layer index, the built layer, its inputs: one [1, T, hidden] state per window)
+before the layer runs: a caller can measure something else on the same activations."""
 
 
 class _FloatSource:
@@ -37,42 +42,56 @@ class _FloatSource:
     def layer(self, index: int) -> tuple[dict[str, Any], dict[str, Any], Any]:
         from gcupipe.quant.checkpoint import layer_relative
 
-        tensors = {layer_relative(n)[1]: self.reader.tensor(n)  # type: ignore[index]
-                   for n in self.reader.layers[index]}
+        tensors = {
+            layer_relative(n)[1]: self.reader.tensor(n)  # type: ignore[index]
+            for n in self.reader.layers[index]
+        }
         self.reader.release()
         return tensors, {}, None
 
 
+def _kv_by_layer(scales: Sequence[Any]) -> dict[int, tuple[float, float, float, float]]:
+    return {s.layer_index: (s.k_scale, s.k_offset, s.v_scale, s.v_offset) for s in scales}
+
+
 class _QuantizedSource:
-    """A quantized checkpoint read through its format reader, handed out layer by layer (each
-    layer's tensors are dropped once used)."""
+    """A quantized checkpoint read through its format reader a part at a time: the tensors
+    outside the decoder layers once, then each layer's own tensors when that layer is built."""
 
     def __init__(self, model_dir: Path):
         from gcupipe.formats.registry import read_quantized
 
-        checkpoint = read_quantized(model_dir)
+        self.model_dir = model_dir
+        layers: set[int] = set()
+
+        def outside_layers(name: str) -> bool:
+            match = _LAYER.match(name)
+            if match:
+                layers.add(int(match["index"]))
+            return match is None
+
+        checkpoint = read_quantized(model_dir, outside_layers)
         self.floats = checkpoint.float_tensors
-        self.linears = checkpoint.linears
-        self.kv = {s.layer_index: (s.k_scale, s.k_offset, s.v_scale, s.v_offset)
-                   for s in checkpoint.kv_scales}
-        indices = [int(m["index"]) for n in list(self.floats) + list(self.linears)
-                   if (m := _LAYER.match(n))]
-        self.num_layers = max(indices) + 1 if indices else 0
+        self.kv = _kv_by_layer(checkpoint.kv_scales)  # the gcu layout keeps them in a json
+        self.num_layers = max(layers) + 1 if layers else 0
 
     def global_tensor(self, name: str) -> Any | None:
         return self.floats.get(name)
 
     def layer(self, index: int) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        from gcupipe.formats.registry import read_quantized
+
         prefix = f"model.layers.{index}."
-        floats = {n[len(prefix):]: self.floats.pop(n) for n in list(self.floats)
-                  if n.startswith(prefix)}
-        linears = {n[len(prefix):]: self.linears.pop(n) for n in list(self.linears)
-                   if n.startswith(prefix)}
-        return floats, linears, self.kv.get(index)
+        checkpoint = read_quantized(self.model_dir, lambda name: name.startswith(prefix))
+        floats = {n[len(prefix) :]: t for n, t in checkpoint.float_tensors.items()}
+        linears = {n[len(prefix) :]: q for n, q in checkpoint.linears.items()}
+        kv = _kv_by_layer(checkpoint.kv_scales).get(index, self.kv.get(index))
+        return floats, linears, kv
 
 
-def _build(config: Any, index: int, floats: dict[str, Any], linears: dict[str, Any],
-           kv: Any) -> Any:
+def _build(
+    config: Any, index: int, floats: dict[str, Any], linears: dict[str, Any], kv: Any
+) -> Any:
     torch = require("torch", "quant")
     from gcupipe.quant.layer_module import build_layer
     from gcupipe.runtime.kv_cache import attach_int8_kv
@@ -81,8 +100,9 @@ def _build(config: Any, index: int, floats: dict[str, Any], linears: dict[str, A
     tensors = dict(floats)
     has_bias = _linears_with_bias(config, index)
     for name, layer in linears.items():  # placeholders, replaced right below
-        tensors[f"{name}.weight"] = torch.empty(layer.out_features, layer.in_features,
-                                                device="meta")
+        tensors[f"{name}.weight"] = torch.empty(
+            layer.out_features, layer.in_features, device="meta"
+        )
         if name in has_bias and f"{name}.bias" not in floats:
             tensors[f"{name}.bias"] = torch.empty(layer.out_features, device="meta")
     module = build_layer(config, index, tensors)
@@ -106,49 +126,117 @@ def _linears_with_bias(config: Any, index: int) -> set[str]:
 
     with torch.device("meta"):
         skeleton = _find_class(_modeling_module(config), "DecoderLayer")(config, index)
-    return {name for name, module in skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear) and module.bias is not None}
+    return {
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.bias is not None
+    }
 
 
-def layered_perplexity(model_dir: Path | str, token_ids: Sequence[int], window: int = 512,
-                       stride: int = 512, on_layer: Callable[[int, int], None] | None = None
-                       ) -> PerplexityResult:
-    """Perplexity of `model_dir` (float or any gcupipe format) with the DATA.md convention,
-    holding one decoder layer in memory at a time."""
+class ModelLayers:
+    """A model directory (float or any gcupipe format) handed out one built decoder layer at a
+    time, with what is needed to run one on hidden states."""
+
+    def __init__(self, model_dir: Path | str):
+        from gcupipe.runtime.load import detect
+        from gcupipe.runtime.model import load_config
+
+        model_dir = Path(model_dir)
+        self.config = load_config(model_dir)
+        self.source: Any = (
+            _FloatSource(model_dir) if detect(model_dir) == "float" else _QuantizedSource(model_dir)
+        )
+        self.num_layers: int = self.source.num_layers
+        self._rotary: dict[int, Any] = {}
+
+    def global_tensor(self, name: str) -> Any | None:
+        return self.source.global_tensor(name)
+
+    def build(self, index: int) -> Any:
+        """Decoder layer `index`, read from the checkpoint now (nothing of it is kept here)."""
+        return _build(self.config, index, *self.source.layer(index))
+
+    def forward(self, layer: Any, hidden: Any) -> Any:
+        """`layer` run on one window's [1, T, hidden] state at positions 0..T-1."""
+        from gcupipe.quant.layer_module import rotary_embeddings
+
+        length = hidden.shape[1]
+        if length not in self._rotary:
+            self._rotary[length] = rotary_embeddings(self.config, length)
+        out = layer(hidden, attention_mask=None, position_embeddings=self._rotary[length])
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass(frozen=True)
+class LayeredScores:
+    """A layered pass's perplexity and the model's top-1 prediction at every scored position
+    (window order), so two models' passes give a teacher-forced token agreement."""
+
+    perplexity: PerplexityResult
+    argmax: list[int]
+
+
+def layered_scores(
+    model_dir: Path | str,
+    token_ids: Sequence[int],
+    window: int = 512,
+    stride: int = 512,
+    on_layer: Callable[[int, int], None] | None = None,
+    probe: LayerProbe | None = None,
+) -> LayeredScores:
+    """Perplexity and per-position argmax of `model_dir` with the DATA.md convention, holding
+    one decoder layer in memory at a time; `probe` sees each layer and its inputs first."""
     torch = require("torch", "quant")
-    from gcupipe.quant.layer_module import _find_class, _modeling_module, rotary_embeddings
-    from gcupipe.runtime.load import detect
-    from gcupipe.runtime.model import load_config
+    from gcupipe.quant.layer_module import _find_class, _modeling_module
 
-    model_dir = Path(model_dir)
-    config = load_config(model_dir)
-    source: Any = (_FloatSource(model_dir) if detect(model_dir) == "float"
-                   else _QuantizedSource(model_dir))
+    model = ModelLayers(model_dir)
+    config = model.config
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     spans = windows(len(ids), window, stride)
     started = time.perf_counter()
-    embed = source.global_tensor("model.embed_tokens.weight").float()
+    embed = model.global_tensor("model.embed_tokens.weight").float()
     hidden = [torch.nn.functional.embedding(ids[b:e], embed).unsqueeze(0) for b, e, _ in spans]
-    rotary = {n: rotary_embeddings(config, n) for n in {e - b for b, e, _ in spans}}
     with torch.inference_mode():
-        for index in range(source.num_layers):
-            layer = _build(config, index, *source.layer(index))
-            hidden = [layer(h, attention_mask=None, position_embeddings=rotary[h.shape[1]])
-                      for h in hidden]
-            hidden = [h[0] if isinstance(h, tuple) else h for h in hidden]
+        for index in range(model.num_layers):
+            layer = model.build(index)
+            if probe is not None:
+                probe(index, layer, hidden)
+            hidden = [model.forward(layer, h) for h in hidden]
             del layer
             if on_layer is not None:
-                on_layer(index, source.num_layers)
-        norm = _find_class(_modeling_module(config), "RMSNorm")(config.hidden_size,
-                                                                eps=config.rms_norm_eps)
-        norm.weight.data = source.global_tensor("model.norm.weight").float()
-        head = source.global_tensor("lm_head.weight")
+                on_layer(index, model.num_layers)
+        norm = _find_class(_modeling_module(config), "RMSNorm")(
+            config.hidden_size, eps=config.rms_norm_eps
+        )
+        norm.weight.data = model.global_tensor("model.norm.weight").float()
+        head = model.global_tensor("lm_head.weight")
         head = embed if head is None else head.float()
-        nll_sum, scored = 0.0, 0
+        nll_sum, scored, argmax = 0.0, 0, []
         for (begin, end, first), h in zip(spans, hidden, strict=True):
             logits = torch.nn.functional.linear(norm(h)[0], head)
             log_probs = torch.log_softmax(logits[first - begin - 1 : end - begin - 1].float(), -1)
             nll_sum -= float(log_probs.gather(1, ids[first:end].unsqueeze(1)).sum())
+            argmax += log_probs.argmax(-1).tolist()
             scored += end - first
-    return PerplexityResult(math.exp(nll_sum / scored), nll_sum, scored, len(spans), window,
-                            stride, time.perf_counter() - started)
+    result = PerplexityResult(
+        math.exp(nll_sum / scored),
+        nll_sum,
+        scored,
+        len(spans),
+        window,
+        stride,
+        time.perf_counter() - started,
+    )
+    return LayeredScores(result, argmax)
+
+
+def layered_perplexity(
+    model_dir: Path | str,
+    token_ids: Sequence[int],
+    window: int = 512,
+    stride: int = 512,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model_dir` (float or any gcupipe format) with the DATA.md convention,
+    holding one decoder layer in memory at a time."""
+    return layered_scores(model_dir, token_ids, window, stride, on_layer).perplexity
