@@ -21,8 +21,8 @@ def git_commit() -> str:
             cwd=Path(__file__).parent,
             check=True,
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
+        dirty = subprocess.run(  # results written by earlier benchmarks do not count
+            ["git", "status", "--porcelain", "--", ":/", ":!/benchmarks/results"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,
