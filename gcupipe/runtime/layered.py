@@ -177,7 +177,7 @@ class LayeredScores:
 
 
 def layered_scores(
-    model_dir: Path | str,
+    model_dir: Path | str | ModelLayers,
     token_ids: Sequence[int],
     window: int = 512,
     stride: int = 512,
@@ -189,7 +189,7 @@ def layered_scores(
     torch = require("torch", "quant")
     from gcupipe.quant.layer_module import _find_class, _modeling_module
 
-    model = ModelLayers(model_dir)
+    model = model_dir if isinstance(model_dir, ModelLayers) else ModelLayers(model_dir)
     config = model.config
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     spans = windows(len(ids), window, stride)

@@ -24,7 +24,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text_file: Path | None = Field(
-        default=None, description="UTF-8 text to score; default: a built-in English passage.")
+        default=None, description="UTF-8 text to score; default: a built-in English passage."
+    )
     max_tokens: int = Field(default=2048, gt=1, description="Tokens of the text to score.")
     window: int = Field(default=512, gt=1, description="Tokens per perplexity window.")
     stride: int = Field(default=512, gt=0, description="Tokens the window advances by.")
@@ -32,35 +33,59 @@ class EvalConfig(BaseModel):
 
 class ValidateConfig(StageConfig):
     model: Path | None = Field(
-        default=None, description="Quantized model directory; default: the upstream quantize "
-        "stage's model_dir.")
+        default=None,
+        description="Quantized model directory; default: the upstream quantize stage's model_dir.",
+    )
     reference: Path | None = Field(
-        default=None, description="The float source model, for the numeric checks; default: "
-        "the upstream stage's source_model_dir when it has one.")
+        default=None,
+        description="The float source model, for the numeric checks; default: "
+        "the upstream stage's source_model_dir when it has one.",
+    )
     quantization: str | None = Field(
-        default=None, description="The `quantization` value the model will be served with; "
-        "checked against the files. Default: the upstream stage's `quantization` output.")
+        default=None,
+        description="The `quantization` value the model will be served with; "
+        "checked against the files. Default: the upstream stage's `quantization` output.",
+    )
     max_ppl_increase: float | None = Field(
-        default=0.05, ge=0, description="Largest allowed relative perplexity increase over "
-        "float (0.05 = +5%); null turns the gate off.")
+        default=0.05,
+        ge=0,
+        description="Largest allowed relative perplexity increase over "
+        "float (0.05 = +5%); null turns the gate off.",
+    )
     min_token_agreement: float | None = Field(
-        default=0.9, ge=0, le=1, description="Smallest allowed share of the float model's "
-        "greedy tokens the quantized model also picks; null turns the gate off.")
+        default=0.9,
+        ge=0,
+        le=1,
+        description="Smallest allowed share of the float model's "
+        "greedy tokens the quantized model also picks; null turns the gate off.",
+    )
     min_sqnr_db: float | None = Field(
-        default=None, description="Smallest allowed per-layer output SQNR in dB; null = report "
-        "the worst layers only.")
+        default=None,
+        description="Smallest allowed per-layer output SQNR in dB; null = report "
+        "the worst layers only.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Perplexity text.")
     prompts: list[str] = Field(
-        default_factory=list, description="Prompts for greedy agreement; default: four built-in.")
+        default_factory=list, description="Prompts for greedy agreement; default: four built-in."
+    )
     max_new_tokens: int = Field(default=16, gt=0, description="Greedy tokens per prompt.")
     sqnr_tokens: int = Field(default=512, gt=0, description="Tokens run for per-layer SQNR.")
     worst_layers: int = Field(default=5, ge=0, description="Worst-SQNR layers to report.")
     kv_cache_int8: bool | None = Field(
-        default=None, description="Require int8 KV-cache scales; default: what the upstream "
-        "stage says it wrote.")
+        default=None,
+        description="Require int8 KV-cache scales; default: what the upstream stage says it wrote.",
+    )
     numeric: bool = Field(default=True, description="Run the numeric checks (needs reference).")
-    fail: bool = Field(default=True, description="Fail the run (exit 3) when a check fails; "
-                       "false only reports.")
+    layered: bool | None = Field(
+        default=None,
+        description="Run the numeric checks one decoder layer at a time, for "
+        "models larger than memory (token agreement is then teacher-forced top-1 agreement on "
+        "the eval text). Default: when the float reference in float32 needs more than 40% of "
+        "physical memory.",
+    )
+    fail: bool = Field(
+        default=True, description="Fail the run (exit 3) when a check fails; false only reports."
+    )
 
 
 class ValidateOutputs(StageOutputs):
@@ -110,8 +135,9 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
         upstream = _upstream_model(ctx)
         model_dir: Path | None = config.model or _path_output(upstream, "model_dir")
         if model_dir is None:
-            raise StageError("validate: no model to check: set `model:` or put a quantize "
-                             "stage in `needs:`")
+            raise StageError(
+                "validate: no model to check: set `model:` or put a quantize stage in `needs:`"
+            )
         reference = config.reference or _path_output(upstream, "source_model_dir")
         quantization = config.quantization
         check_flag = config.quantization is not None
@@ -138,9 +164,11 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             check_quantization=check_flag,
             kv_cache_int8=kv,
             numeric=config.numeric,
+            layered=config.layered,
         )
-        result = validate_model_dir(Path(model_dir), reference, settings, ctx.output_dir,
-                                    log=ctx.log)
+        result = validate_model_dir(
+            Path(model_dir), reference, settings, ctx.output_dir, log=ctx.log
+        )
         report = result.report
         if not report.passed and config.fail:
             # the engine discards a failed stage's output: keep the report where it can be read

@@ -3,6 +3,9 @@ then the reports. The validate stage and `gcupipe validate DIR` both call it."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -10,6 +13,7 @@ from pathlib import Path
 
 from gcupipe.errors import GateFailed
 from gcupipe.validation.modeldir import ModelDir
+from gcupipe.validation.numeric import NumericMetrics
 from gcupipe.validation.registry import CheckOptions, check_structure
 from gcupipe.validation.report import ValidationReport, write_reports
 from gcupipe.validation.results import Finding, RuleResult, outcome, skipped
@@ -58,6 +62,12 @@ class ValidationSettings:
     check_quantization: bool = False
     kv_cache_int8: bool | None = None
     numeric: bool = True
+    layered: bool | None = None  # None: layered when the float reference is too big for RAM
+
+
+# Whole-model checks hold the float reference in float32 plus the quantized model: above this
+# share of physical memory the reference alone is too big, so the checks go layer by layer.
+LAYERED_RAM_SHARE = 0.4
 
 
 @dataclass
@@ -80,35 +90,55 @@ def validate_model_dir(
     model_dir = Path(model_dir)
     reference = Path(reference_dir) if reference_dir is not None else None
     md = ModelDir(model_dir)
-    options = CheckOptions(settings.quantization, settings.check_quantization,
-                           settings.kv_cache_int8, reference)
-    report = ValidationReport(str(model_dir), str(reference) if reference else None, md.format,
-                              settings={k: v for k, v in asdict(settings).items()})
+    options = CheckOptions(
+        settings.quantization, settings.check_quantization, settings.kv_cache_int8, reference
+    )
+    report = ValidationReport(
+        str(model_dir),
+        str(reference) if reference else None,
+        md.format,
+        settings={k: v for k, v in asdict(settings).items()},
+    )
     started = time.perf_counter()
     report.rules = check_structure(md, options)
     report.metrics["structure_seconds"] = time.perf_counter() - started
     broken = [r.rule for r in report.rules if r.failed]
-    log(f"structure: {len(report.rules) - len(broken)} of {len(report.rules)} rules pass"
-        + (f"; failed: {', '.join(broken)}" if broken else ""))
+    log(
+        f"structure: {len(report.rules) - len(broken)} of {len(report.rules)} rules pass"
+        + (f"; failed: {', '.join(broken)}" if broken else "")
+    )
     if not settings.numeric:
         report.gates = [skipped(g, s, "numeric checks turned off") for g, s in _GATES.items()]
     elif reference is None:
-        report.gates = [skipped(g, s, "no float reference model given (`reference:`)")
-                        for g, s in _GATES.items()]
+        report.gates = [
+            skipped(g, s, "no float reference model given (`reference:`)")
+            for g, s in _GATES.items()
+        ]
     elif {"safetensors-integrity", "weights-complete"} & set(broken):
-        report.gates = [skipped(g, s, "the directory is damaged (see the structural rules)")
-                        for g, s in _GATES.items()]
+        report.gates = [
+            skipped(g, s, "the directory is damaged (see the structural rules)")
+            for g, s in _GATES.items()
+        ]
     else:
         try:
             report.gates = _numeric_gates(model_dir, reference, settings, report, log)
         except Exception as exc:  # noqa: BLE001 - a model that cannot run is a failed check
             first_line = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
             log(f"numeric checks could not run: {first_line}")
-            report.gates = [RuleResult("model-runs", "the quantized and float models load and "
-                                       "run on the reference runtime", "fail", [Finding(
-                                           f"the models could not be run: {first_line}",
-                                           "fix what the structural rules report; check "
-                                           "that `reference:` is the float source model")])]
+            report.gates = [
+                RuleResult(
+                    "model-runs",
+                    "the quantized and float models load and run on the reference runtime",
+                    "fail",
+                    [
+                        Finding(
+                            f"the models could not be run: {first_line}",
+                            "fix what the structural rules report; check "
+                            "that `reference:` is the float source model",
+                        )
+                    ],
+                )
+            ]
     out = Path(report_dir) if report_dir is not None else model_dir / "validation"
     return ValidationOutcome(report, write_reports(report, out))
 
@@ -119,11 +149,13 @@ def enforce(result: ValidationOutcome) -> None:
     if not failures:
         return
     first = failures[0]
-    others = f" (+{len(failures) - 1} more: {', '.join(f.rule for f in failures[1:])})" if len(
-        failures) > 1 else ""
+    others = (
+        f" (+{len(failures) - 1} more: {', '.join(f.rule for f in failures[1:])})"
+        if len(failures) > 1
+        else ""
+    )
     where = result.paths.get("markdown") or result.paths.get("json")
-    raise GateFailed(f"validation failed: {first.rule}: {first.message}{others}; "
-                     f"report: {where}")
+    raise GateFailed(f"validation failed: {first.rule}: {first.message}{others}; report: {where}")
 
 
 _GATES = {
@@ -133,9 +165,109 @@ _GATES = {
 }
 
 
-def _numeric_gates(model_dir: Path, reference: Path, settings: ValidationSettings,
-                   report: ValidationReport, log: Callable[[str], None]) -> list[RuleResult]:
-    from gcupipe.runtime.load import load_model, text_token_ids, tokenizer_dir
+def float32_bytes(model_dir: Path) -> int:
+    """What a model's safetensors weights take in float32, from the file headers alone."""
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(
+            4 * math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__"
+        )
+    return total
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return None
+
+
+def use_layered(
+    settings: ValidationSettings, reference: Path, log: Callable[[str], None] = print
+) -> bool:
+    """settings.layered when set; else layered when the float reference in float32 needs more
+    than LAYERED_RAM_SHARE of physical memory."""
+    if settings.layered is not None:
+        return settings.layered
+    memory = _physical_memory_bytes()
+    needed = float32_bytes(reference)
+    if memory is None or needed <= LAYERED_RAM_SHARE * memory:
+        return False
+    log(
+        f"layered numeric checks: the float reference needs {needed / 2**30:.1f} GiB in "
+        f"float32, more than {LAYERED_RAM_SHARE:.0%} of {memory / 2**30:.1f} GiB RAM"
+    )
+    return True
+
+
+def _numeric_gates(
+    model_dir: Path,
+    reference: Path,
+    settings: ValidationSettings,
+    report: ValidationReport,
+    log: Callable[[str], None],
+) -> list[RuleResult]:
+    from gcupipe.runtime.load import text_token_ids, tokenizer_dir
+    from gcupipe.runtime.model import load_config
+
+    started = time.perf_counter()
+    text = (
+        settings.eval_text_file.read_text(encoding="utf-8")
+        if settings.eval_text_file
+        else BUILTIN_EVAL_TEXT
+    )
+    tok_dir = tokenizer_dir(model_dir, reference)
+    layered = use_layered(settings, reference, log)
+    report.metrics["layered"] = layered
+    if layered:
+        from gcupipe.validation.layered import layered_numeric
+
+        vocab = int(load_config(reference).vocab_size)
+        ids = text_token_ids(text, tok_dir, vocab, settings.eval_tokens)
+        metrics = layered_numeric(
+            model_dir,
+            reference,
+            ids,
+            settings.window,
+            settings.stride,
+            settings.sqnr_tokens,
+            settings.worst_layers,
+            log,
+        )
+        log(
+            f"perplexity: float {metrics.ppl_float:.3f}, quantized "
+            f"{metrics.ppl_quantized:.3f} ({metrics.ppl_increase:+.2%}) on "
+            f"{metrics.scored_tokens} tokens"
+        )
+        log(f"top-1 agreement ({metrics.agreement_mode}): {metrics.token_agreement:.1%}")
+    else:
+        metrics = _whole_model_metrics(model_dir, reference, settings, report, text, tok_dir, log)
+    if metrics.worst_layers:
+        worst = metrics.worst_layers[0]
+        log(f"worst layer: {worst} at {metrics.sqnr_db[worst]:.1f} dB SQNR")
+    report.metrics.update(metrics.to_dict())
+    report.metrics["numeric_seconds"] = time.perf_counter() - started
+    return [
+        _ppl_gate(metrics.ppl_increase, settings.max_ppl_increase),
+        _agreement_gate(
+            metrics.token_agreement, settings.min_token_agreement, metrics.agreement_mode
+        ),
+        _sqnr_gate(metrics.sqnr_db, metrics.worst_layers, settings.min_sqnr_db),
+    ]
+
+
+def _whole_model_metrics(
+    model_dir: Path,
+    reference: Path,
+    settings: ValidationSettings,
+    report: ValidationReport,
+    text: str,
+    tok_dir: Path | None,
+    log: Callable[[str], None],
+) -> NumericMetrics:
+    from gcupipe.runtime.load import load_model, text_token_ids
     from gcupipe.validation.numeric import (
         DEFAULT_PROMPTS,
         compare_generation,
@@ -147,52 +279,57 @@ def _numeric_gates(model_dir: Path, reference: Path, settings: ValidationSetting
     quantized = load_model(model_dir)
     floating = load_model(reference)
     report.metrics["load_seconds"] = time.perf_counter() - started
-    text = (settings.eval_text_file.read_text(encoding="utf-8") if settings.eval_text_file
-            else BUILTIN_EVAL_TEXT)
-    tok_dir = tokenizer_dir(model_dir, reference)
     vocab = floating.vocab_size
     ids = text_token_ids(text, tok_dir, vocab, settings.eval_tokens)
-    metrics = compare_perplexity(quantized.model, floating.model, ids, settings.window,
-                                 settings.stride)
-    log(f"perplexity: float {metrics.ppl_float:.3f}, quantized {metrics.ppl_quantized:.3f} "
-        f"({metrics.ppl_increase:+.2%}) on {metrics.scored_tokens} tokens")
+    metrics = compare_perplexity(
+        quantized.model, floating.model, ids, settings.window, settings.stride
+    )
+    log(
+        f"perplexity: float {metrics.ppl_float:.3f}, quantized {metrics.ppl_quantized:.3f} "
+        f"({metrics.ppl_increase:+.2%}) on {metrics.scored_tokens} tokens"
+    )
     prompts = [text_token_ids(p, tok_dir, vocab) for p in settings.prompts or DEFAULT_PROMPTS]
     compare_generation(quantized.model, floating.model, prompts, settings.max_new_tokens, metrics)
     log(f"greedy agreement: {metrics.token_agreement:.1%} over {len(prompts)} prompts")
     sqnr_ids = ids[: settings.sqnr_tokens]
-    batches = [sqnr_ids[i : i + settings.window]
-               for i in range(0, len(sqnr_ids), settings.window)]
-    layer_sqnr(quantized.model, floating.model, batches, settings.worst_layers, metrics)
-    if metrics.worst_layers:
-        worst = metrics.worst_layers[0]
-        log(f"worst layer: {worst} at {metrics.sqnr_db[worst]:.1f} dB SQNR")
-    report.metrics.update(metrics.to_dict())
-    report.metrics["numeric_seconds"] = time.perf_counter() - started
-    return [_ppl_gate(metrics.ppl_increase, settings.max_ppl_increase),
-            _agreement_gate(metrics.token_agreement, settings.min_token_agreement),
-            _sqnr_gate(metrics.sqnr_db, metrics.worst_layers, settings.min_sqnr_db)]
+    batches = [sqnr_ids[i : i + settings.window] for i in range(0, len(sqnr_ids), settings.window)]
+    return layer_sqnr(quantized.model, floating.model, batches, settings.worst_layers, metrics)
 
 
 def _ppl_gate(increase: float | None, limit: float | None) -> RuleResult:
     name = "ppl-increase"
     if limit is None or increase is None:
         return skipped(name, _GATES[name], "no max_ppl_increase set")
-    findings = [] if increase <= limit else [Finding(
-        f"perplexity rose by {increase:.2%}, more than max_ppl_increase {limit:.2%}",
-        "keep sensitive layers in float (`ignore:`/`overrides:`), calibrate on more or "
-        "closer data, try smooth_alpha or a per-group scheme")]
+    findings = (
+        []
+        if increase <= limit
+        else [
+            Finding(
+                f"perplexity rose by {increase:.2%}, more than max_ppl_increase {limit:.2%}",
+                "keep sensitive layers in float (`ignore:`/`overrides:`), calibrate on more or "
+                "closer data, try smooth_alpha or a per-group scheme",
+            )
+        ]
+    )
     return outcome(name, _GATES[name], findings, ppl_increase=increase)
 
 
-def _agreement_gate(agreement: float | None, limit: float | None) -> RuleResult:
+def _agreement_gate(agreement: float | None, limit: float | None, mode: str) -> RuleResult:
     name = "token-agreement"
     if limit is None or agreement is None:
         return skipped(name, _GATES[name], "no min_token_agreement set")
-    findings = [] if agreement >= limit else [Finding(
-        f"greedy tokens agree with the float model on {agreement:.1%}, below "
-        f"min_token_agreement {limit:.1%}",
-        "look at the worst SQNR layers in the report and keep them in float or re-calibrate")]
-    return outcome(name, _GATES[name], findings, token_agreement=agreement)
+    what = "greedy tokens" if mode == "greedy continuations" else f"top-1 predictions ({mode})"
+    findings = []
+    if agreement < limit:
+        findings.append(
+            Finding(
+                f"{what} agree with the float model on {agreement:.1%}, below "
+                f"min_token_agreement {limit:.1%}",
+                "look at the worst SQNR layers in the report and keep them in float or "
+                "re-calibrate",
+            )
+        )
+    return outcome(name, _GATES[name], findings, token_agreement=agreement, agreement_mode=mode)
 
 
 def _sqnr_gate(sqnr: dict[str, float], worst: list[str], limit: float | None) -> RuleResult:
@@ -200,7 +337,14 @@ def _sqnr_gate(sqnr: dict[str, float], worst: list[str], limit: float | None) ->
     if limit is None:
         return skipped(name, _GATES[name], "no min_sqnr_db set (worst layers are reported)")
     low = [p for p in worst if sqnr[p] < limit]
-    findings = [] if not low else [Finding(
-        f"{low[0]} has {sqnr[low[0]]:.1f} dB SQNR, below min_sqnr_db {limit}",
-        f"keep {low[0]} in float (`ignore:`) or quantize it per group")]
+    findings = (
+        []
+        if not low
+        else [
+            Finding(
+                f"{low[0]} has {sqnr[low[0]]:.1f} dB SQNR, below min_sqnr_db {limit}",
+                f"keep {low[0]} in float (`ignore:`) or quantize it per group",
+            )
+        ]
+    )
     return outcome(name, _GATES[name], findings)

@@ -23,8 +23,10 @@ DEFAULT_PROMPTS = (
     "The most important thing to remember about water is",
     "def fibonacci(n):",
 )
-_EXPERT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|"
-                     r"down_proj)$")
+_EXPERT = re.compile(
+    r"^(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|"
+    r"down_proj)$"
+)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class NumericMetrics:
     ppl_increase: float | None = None  # relative: ppl_quantized / ppl_float - 1
     scored_tokens: int = 0
     token_agreement: float | None = None  # teacher-forced, over all prompts
+    agreement_mode: str = "greedy continuations"  # or "teacher-forced (layered)"
     exact_continuations: int = 0
     prompts: int = 0
     sqnr_db: dict[str, float] = field(default_factory=dict)
@@ -44,9 +47,14 @@ class NumericMetrics:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def compare_perplexity(quantized: Any, reference: Any, token_ids: Sequence[int],
-                       window: int = 512, stride: int = 512,
-                       metrics: NumericMetrics | None = None) -> NumericMetrics:
+def compare_perplexity(
+    quantized: Any,
+    reference: Any,
+    token_ids: Sequence[int],
+    window: int = 512,
+    stride: int = 512,
+    metrics: NumericMetrics | None = None,
+) -> NumericMetrics:
     from gcupipe.runtime.perplexity import perplexity
 
     metrics = metrics or NumericMetrics()
@@ -60,9 +68,13 @@ def compare_perplexity(quantized: Any, reference: Any, token_ids: Sequence[int],
     return metrics
 
 
-def compare_generation(quantized: Any, reference: Any, prompts: Sequence[Sequence[int]],
-                       max_new_tokens: int = 16, metrics: NumericMetrics | None = None
-                       ) -> NumericMetrics:
+def compare_generation(
+    quantized: Any,
+    reference: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 16,
+    metrics: NumericMetrics | None = None,
+) -> NumericMetrics:
     """Teacher-forced agreement with the float model's greedy continuations (one early
     divergence does not count every later token as a miss), plus exact full matches."""
     from gcupipe.runtime.perplexity import greedy_generate, teacher_forced_agreement
@@ -81,7 +93,7 @@ def compare_generation(quantized: Any, reference: Any, prompts: Sequence[Sequenc
     return metrics
 
 
-def _float_weights(reference: Any) -> dict[str, tuple[Any, Any]]:
+def float_weights(reference: Any) -> dict[str, tuple[Any, Any]]:
     """Module prefix -> (float weight [n, k], bias) from the float model, experts split."""
     weights: dict[str, tuple[Any, Any]] = {}
     state = reference.state_dict()
@@ -102,45 +114,77 @@ def _float_weights(reference: Any) -> dict[str, tuple[Any, Any]]:
     return weights
 
 
-def _runtime_prefix(name: str) -> str:
+def runtime_prefix(name: str) -> str:
     """Module name inside the runtime model -> checkpoint prefix (experts are ModuleLists
     named `<experts>.gate_proj.<e>` there, `<experts>.<e>.gate_proj` in checkpoints)."""
-    match = re.match(r"^(?P<experts>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)"
-                     r"\.(?P<index>\d+)$", name)
+    match = re.match(
+        r"^(?P<experts>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)"
+        r"\.(?P<index>\d+)$",
+        name,
+    )
     if match:
         return f"{match['experts']}.{match['index']}.{match['proj']}"
     return name
 
 
-def layer_sqnr(quantized: Any, reference: Any, batches: Sequence[Sequence[int]],
-               worst: int = 5, metrics: NumericMetrics | None = None) -> NumericMetrics:
-    """SQNR in dB of every quantized linear, on the inputs it sees in `batches`."""
+def sqnr_hooks(
+    modules: Any, floats: dict[str, tuple[Any, Any]], sums: dict[str, list[float]]
+) -> list[Any]:
+    """Forward hooks on the RuntimeLinears among `modules` ((checkpoint prefix, module) pairs)
+    that add each call's signal and noise energy to `sums[prefix]`; returns the handles."""
     torch = require("torch", "quant")
     from gcupipe.runtime.linear import RuntimeLinear
-
-    metrics = metrics or NumericMetrics()
-    floats = _float_weights(reference)
-    sums: dict[str, list[float]] = {}
-    handles = []
 
     def hook_for(prefix: str, weight: Any, bias: Any) -> Any:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             x = args[0].float()
             if module.smooth_scale is not None:  # the float weight reads the unsmoothed input
                 x = x * module.smooth_scale
-            want = torch.nn.functional.linear(x, weight.float(),
-                                              None if bias is None else bias.float())
+            want = torch.nn.functional.linear(
+                x, weight.float(), None if bias is None else bias.float()
+            )
             signal, noise = sums.setdefault(prefix, [0.0, 0.0])
-            sums[prefix] = [signal + float((want**2).sum()),
-                            noise + float(((want - output.float()) ** 2).sum())]
+            sums[prefix] = [
+                signal + float((want**2).sum()),
+                noise + float(((want - output.float()) ** 2).sum()),
+            ]
 
         return hook
 
-    for name, module in quantized.named_modules():
-        if isinstance(module, RuntimeLinear):
-            prefix = _runtime_prefix(name)
-            if prefix in floats:
-                handles.append(module.register_forward_hook(hook_for(prefix, *floats[prefix])))
+    return [
+        module.register_forward_hook(hook_for(prefix, *floats[prefix]))
+        for prefix, module in modules
+        if isinstance(module, RuntimeLinear) and prefix in floats
+    ]
+
+
+def finish_sqnr(
+    sums: dict[str, list[float]], worst: int, metrics: NumericMetrics
+) -> NumericMetrics:
+    """SQNR in dB per layer from the summed energies, and the `worst` lowest."""
+    metrics.sqnr_db = {
+        p: (10 * math.log10(s / n) if n > 0 else math.inf) if s > 0 else 0.0
+        for p, (s, n) in sums.items()
+    }
+    ranked = sorted(metrics.sqnr_db, key=lambda p: metrics.sqnr_db[p])
+    metrics.worst_layers = ranked[:worst]
+    return metrics
+
+
+def layer_sqnr(
+    quantized: Any,
+    reference: Any,
+    batches: Sequence[Sequence[int]],
+    worst: int = 5,
+    metrics: NumericMetrics | None = None,
+) -> NumericMetrics:
+    """SQNR in dB of every quantized linear, on the inputs it sees in `batches`."""
+    torch = require("torch", "quant")
+
+    metrics = metrics or NumericMetrics()
+    sums: dict[str, list[float]] = {}
+    modules = ((runtime_prefix(name), module) for name, module in quantized.named_modules())
+    handles = sqnr_hooks(modules, float_weights(reference), sums)
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -148,8 +192,4 @@ def layer_sqnr(quantized: Any, reference: Any, batches: Sequence[Sequence[int]],
     finally:
         for handle in handles:
             handle.remove()
-    metrics.sqnr_db = {p: (10 * math.log10(s / n) if n > 0 else math.inf) if s > 0 else 0.0
-                       for p, (s, n) in sums.items()}
-    ranked = sorted(metrics.sqnr_db, key=lambda p: metrics.sqnr_db[p])
-    metrics.worst_layers = ranked[:worst]
-    return metrics
+    return finish_sqnr(sums, worst, metrics)

@@ -66,36 +66,57 @@ def _finite(value: Any) -> Any:
 def write_reports(report: ValidationReport, out_dir: Path) -> dict[str, Path]:
     """Write every form of the report into `out_dir`; returns kind -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / JSON_NAME, "markdown": out_dir / MARKDOWN_NAME,
-             "junit": out_dir / JUNIT_NAME}
+    paths = {
+        "json": out_dir / JSON_NAME,
+        "markdown": out_dir / MARKDOWN_NAME,
+        "junit": out_dir / JUNIT_NAME,
+    }
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     paths["junit"].write_bytes(junit_xml(report))
     sqnr = report.metrics.get("sqnr_db") or {}
     if sqnr:
         paths["plot"] = out_dir / PLOT_NAME
-        plot_sqnr(sqnr, report.metrics.get("worst_layers") or [], paths["plot"],
-                  report.settings.get("min_sqnr_db"))
+        plot_sqnr(
+            sqnr,
+            report.metrics.get("worst_layers") or [],
+            paths["plot"],
+            report.settings.get("min_sqnr_db"),
+        )
     paths["markdown"].write_text(markdown(report, paths))
     return paths
 
 
 def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
-    verdict = "PASSED" if report.passed else "FAILED: " + ", ".join(
-        r.rule for r in report.failures)
-    lines = [f"# Validation of `{report.model_dir}`", "", f"**{verdict}**", "",
-             f"- format: {report.format}",
-             f"- float reference: {report.reference_dir or '(none: numeric checks skipped)'}", ""]
+    verdict = "PASSED" if report.passed else "FAILED: " + ", ".join(r.rule for r in report.failures)
+    lines = [
+        f"# Validation of `{report.model_dir}`",
+        "",
+        f"**{verdict}**",
+        "",
+        f"- format: {report.format}",
+        f"- float reference: {report.reference_dir or '(none: numeric checks skipped)'}",
+        "",
+    ]
     metrics = report.metrics
     if metrics.get("ppl_quantized") is not None:
-        lines += ["## Accuracy", "", "| metric | value |", "|---|---|",
-                  f"| perplexity, float | {metrics['ppl_float']:.4f} |",
-                  f"| perplexity, quantized | {metrics['ppl_quantized']:.4f} |",
-                  f"| increase (relative) | {metrics['ppl_increase']:+.2%} |",
-                  f"| scored tokens | {metrics.get('scored_tokens', 0)} |"]
+        lines += [
+            "## Accuracy",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| perplexity, float | {metrics['ppl_float']:.4f} |",
+            f"| perplexity, quantized | {metrics['ppl_quantized']:.4f} |",
+            f"| increase (relative) | {metrics['ppl_increase']:+.2%} |",
+            f"| scored tokens | {metrics.get('scored_tokens', 0)} |",
+        ]
         if metrics.get("token_agreement") is not None:
-            lines.append(f"| greedy token agreement | {metrics['token_agreement']:.2%} |")
-            lines.append(f"| identical continuations | {metrics.get('exact_continuations', 0)}"
-                         f" / {metrics.get('prompts', 0)} |")
+            mode = metrics.get("agreement_mode") or "greedy continuations"
+            lines.append(f"| token agreement ({mode}) | {metrics['token_agreement']:.2%} |")
+            if metrics.get("prompts"):
+                lines.append(
+                    f"| identical continuations | {metrics.get('exact_continuations', 0)}"
+                    f" / {metrics['prompts']} |"
+                )
         lines.append("")
     worst = metrics.get("worst_layers") or []
     if worst:
@@ -115,13 +136,18 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
 
 def junit_xml(report: ValidationReport) -> bytes:
     results = report.rules + report.gates
-    suite = ET.Element("testsuite", name="gcupipe.validate", tests=str(len(results)),
-                       failures=str(sum(r.failed for r in results)),
-                       skipped=str(sum(r.status == "skip" for r in results)))
+    suite = ET.Element(
+        "testsuite",
+        name="gcupipe.validate",
+        tests=str(len(results)),
+        failures=str(sum(r.failed for r in results)),
+        skipped=str(sum(r.status == "skip" for r in results)),
+    )
     for result in results:
         kind = "numeric" if result in report.gates else "structure"
-        case = ET.SubElement(suite, "testcase", classname=f"gcupipe.validate.{kind}",
-                             name=result.rule)
+        case = ET.SubElement(
+            suite, "testcase", classname=f"gcupipe.validate.{kind}", name=result.rule
+        )
         if result.failed:
             failure = ET.SubElement(case, "failure", message=result.message)
             failure.text = "\n".join(f"{f.message}\nfix: {f.fix}" for f in result.findings)
@@ -130,8 +156,9 @@ def junit_xml(report: ValidationReport) -> bytes:
     return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
 
 
-def plot_sqnr(sqnr_db: dict[str, float], worst: list[str], path: Path,
-              threshold_db: float | None = None) -> None:
+def plot_sqnr(
+    sqnr_db: dict[str, float], worst: list[str], path: Path, threshold_db: float | None = None
+) -> None:
     """Per-layer SQNR in checkpoint order, worst layers marked and labelled."""
     import matplotlib
 
@@ -145,9 +172,14 @@ def plot_sqnr(sqnr_db: dict[str, float], worst: list[str], path: Path,
     for rank, name in enumerate(worst):
         i = names.index(name)
         ax.scatter([i], [values[i]], color="#cc0000", zorder=3)
-        ax.annotate(name.removeprefix("model.layers."), (i, values[i]), fontsize=7,
-                    textcoords="offset points", xytext=(4, -11 if rank % 2 == 0 else 5),
-                    color="#cc0000")
+        ax.annotate(
+            name.removeprefix("model.layers."),
+            (i, values[i]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, -11 if rank % 2 == 0 else 5),
+            color="#cc0000",
+        )
     if threshold_db is not None:
         ax.axhline(threshold_db, color="#cc0000", linestyle="--", linewidth=0.8)
     ax.set_xlabel("quantized linear layer (checkpoint order)")
