@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gcupipe.errors import require
+from gcupipe.errors import StageError, require
 from gcupipe.runtime.perplexity import PerplexityResult, windows
 
 _LAYER = re.compile(r"^model\.layers\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -141,7 +141,7 @@ class ModelLayers:
         from gcupipe.runtime.load import detect
         from gcupipe.runtime.model import load_config
 
-        model_dir = Path(model_dir)
+        self.model_dir = model_dir = Path(model_dir)
         self.config = load_config(model_dir)
         self.source: Any = (
             _FloatSource(model_dir) if detect(model_dir) == "float" else _QuantizedSource(model_dir)
@@ -151,6 +151,12 @@ class ModelLayers:
 
     def global_tensor(self, name: str) -> Any | None:
         return self.source.global_tensor(name)
+
+    def required_tensor(self, name: str) -> Any:
+        tensor = self.global_tensor(name)
+        if tensor is None:
+            raise StageError(f"{self.model_dir} has no tensor {name}: is it a complete model?")
+        return tensor
 
     def build(self, index: int) -> Any:
         """Decoder layer `index`, read from the checkpoint now (nothing of it is kept here)."""
@@ -194,7 +200,7 @@ def layered_scores(
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     spans = windows(len(ids), window, stride)
     started = time.perf_counter()
-    embed = model.global_tensor("model.embed_tokens.weight").float()
+    embed = model.required_tensor("model.embed_tokens.weight").float()
     hidden = [torch.nn.functional.embedding(ids[b:e], embed).unsqueeze(0) for b, e, _ in spans]
     with torch.inference_mode():
         for index in range(model.num_layers):
@@ -208,7 +214,7 @@ def layered_scores(
         norm = _find_class(_modeling_module(config), "RMSNorm")(
             config.hidden_size, eps=config.rms_norm_eps
         )
-        norm.weight.data = model.global_tensor("model.norm.weight").float()
+        norm.weight.data = model.required_tensor("model.norm.weight").float()
         head = model.global_tensor("lm_head.weight")
         head = embed if head is None else head.float()
         nll_sum, scored, argmax = 0.0, 0, []
