@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from gcupipe.errors import StageError
-from gcupipe.quant.methods import LayerSpec, QuantMethod
+from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
 from gcupipe.quant.observers import scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
 from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear, qrange
@@ -327,7 +327,7 @@ class GPTQMethod(QuantMethod):
     """`method: gptq`: weight-only (W4A16 / W8A16) GPTQ on calibration inputs, layer by layer.
 
     Linears that read the same input (q/k/v, gate/up) get the same Hessian: it is computed once
-    and reused while the streaming loop hands over the same input tensor."""
+    per layer and reused for every linear handed the same input tensor."""
 
     name = "gptq"
     needs_calibration = True
@@ -338,8 +338,10 @@ class GPTQMethod(QuantMethod):
             self.gptq_options = GPTQOptions.from_mapping(dict(options))
         except (TypeError, ValueError) as exc:
             raise StageError(f"options: {exc}") from exc
-        self._cached_inputs: torch.Tensor | None = None
-        self._cached_hessian: torch.Tensor | None = None
+        # H per input tensor of the current layer, keyed by its storage: the layer's
+        # calibration holds every input alive until the layer is done, so a key cannot be
+        # reused by another tensor before prepare_layer starts the next layer and clears this
+        self._hessians: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
     @classmethod
     def check_options(cls, options: dict[str, Any], group_size: int) -> list[str]:
@@ -359,20 +361,18 @@ class GPTQMethod(QuantMethod):
         merged.update({k: v for k, v in spec.options.items() if k in merged})
         return GPTQOptions.from_mapping(merged)
 
-    def hessian(self, inputs: torch.Tensor, device: str) -> torch.Tensor:
-        """H of `inputs`, reused when the same activations come again (q/k/v share them)."""
-        import torch
+    def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
+        self._hessians.clear()
 
-        cached = self._cached_inputs
-        same = cached is not None and (
-            cached is inputs
-            or (cached.shape == inputs.shape and cached.data_ptr() == inputs.data_ptr())
-            or (cached.shape == inputs.shape and bool(torch.equal(cached, inputs)))
-        )
-        if not same or self._cached_hessian is None:
-            self._cached_hessian = hessian_of(inputs, device)
-            self._cached_inputs = inputs
-        return self._cached_hessian
+    def hessian(self, inputs: torch.Tensor, device: str) -> torch.Tensor:
+        """H of `inputs`, computed once per input tensor of a layer (q/k/v share one input,
+        gate/up another)."""
+        if not inputs.is_contiguous():  # a reshape would copy: a temporary has no stable key
+            return hessian_of(inputs, device)
+        key = (inputs.data_ptr(), tuple(inputs.shape))
+        if key not in self._hessians:
+            self._hessians[key] = hessian_of(inputs, device)
+        return self._hessians[key]
 
     def quantize_layer(
         self,

@@ -123,13 +123,18 @@ def test_too_few_tokens_fall_back_to_rtn_and_say_so():
     assert torch.equal(layer.weight, rtn_linear(weight, None, spec).weight)
 
 
-def test_shared_inputs_reuse_one_hessian():
+def test_shared_inputs_reuse_one_hessian_per_layer():
+    from gcupipe.quant.methods import LayerCalibration, LayerView
+
     method = GPTQMethod()
     x = correlated_inputs(256, 128)
     first = method.hessian(x, "cpu")
-    assert method.hessian(x, "cpu") is first
-    assert method.hessian(x.clone(), "cpu") is first  # equal content, another tensor
-    assert method.hessian(x + 1, "cpu") is not first
+    other = method.hessian(x + 1, "cpu")
+    assert other is not first
+    assert method.hessian(x, "cpu") is first  # q after o after k: still the shared input's H
+    assert method.hessian(x.view(256, 128), "cpu") is first  # a view of the same storage
+    method.prepare_layer(LayerView(module=None, smooth_groups=[]), LayerCalibration())
+    assert method.hessian(x, "cpu") is not first  # the next layer starts afresh
 
 
 # ---- tiny models through the stage -------------------------------------------------------
