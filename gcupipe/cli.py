@@ -283,6 +283,15 @@ def validate(
     min_token_agreement: Annotated[
         float, typer.Option(help="Least greedy-token agreement with float.")
     ] = 0.9,
+    layered: Annotated[
+        bool | None,
+        typer.Option(
+            "--layered/--whole",
+            help="One decoder layer in memory at a time (models larger than RAM) or whole "
+            "models. Default: layered when the float model would not fit comfortably.",
+            show_default=False,
+        ),
+    ] = None,
     report_dir: Annotated[
         Path,
         typer.Option(help="Where the reports go (JSON, Markdown, JUnit, SQNR plot)."),
@@ -305,6 +314,7 @@ def validate(
             eval_tokens=eval_tokens,
             quantization=quantization,
             check_quantization=quantization is not None,
+            layered=layered,
         )
         outcome = validate_model_dir(directory, reference, settings, report_dir,
                                      log=lambda line: errors.print(line, highlight=False))

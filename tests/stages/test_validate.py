@@ -210,6 +210,11 @@ def test_validate_command_outside_a_recipe(quantized, tmp_path, monkeypatch):
     assert ok.exit_code == 0, ok.output
     assert "passed" in ok.stdout
     assert json.loads((tmp_path / "validation" / "validation.json").read_text())["passed"]
+    layered = runner.invoke(app, ["validate", str(upstream.model_dir), "--reference", str(source),
+                                  "--eval-tokens", "300", "--layered", "--report-dir", "layered"])
+    assert layered.exit_code == 0, layered.output
+    metrics = json.loads((tmp_path / "layered" / "validation.json").read_text())["metrics"]
+    assert metrics["layered"] is True and metrics["agreement_mode"].startswith("teacher-forced")
     wrong = runner.invoke(app, ["validate", str(upstream.model_dir), "--quantization", "w4a16",
                                 "--report-dir", str(tmp_path / "wrong")])
     assert wrong.exit_code == 3
