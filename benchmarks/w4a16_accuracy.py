@@ -86,19 +86,20 @@ def run_gcupipe(
     raw = json.loads((model_dir / "config.json").read_text())
     method = load_method(method_name, **options)
     writer = ModelslimWriter(out, model_dir, raw, method_name)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     report = quantize_model(
         model_dir, writer, method, resolver(symmetric),
         tokens if method.needs_calibration else None, log=lambda _m: None,
     )  # fmt: skip
     writer.finish()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     checkpoint = read_quantized(out)
     model = build_model(load_config(out), checkpoint.float_tensors, checkpoint.linears)
     result = perplexity(model, eval_ids)
     return {
         "ppl": result.ppl,
         "quantize_s": seconds,
+        "quantize_cpu_s": cpu_seconds,
         "eval_s": result.seconds,
         "scored_tokens": result.scored_tokens,
         "fallbacks": len(report.fallbacks),
@@ -110,7 +111,7 @@ def run_float(model_dir: Path, eval_ids: list[int]) -> dict[str, Any]:
     from gcupipe.runtime.perplexity import perplexity
 
     result = perplexity(load_float_model(model_dir), eval_ids)
-    return {"ppl": result.ppl, "quantize_s": 0.0, "eval_s": result.seconds,
+    return {"ppl": result.ppl, "quantize_s": 0.0, "quantize_cpu_s": 0.0, "eval_s": result.seconds,
             "scored_tokens": result.scored_tokens}  # fmt: skip
 
 
@@ -152,15 +153,15 @@ def peer_worker(request_path: str, answer_path: str) -> None:
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
         ignore=["lm_head"],
     )
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     oneshot(
         model=model, dataset=dataset, recipe=recipe,
         num_calibration_samples=int(tokens.shape[0]), max_seq_length=int(tokens.shape[1]),
     )  # fmt: skip
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     result = perplexity(model.eval(), request["eval_ids"])
-    answer = {"ppl": result.ppl, "quantize_s": seconds, "eval_s": result.seconds,
-              "scored_tokens": result.scored_tokens}  # fmt: skip
+    answer = {"ppl": result.ppl, "quantize_s": seconds, "quantize_cpu_s": cpu_seconds,
+              "eval_s": result.seconds, "scored_tokens": result.scored_tokens}  # fmt: skip
     Path(answer_path).write_text(json.dumps(answer))
 
 
@@ -186,21 +187,25 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Calibration: {meta['calib_samples']} x {meta['calib_seq_len']} tokens of the "
         f"calibration text; eval: {meta['scored_tokens']} scored tokens (window 512, stride "
         f"512); {meta['threads']} torch threads, CPU. Times: quantization only (gcupipe: "
-        "streaming quantizer incl. reading and writing files; llmcompressor: `oneshot`).",
+        "streaming quantizer incl. reading and writing files; llmcompressor: `oneshot`); CPU s "
+        "= process CPU time of the same span (all threads), the figure least moved by other "
+        "load on the machine.",
         "",
-        "| model | ppl | vs float | quantize s | ppl / peer | time / peer |",
-        "|---|---|---|---|---|---|",
+        "| model | ppl | vs float | quantize s | CPU s | ppl / peer | time / peer | CPU / peer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
         vs_float = f"{row['ppl'] / float_ppl - 1:+.1%}" if float_ppl else "-"
+        cpu = row.get("quantize_cpu_s", 0.0)
         if peer and label != "float":
             ppl_ratio = f"{row['ppl'] / peer['ppl']:.3f}"
             time_ratio = f"{row['quantize_s'] / peer['quantize_s']:.2f}"
+            cpu_ratio = f"{cpu / peer['quantize_cpu_s']:.2f}" if peer.get("quantize_cpu_s") else "-"
         else:
-            ppl_ratio = time_ratio = "-"
+            ppl_ratio = time_ratio = cpu_ratio = "-"
         lines.append(
-            f"| {label} | {row['ppl']:.2f} | {vs_float} | {row['quantize_s']:.1f} | "
-            f"{ppl_ratio} | {time_ratio} |"
+            f"| {label} | {row['ppl']:.2f} | {vs_float} | {row['quantize_s']:.1f} | {cpu:.1f} | "
+            f"{ppl_ratio} | {time_ratio} | {cpu_ratio} |"
         )
     return "\n".join(lines) + "\n"
 
