@@ -20,7 +20,7 @@ class GcuQuantConfig(QuantizationConfig):
 
     # C8 KV-cache scales (`<attn>.k_proj.kv_cache_scale|offset`) are read by vLLM-GCU's int8 KV
     # cache; a vLLM without one serves the weights with its default KV cache and skips them.
-    _ignore_unexpected_suffixes = (
+    _ignore_unexpected_suffixes = (  # type: ignore[assignment]  # a longer tuple
         *QuantizationConfig._ignore_unexpected_suffixes,
         ".kv_cache_scale",
         ".kv_cache_offset",
@@ -91,7 +91,9 @@ class GcuQuantConfig(QuantizationConfig):
 def _routed_experts_method(  # type: ignore[no-untyped-def]
     config: GcuQuantConfig, layer, prefix: str
 ) -> QuantizeMethodBase | None:
-    """MoE experts: FLOAT experts run unquantized; quantized experts are named in the error."""
+    """MoE experts: FLOAT experts run vLLM's unquantized method, quantized ones ours (moe.py).
+
+    Every expert weight of a layer must share one type: vLLM stacks them into one tensor."""
     try:
         from vllm.model_executor.layers.fused_moe import RoutedExperts
     except ImportError:  # pragma: no cover - other vLLM versions
@@ -103,11 +105,16 @@ def _routed_experts_method(  # type: ignore[no-untyped-def]
         for name, kind in config.description.tensor_types.items()
         if name.startswith(prefix + ".") and name.endswith(".weight")
     }
-    if expert_types - {"FLOAT"}:
+    if len(expert_types) > 1:
         raise DescriptionError(
-            f"gcu quantization: MoE experts under '{prefix}' are {sorted(expert_types)}; this "
-            "plugin runs quantized experts only on vLLM-GCU: keep experts FLOAT "
-            "(ignore: ['*experts*']) to prove the artifact on this vLLM"
+            f"gcu quantization: MoE experts under '{prefix}' mix types {sorted(expert_types)}; "
+            "vLLM stacks every expert of a layer into one tensor, so quantize them alike"
+        )
+    if expert_types - {"FLOAT"}:
+        from gcupipe.vllm_plugin.moe import GcuFusedMoEMethod
+
+        return GcuFusedMoEMethod(
+            layer.moe_config, expert_types.pop(), config.description.group_size, prefix
         )
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
         UnquantizedFusedMoEMethod,
