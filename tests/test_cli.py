@@ -93,6 +93,8 @@ def test_interrupt_exits_130_and_keeps_nothing_half_written(tmp_path: Path) -> N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a suite started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not list((tmp_path / ".tmp").glob("shout-*/out/upper.txt")):
