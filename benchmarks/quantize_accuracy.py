@@ -2,23 +2,26 @@
 
 Each method goes through the quantize stage into modelslim, is read back by the format reader
 and evaluated on the reference runtime (target-kernel math), on the Botchan eval text with
-window 512 / stride 512. Writes benchmarks/results/quantize_accuracy.{md,json}.
+window 512 / stride 512; llmcompressor's W8A8 preset is scored on the same tokens. Writes
+benchmarks/results/quantize_accuracy.{md,json}.
 
-    python benchmarks/quantize_accuracy.py [--max-tokens N] [--calib-samples 32]
+    python benchmarks/quantize_accuracy.py [--max-tokens N] [--only LABEL,...] [--no-peer]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _llmcompressor import calibration_tokens, run_peer  # noqa: E402
 from _results import write_results  # noqa: E402
 
-# (label, quantize-stage config); llmcompressor's W8A8 preset measured here: 39.05 (DATA.md)
+# (label, quantize-stage config)
 CASES: list[tuple[str, dict[str, object]]] = [
     ("w8a16 per-channel sym", {"method": "w8a16"}),
     ("w8a8_dynamic", {"method": "w8a8_dynamic"}),
@@ -31,8 +34,8 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ),
     ("w8a8_dynamic + int8 KV cache", {"method": "w8a8_dynamic", "kv_cache": {"dtype": "int8"}}),
 ]
-LLMCOMPRESSOR_W8A8 = 39.05
-FLOAT_FULL = 37.81
+FLOAT = "float32 (dequantized GGUF)"
+PEER = "llmcompressor W8A8 preset"
 
 
 def main() -> None:
@@ -40,7 +43,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="cut the eval text")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--only", default="", help="comma-separated row labels to run")
+    parser.add_argument("--no-peer", action="store_true", help="skip llmcompressor")
     args = parser.parse_args()
+    only = {label.strip() for label in args.only.split(",") if label.strip()}
 
     import torch
 
@@ -64,8 +70,10 @@ def main() -> None:
     }
     float_ppl = perplexity(load_float_model(source), ids).ppl
     print(f"float: {float_ppl:.3f} ({len(ids)} tokens)", flush=True)
-    rows = [("float32 (dequantized GGUF)", float_ppl, 0.0)]
+    rows = [(FLOAT, float_ppl, 0.0)]
     for label, config in CASES:
+        if only and label not in only:
+            continue
         out = work / label.replace(" ", "_").replace("+", "").replace(",", "")
         out.mkdir()
         started = time.perf_counter()
@@ -84,14 +92,21 @@ def main() -> None:
             f"{label}: {ppl:.3f} ({ppl / float_ppl - 1:+.2%}, quantized in {seconds:.0f} s)",
             flush=True,
         )
-    dynamic = next(p for label, p, _ in rows if label == "w8a8_dynamic")
-    peer = LLMCOMPRESSOR_W8A8 / FLOAT_FULL * float_ppl  # the peer's ratio, on these tokens
+    if not args.no_peer and (not only or PEER in only):
+        tokens = calibration_tokens(source, calib_text, args.calib_samples, args.calib_seq_len)
+        peer = run_peer("w8a8", source, tokens, ids, work)
+        rows.append((PEER, peer["ppl"], peer["quantize_s"]))
+        print(f"{PEER}: {peer['ppl']:.3f}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    table = {label: ppl for label, ppl, _ in rows}
     lines = [
         "# Quantization core accuracy: SmolLM2-135M-Instruct, Botchan eval text",
         "",
         f"{len(ids)} eval tokens, window 512 / stride 512; calibration {args.calib_samples} x "
-        f"{args.calib_seq_len} tokens of the calibration text. Each model is written as "
-        "modelslim, read back and run on the reference runtime (target-kernel math).",
+        f"{args.calib_seq_len} tokens of the calibration text. Each gcupipe model is written as "
+        "modelslim, read back and run on the reference runtime (target-kernel math); "
+        "llmcompressor's W8A8 preset runs in its benchmark venv on the same tokens "
+        "(benchmarks/_llmcompressor.py).",
         "",
         "| method | ppl | vs float | quantize time (s) |",
         "|---|---|---|---|",
@@ -99,13 +114,9 @@ def main() -> None:
     lines += [
         f"| {label} | {ppl:.3f} | {ppl / float_ppl - 1:+.2%} | {s:.0f} |" for label, ppl, s in rows
     ]
-    lines += [
-        "",
-        f"llmcompressor W8A8 preset (DATA.md, full eval): {LLMCOMPRESSOR_W8A8} = "
-        f"{LLMCOMPRESSOR_W8A8 / FLOAT_FULL:.4f} x float; w8a8_dynamic here: "
-        f"{dynamic / float_ppl:.4f} x float, ratio to the peer {dynamic / peer:.4f} "
-        "(acceptance: <= 1.005).",
-    ]
+    if "w8a8_dynamic" in table and PEER in table:
+        ratio = table["w8a8_dynamic"] / table[PEER]
+        lines += ["", f"w8a8_dynamic / {PEER}: {ratio:.4f} (acceptance: <= 1.005)."]
     figures = {label: {"ppl": ppl, "seconds": s} for label, ppl, s in rows}
     figures["eval_tokens"] = len(ids)  # type: ignore[assignment]
     write_results("quantize_accuracy", figures, "\n".join(lines))

@@ -4,8 +4,7 @@ Every model is scored on the same eval tokens (Botchan eval text, window 512, st
 DATA.md convention) and every calibrated method gets the same 64 x 256 calibration tokens of the
 calibration text. gcupipe's methods run through the real stage path (streaming quantizer ->
 modelslim files -> reader -> reference runtime). llmcompressor's GPTQModifier runs in its own
-benchmark-only venv (.cache/bench-venv, created on first use, see `ensure_bench_venv`) as a
-subprocess on the same token ids.
+benchmark-only venv (benchmarks/_llmcompressor.py) as a subprocess on the same token ids.
 
     python benchmarks/w4a16_accuracy.py                      # full table (~15 min on 2 cores)
     python benchmarks/w4a16_accuracy.py --eval-tokens 4096   # quick look while developing
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,42 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_VENV = REPO / ".cache" / "bench-venv"
-# torch first, from the CPU wheel this machine's pip constraints allow, so that nothing pulls a
-# CUDA torch; llmcompressor 0.14.0.1 then pins transformers <= 5.17 (5.17.0 resolves) inside
-# the venv only. The project's own venv keeps its transformers.
-BENCH_REQUIREMENTS = (["torch==2.13.0"], ["llmcompressor==0.14.0.1"])
+sys.path.insert(0, str(Path(__file__).parent))
+from _llmcompressor import calibration_tokens, run_peer  # noqa: E402
+
 GROUP_SIZE = 64
 BITS = 4
-
-
-def ensure_bench_venv() -> Path:
-    """The python of the llmcompressor venv, created (python3 -m venv + pip) when missing."""
-    python = BENCH_VENV / "bin" / "python"
-    stamp = BENCH_VENV / ".gcupipe-ready"
-    if stamp.is_file():
-        return python
-    print(f"creating the llmcompressor benchmark venv at {BENCH_VENV} (a few minutes)")
-    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-    for requirement in BENCH_REQUIREMENTS:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *requirement], check=True)
-    check = "import torch, llmcompressor; assert '+cu' not in torch.__version__, torch.__version__"
-    subprocess.run([str(python), "-c", check], check=True)
-    stamp.write_text(" ".join(r for group in BENCH_REQUIREMENTS for r in group) + "\n")
-    return python
-
-
-def calibration_tokens(model_dir: Path, calib_text: str, samples: int, seq_len: int) -> Any:
-    """[samples, seq_len] token ids, drawn the way the quantize stage draws them."""
-    from gcupipe.quant.calibration import CalibrationConfig, calibration_batches
-
-    with tempfile.TemporaryDirectory() as tmp:
-        text_file = Path(tmp) / "calibration.txt"
-        text_file.write_text(calib_text)
-        config = CalibrationConfig(text_file=text_file, samples=samples, seq_len=seq_len)
-        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        return calibration_batches(config, model_dir, vocab)
 
 
 def resolver(symmetric: bool) -> Any:
@@ -115,56 +82,6 @@ def run_float(model_dir: Path, eval_ids: list[int]) -> dict[str, Any]:
             "scored_tokens": result.scored_tokens}  # fmt: skip
 
 
-def run_llmcompressor(model_dir: Path, tokens: Any, eval_ids: list[int], work: Path) -> dict:
-    """GPTQModifier w4 g64 symmetric in the bench venv, on the same tokens."""
-    import torch
-
-    python = ensure_bench_venv()
-    request = work / "peer-request.pt"
-    answer = work / "peer-answer.json"
-    torch.save({"calibration": tokens, "eval_ids": eval_ids, "model_dir": str(model_dir)}, request)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [str(python), str(Path(__file__).resolve()), "--peer-worker", str(request), str(answer)],
-        check=True, env=env,
-    )  # fmt: skip
-    return json.loads(answer.read_text())  # type: ignore[no-any-return]
-
-
-def peer_worker(request_path: str, answer_path: str) -> None:
-    """Runs inside the bench venv: llmcompressor oneshot GPTQ, then the same perplexity."""
-    import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from transformers import AutoModelForCausalLM
-
-    from gcupipe.runtime.perplexity import perplexity
-
-    request = torch.load(request_path)
-    tokens = request["calibration"]
-    model = AutoModelForCausalLM.from_pretrained(request["model_dir"], dtype=torch.float32)
-    dataset = Dataset.from_dict(
-        {"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()}
-    )
-    weights = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group",
-               "group_size": GROUP_SIZE}  # fmt: skip
-    recipe = GPTQModifier(
-        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-        ignore=["lm_head"],
-    )
-    started, cpu_started = time.perf_counter(), time.process_time()
-    oneshot(
-        model=model, dataset=dataset, recipe=recipe,
-        num_calibration_samples=int(tokens.shape[0]), max_seq_length=int(tokens.shape[1]),
-    )  # fmt: skip
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    result = perplexity(model.eval(), request["eval_ids"])
-    answer = {"ppl": result.ppl, "quantize_s": seconds, "quantize_cpu_s": cpu_seconds,
-              "eval_s": result.seconds, "scored_tokens": result.scored_tokens}  # fmt: skip
-    Path(answer_path).write_text(json.dumps(answer))
-
-
 # (row label, gcupipe method, options, symmetric), in the order they run: the comparisons
 # the acceptance needs first, so a cut-short run still has them.
 GCUPIPE_ROWS = [
@@ -218,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated row labels to run")
     parser.add_argument("--no-peer", action="store_true", help="skip llmcompressor")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--peer-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.peer_worker:
-        peer_worker(*args.peer_worker)
-        return 0
 
     import torch
 
@@ -249,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         meta["scored_tokens"] = row.get("scored_tokens", meta["scored_tokens"])
         print(f"{label}: {row}", flush=True)
         if not args.no_write:
-            sys.path.insert(0, str(Path(__file__).parent))
             from _results import write_results
 
             write_results("w4a16_accuracy", {"meta": meta, "rows": rows}, markdown(rows, meta))
@@ -265,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                           eval_ids, work / slug))  # fmt: skip
             if index == 0 and not args.no_peer and wanted(PEER):
                 try:
-                    record(PEER, run_llmcompressor(model_dir, tokens, eval_ids, work))
+                    record(PEER, run_peer("gptq-w4-g64-sym", model_dir, tokens, eval_ids, work))
                 except (OSError, subprocess.CalledProcessError) as exc:
                     print(f"{PEER} failed: {exc}", flush=True)
     print(markdown(rows, meta))
