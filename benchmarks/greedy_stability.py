@@ -19,16 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
 
-PROMPTS = [  # the prompts of tests/stages/test_serve_smollm2.py
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "The three primary colors are",
-    "A good way to learn programming is",
-    "The largest planet in the solar system is",
-    "Once upon a time, there was a",
-    "To make a cup of tea, you",
-    "The quick brown fox",
-]
 NEW_TOKENS = 16
 METHODS = ("w8a16", "w8a8_dynamic")
 
@@ -40,11 +30,11 @@ def main() -> None:
     from gcupipe.runtime.perplexity import greedy_generate, load_tokenizer, logits_of
     from gcupipe.stages.base import StageContext
     from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
-    from gcupipe.testing.real_data import smollm2_checkpoint
+    from gcupipe.testing.real_data import GREEDY_PROMPTS, smollm2_checkpoint
 
     source = smollm2_checkpoint()
     tokenizer = load_tokenizer(source)
-    prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in GREEDY_PROMPTS]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -74,7 +64,7 @@ def main() -> None:
     ]
     markdown = (
         "# Greedy stability of quantized SmolLM2-135M under a float-only change\n\n"
-        f"{len(PROMPTS)} prompts x {NEW_TOKENS} greedy tokens from the reference runtime in "
+        f"{len(GREEDY_PROMPTS)} prompts x {NEW_TOKENS} greedy tokens from the reference runtime in "
         "float32; the same runtime in float64 chooses at each of those positions.\n\n"
         + "\n".join(table)
         + "\n\nPer-token dynamic int8 activations round every activation of every layer; a "

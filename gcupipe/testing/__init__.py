@@ -1,1 +1,1 @@
-"""Builders of tiny models, real test data and local fakes of remote ends, for tests and benchmarks."""
+"""Builders of tiny models, real test data and local fakes of remote ends (tests, benchmarks)."""

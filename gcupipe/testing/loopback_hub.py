@@ -335,3 +335,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def isolate_hub_clients(monkeypatch: Any) -> None:
+    """For a test (pytest's monkeypatch): the real clients' own retry waits shortened, and none
+    of the user's hub settings (endpoints, caches, tokens, offline) leaking in."""
+    import modelscope_hub._download as ms_download
+    import modelscope_hub._legacy_api as ms_legacy
+
+    monkeypatch.setattr(ms_download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01, raising=False)
+    monkeypatch.setattr(ms_legacy, "REPO_TREE_PAGE_RETRY_MAX_DELAY_SECONDS", 0, raising=False)
+    for name in ("MODELSCOPE_ENDPOINT", "MODELSCOPE_CACHE", "MODELSCOPE_API_TOKEN", "HF_ENDPOINT",
+                 "HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)

@@ -23,6 +23,17 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTENCEPIECE_SDIST = "sentencepiece==0.2.1"
 BOTCHAN_MEMBER = "test/botchan.txt"
 CALIBRATION_FRACTION = 0.3
+# prompts for greedy-agreement checks on SmolLM2 (8 prompts x 16 tokens in the serve issue)
+GREEDY_PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "A good way to learn programming is",
+    "The largest planet in the solar system is",
+    "Once upon a time, there was a",
+    "To make a cup of tea, you",
+    "The quick brown fox",
+)
 
 
 def cache_root() -> Path:

@@ -15,7 +15,7 @@ from gcupipe.errors import RecipeError, StageError
 from gcupipe.hub.dataset_files import read_texts
 from gcupipe.hub.datasets import fetch_dataset_texts, in_split, parse_dataset_spec
 from gcupipe.quant.calibration import CalibrationConfig
-from gcupipe.testing.loopback_hub import LoopbackHub
+from gcupipe.testing.loopback_hub import LoopbackHub, isolate_hub_clients
 
 PREFIXES = ["modelscope", "hf"]
 TOKEN_ENV = {"modelscope": "MODELSCOPE_API_TOKEN", "hf": "HF_TOKEN"}
@@ -37,14 +37,7 @@ DATASET = {
 @pytest.fixture(autouse=True)
 def _isolated_clients(monkeypatch):
     """Short client-side retry waits; none of the user's own hub settings leak in."""
-    import modelscope_hub._download as ms_download
-    import modelscope_hub._legacy_api as ms_legacy
-
-    monkeypatch.setattr(ms_download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01, raising=False)
-    monkeypatch.setattr(ms_legacy, "REPO_TREE_PAGE_RETRY_MAX_DELAY_SECONDS", 0, raising=False)
-    for name in ("MODELSCOPE_ENDPOINT", "MODELSCOPE_CACHE", "MODELSCOPE_API_TOKEN", "HF_ENDPOINT",
-                 "HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
+    isolate_hub_clients(monkeypatch)
 
 
 @pytest.fixture

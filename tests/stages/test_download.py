@@ -12,7 +12,7 @@ import pytest
 from gcupipe.errors import StageError
 from gcupipe.stages.base import ProgressTask, StageContext
 from gcupipe.stages.download import DownloadConfig, DownloadStage
-from gcupipe.testing.loopback_hub import LoopbackHub
+from gcupipe.testing.loopback_hub import LoopbackHub, isolate_hub_clients
 
 HUBS = ["modelscope", "huggingface"]
 TOKEN_ENV = {"modelscope": "MODELSCOPE_API_TOKEN", "huggingface": "HF_TOKEN"}
@@ -75,14 +75,7 @@ class Recorder:
 def _fast_clients(monkeypatch):
     """Shorten the clients' own retry waits (module constants) and keep the user's real
     hub settings out of the tests."""
-    import modelscope_hub._download as ms_download
-    import modelscope_hub._legacy_api as ms_legacy
-
-    monkeypatch.setattr(ms_download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01, raising=False)
-    monkeypatch.setattr(ms_legacy, "REPO_TREE_PAGE_RETRY_MAX_DELAY_SECONDS", 0, raising=False)
-    for name in ("MODELSCOPE_ENDPOINT", "MODELSCOPE_CACHE", "MODELSCOPE_API_TOKEN", "HF_ENDPOINT",
-                 "HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
+    isolate_hub_clients(monkeypatch)
 
 
 @pytest.fixture
