@@ -8,6 +8,9 @@ benchmark-only venv (benchmarks/_llmcompressor.py) as a subprocess on the same t
 
     python benchmarks/w4a16_accuracy.py                      # full table (~15 min on 2 cores)
     python benchmarks/w4a16_accuracy.py --eval-tokens 4096   # quick look while developing
+    # the time ratio, alone on the machine (other load slows llmcompressor's threads far more):
+    python benchmarks/w4a16_accuracy.py --eval-tokens 4096 --results w4a16_timing \
+        --only "GPTQ w4 g64 sym,llmcompressor GPTQModifier w4 g64 sym"
 """
 
 from __future__ import annotations
@@ -135,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated row labels to run")
     parser.add_argument("--no-peer", action="store_true", help="skip llmcompressor")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--results",
+        default="w4a16_accuracy",
+        help="results file name (e.g. w4a16_timing for a quiet timing-only run)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_write:
             from _results import write_results
 
-            write_results("w4a16_accuracy", {"meta": meta, "rows": rows}, markdown(rows, meta))
+            write_results(args.results, {"meta": meta, "rows": rows}, markdown(rows, meta))
 
     with tempfile.TemporaryDirectory(prefix="w4a16-bench-") as tmp:
         work = Path(tmp)
