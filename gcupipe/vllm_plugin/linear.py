@@ -38,7 +38,15 @@ def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x_q.float(), weight_t.float()).round().to(torch.int32)
 
 
-def _frozen(tensor: torch.Tensor) -> Parameter:
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per-token quantization of x [tokens, k]: (int8 values, fp32 scales
+    [tokens, 1]), the W8A8_DYNAMIC activation scheme."""
+    x32 = x.float()
+    token_scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / INT8_MAX, min=1e-12)
+    return torch.round(x32 / token_scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8), token_scale
+
+
+def frozen_parameter(tensor: torch.Tensor) -> Parameter:
     return Parameter(tensor, requires_grad=False)
 
 
@@ -121,16 +129,16 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
             from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
             dequantized = ((weight.float() - offset) * scale).to(layer.gcu_params_dtype)
-            layer.weight = _frozen(dequantized.contiguous())
+            layer.weight = frozen_parameter(dequantized.contiguous())
             del layer.weight_scale, layer.weight_offset
             # from here on it is a float layer: vLLM's own GEMM path for the platform
             self.float_method = UnquantizedLinearMethod()
             self.float_method.process_weights_after_loading(layer)
             layer.gcu_dequantized = True
             return
-        layer.weight = _frozen(weight.contiguous())
-        layer.weight_scale = _frozen(scale.contiguous())
-        layer.weight_offset = _frozen(offset.contiguous())
+        layer.weight = frozen_parameter(weight.contiguous())
+        layer.weight_scale = frozen_parameter(scale.contiguous())
+        layer.weight_offset = frozen_parameter(offset.contiguous())
         layer.gcu_dequantized = False
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -156,17 +164,15 @@ class GcuW8A8DynamicLinearMethod(_ModelslimLinearMethod):
         self._weight_scales(layer, n, k, loader, per_group=False)
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
-        layer.weight = _frozen(layer.weight.data.t())  # [k, n] view for int8_matmul
-        layer.weight_scale = _frozen(layer.weight_scale.data.reshape(1, -1).contiguous())
+        layer.weight = frozen_parameter(layer.weight.data.t())  # [k, n] view for int8_matmul
+        layer.weight_scale = frozen_parameter(layer.weight_scale.data.reshape(1, -1).contiguous())
         offset = layer.weight_offset.data.reshape(1, -1).contiguous()
-        layer.weight_offset = _frozen(offset)
+        layer.weight_offset = frozen_parameter(offset)
         layer.has_weight_offset = bool(offset.abs().max() > 0)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        token_scale = torch.clamp(x2.abs().amax(dim=-1, keepdim=True) / INT8_MAX, min=1e-12)
-        x_q = torch.round(x2 / token_scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+        x_q, token_scale = quantize_per_token(x.reshape(-1, shape[-1]))
         acc = int8_matmul(x_q, layer.weight).float()
         if layer.has_weight_offset:  # (w - o): subtract o * rowsum(x_q)
             acc = acc - x_q.float().sum(dim=-1, keepdim=True) * layer.weight_offset
@@ -211,12 +217,12 @@ class GcuW8A8StaticLinearMethod(_ModelslimLinearMethod):
         layer.gcu_part_sizes = list(output_partition_sizes)
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
-        layer.weight = _frozen(layer.weight.data.t())
-        layer.deq_scale = _frozen(layer.deq_scale.data.reshape(1, -1).contiguous())
-        layer.quant_bias = _frozen(layer.quant_bias.data.reshape(1, -1).contiguous())
+        layer.weight = frozen_parameter(layer.weight.data.t())
+        layer.deq_scale = frozen_parameter(layer.deq_scale.data.reshape(1, -1).contiguous())
+        layer.quant_bias = frozen_parameter(layer.quant_bias.data.reshape(1, -1).contiguous())
         scales, offsets = layer.input_scale.data, layer.input_offset.data
-        layer.input_scale = _frozen(scales.clone())
-        layer.input_offset = _frozen(offsets.clone())
+        layer.input_scale = frozen_parameter(scales.clone())
+        layer.input_offset = frozen_parameter(offsets.clone())
         layer.gcu_shared_input = bool(
             torch.all(scales == scales[0]) and torch.all(offsets == offsets[0])
         )

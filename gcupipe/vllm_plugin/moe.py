@@ -26,15 +26,10 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
 from vllm.model_executor.utils import set_weight_attrs
 
 from gcupipe.vllm_plugin.description import DescriptionError
+from gcupipe.vllm_plugin.linear import frozen_parameter, quantize_per_token
 
 EXPERT_TYPES = ("W8A8_DYNAMIC", "W8A16", "W4A16")
 """Expert weight types this method serves (FLOAT experts use vLLM's own unquantized method)."""
-
-INT8_MAX = 127
-
-
-def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
-    return torch.nn.Parameter(tensor, requires_grad=False)
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -42,9 +37,8 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
 
     A float GEMM over these values and dequantized weights equals the int8 GEMM of the runtime
     (acc x token_scale x weight_scale) up to float rounding."""
-    x32 = x.float()
-    token_scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / INT8_MAX, min=1e-12)
-    return (torch.round(x32 / token_scale).clamp(-INT8_MAX - 1, INT8_MAX) * token_scale).to(x.dtype)
+    values, token_scale = quantize_per_token(x)
+    return (values.float() * token_scale).to(x.dtype)
 
 
 class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
@@ -106,7 +100,7 @@ class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
                     f"gcu quantization: group_size {self.group_size} does not divide the {k} "
                     f"input features of the {stem} experts of '{self.prefix}'"
                 )
-            weight = _frozen(torch.empty(num_experts, n, k // packing, dtype=torch.int8))
+            weight = frozen_parameter(torch.empty(num_experts, n, k // packing, dtype=torch.int8))
             layer.register_parameter(f"{stem}_weight", weight)
             set_weight_attrs(weight, extra_weight_attrs)
             groups = k // self.group_size if self.group_size else 1
@@ -116,7 +110,7 @@ class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
                 else FusedMoeWeightScaleSupported.CHANNEL
             )
             for name in ("weight_scale", "weight_offset"):
-                param = _frozen(torch.empty(num_experts, n, groups, dtype=torch.float32))
+                param = frozen_parameter(torch.empty(num_experts, n, groups, dtype=torch.float32))
                 layer.register_parameter(f"{stem}_{name}", param)
                 set_weight_attrs(param, {**extra_weight_attrs, "quant_method": kind.value})
         layer.gcu_params_dtype = params_dtype
@@ -141,7 +135,7 @@ class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
             delattr(layer, f"{stem}_weight_scale")
             delattr(layer, f"{stem}_weight_offset")
             delattr(layer, f"{stem}_weight")
-            layer.register_parameter(f"{stem}_weight", _frozen(dequantized))
+            layer.register_parameter(f"{stem}_weight", frozen_parameter(dequantized))
         # from here on a float MoE layer: vLLM prepares its own kernel layout
         super().process_weights_after_loading(layer)
 
