@@ -3,7 +3,6 @@ then the reports. The validate stage and `gcupipe validate DIR` both call it."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -12,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gcupipe.errors import GateFailed
-from gcupipe.validation.modeldir import ModelDir
+from gcupipe.validation.modeldir import ModelDir, read_safetensors_header
 from gcupipe.validation.numeric import NumericMetrics
 from gcupipe.validation.registry import CheckOptions, check_structure
 from gcupipe.validation.report import ValidationReport, write_reports
@@ -167,14 +166,8 @@ _GATES = {
 
 def float32_bytes(model_dir: Path) -> int:
     """What a model's safetensors weights take in float32, from the file headers alone."""
-    total = 0
-    for file in model_dir.glob("*.safetensors"):
-        with file.open("rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        total += sum(
-            4 * math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__"
-        )
-    return total
+    headers = (read_safetensors_header(file)[0] for file in model_dir.glob("*.safetensors"))
+    return sum(4 * math.prod(info.shape) for infos in headers for info in infos.values())
 
 
 def _physical_memory_bytes() -> int | None:
