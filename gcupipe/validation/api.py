@@ -204,6 +204,7 @@ def _numeric_gates(
 ) -> list[RuleResult]:
     from gcupipe.runtime.load import text_token_ids, tokenizer_dir
     from gcupipe.runtime.model import load_config
+    from gcupipe.validation.numeric import DEFAULT_PROMPTS
 
     started = time.perf_counter()
     text = (
@@ -212,13 +213,13 @@ def _numeric_gates(
         else BUILTIN_EVAL_TEXT
     )
     tok_dir = tokenizer_dir(model_dir, reference)
+    vocab = int(load_config(reference).vocab_size)
+    ids = text_token_ids(text, tok_dir, vocab, settings.eval_tokens)
     layered = use_layered(settings, reference, log)
     report.metrics["layered"] = layered
     if layered:
         from gcupipe.validation.layered import layered_numeric
 
-        vocab = int(load_config(reference).vocab_size)
-        ids = text_token_ids(text, tok_dir, vocab, settings.eval_tokens)
         metrics = layered_numeric(
             model_dir,
             reference,
@@ -229,14 +230,14 @@ def _numeric_gates(
             settings.worst_layers,
             log,
         )
-        log(
-            f"perplexity: float {metrics.ppl_float:.3f}, quantized "
-            f"{metrics.ppl_quantized:.3f} ({metrics.ppl_increase:+.2%}) on "
-            f"{metrics.scored_tokens} tokens"
-        )
-        log(f"top-1 agreement ({metrics.agreement_mode}): {metrics.token_agreement:.1%}")
     else:
-        metrics = _whole_model_metrics(model_dir, reference, settings, report, text, tok_dir, log)
+        prompts = [text_token_ids(p, tok_dir, vocab) for p in settings.prompts or DEFAULT_PROMPTS]
+        metrics = _whole_model_metrics(model_dir, reference, settings, report, ids, prompts)
+    log(
+        f"perplexity: float {metrics.ppl_float:.3f}, quantized {metrics.ppl_quantized:.3f} "
+        f"({metrics.ppl_increase:+.2%}) on {metrics.scored_tokens} tokens"
+    )
+    log(f"token agreement ({metrics.agreement_mode}): {metrics.token_agreement:.1%}")
     if metrics.worst_layers:
         worst = metrics.worst_layers[0]
         log(f"worst layer: {worst} at {metrics.sqnr_db[worst]:.1f} dB SQNR")
@@ -256,34 +257,20 @@ def _whole_model_metrics(
     reference: Path,
     settings: ValidationSettings,
     report: ValidationReport,
-    text: str,
-    tok_dir: Path | None,
-    log: Callable[[str], None],
+    ids: list[int],
+    prompts: list[list[int]],
 ) -> NumericMetrics:
-    from gcupipe.runtime.load import load_model, text_token_ids
-    from gcupipe.validation.numeric import (
-        DEFAULT_PROMPTS,
-        compare_generation,
-        compare_perplexity,
-        layer_sqnr,
-    )
+    from gcupipe.runtime.load import load_model
+    from gcupipe.validation.numeric import compare_generation, compare_perplexity, layer_sqnr
 
     started = time.perf_counter()
     quantized = load_model(model_dir)
     floating = load_model(reference)
     report.metrics["load_seconds"] = time.perf_counter() - started
-    vocab = floating.vocab_size
-    ids = text_token_ids(text, tok_dir, vocab, settings.eval_tokens)
     metrics = compare_perplexity(
         quantized.model, floating.model, ids, settings.window, settings.stride
     )
-    log(
-        f"perplexity: float {metrics.ppl_float:.3f}, quantized {metrics.ppl_quantized:.3f} "
-        f"({metrics.ppl_increase:+.2%}) on {metrics.scored_tokens} tokens"
-    )
-    prompts = [text_token_ids(p, tok_dir, vocab) for p in settings.prompts or DEFAULT_PROMPTS]
     compare_generation(quantized.model, floating.model, prompts, settings.max_new_tokens, metrics)
-    log(f"greedy agreement: {metrics.token_agreement:.1%} over {len(prompts)} prompts")
     sqnr_ids = ids[: settings.sqnr_tokens]
     batches = [sqnr_ids[i : i + settings.window] for i in range(0, len(sqnr_ids), settings.window)]
     return layer_sqnr(quantized.model, floating.model, batches, settings.worst_layers, metrics)
