@@ -16,11 +16,12 @@ from pathlib import Path
 from types import ModuleType
 
 from gcupipe.errors import RecipeError, StageError
-from gcupipe.hub import huggingface, modelscope
+from gcupipe.hub import huggingface
 from gcupipe.hub.common import HashMismatch, HubFetch, ProgressSink
 from gcupipe.hub.dataset_files import TEXT_SUFFIXES, read_texts
 from gcupipe.hub.errors import hub_stage_error
 from gcupipe.hub.retry import retry_call
+from gcupipe.hub.sources import hub_cache_dir, hub_module, hub_offline
 
 PREFIXES = {"modelscope": "modelscope", "hf": "huggingface", "huggingface": "huggingface"}
 _ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
@@ -71,17 +72,21 @@ def fetch_dataset_texts(
     `cache_dir` is gcupipe's cache: the hub files go to <cache_dir>/hub/<source>, shared with
     the download stage, unless $MODELSCOPE_CACHE / $HF_HUB_CACHE / $HF_HOME say otherwise."""
     parsed = parse_dataset_spec(spec)
-    hub = _hub(parsed.source)
+    hub = hub_module(parsed.source)
     suffixes = readable_suffixes()
     request = HubFetch(
         repo_id=parsed.repo_id,
         revision=revision or hub.DEFAULT_REVISION,
-        cache_dir=_hub_cache(hub, cache_dir),
+        cache_dir=(
+            hub_cache_dir(parsed.source, cache_dir)
+            if cache_dir is not None
+            else hub.env_cache_dir() or Path(_CLIENT_CACHE[parsed.source]).expanduser()
+        ),
         endpoint=hub.endpoint(None),
         token=os.environ.get(hub.TOKEN_ENV) or None,
         allow_patterns=[f"*{split}*{suffix}" for suffix in suffixes],
         ignore_patterns=None,
-        offline=offline or (hub is huggingface and huggingface.env_offline()),
+        offline=hub_offline(parsed.source, offline),
         repo_type="dataset",
     )
     snapshot = _fetch(hub, request, parsed, retries, retry_backoff_s, log or (lambda _: None))
@@ -184,19 +189,6 @@ def _listing(paths: list[str]) -> str:
     shown = ", ".join(paths[:_SHOWN_FILES])
     more = len(paths) - _SHOWN_FILES
     return shown + (f" and {more} more" if more > 0 else "")
-
-
-def _hub(source: str) -> ModuleType:
-    return modelscope if source == "modelscope" else huggingface
-
-
-def _hub_cache(hub: ModuleType, cache_dir: Path | None) -> Path:
-    env = hub.env_cache_dir()
-    if env is not None:
-        return Path(env)
-    if cache_dir is not None:
-        return cache_dir / "hub" / hub.NAME
-    return Path(_CLIENT_CACHE[hub.NAME]).expanduser()
 
 
 class _NoBar:

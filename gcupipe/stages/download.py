@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Literal
 
 from pydantic import Field
 
 from gcupipe.errors import StageError
-from gcupipe.hub import huggingface, modelscope
+from gcupipe.hub import huggingface
 from gcupipe.hub.common import HashMismatch, HubFetch, ProgressSink
 from gcupipe.hub.errors import hub_stage_error
 from gcupipe.hub.local import check_model_dir, materialize
@@ -24,6 +23,7 @@ from gcupipe.hub.manifest import (
     write_manifest,
 )
 from gcupipe.hub.retry import retry_call
+from gcupipe.hub.sources import hub_cache_dir, hub_module, hub_offline
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
 
 Source = Literal["modelscope", "huggingface", "local", "gguf"]
@@ -162,7 +162,7 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
             return f"local directory {path}{missing}, {mode}"
         if config.source == "gguf":
             return f"GGUF file {path}, converted to {config.dtype or 'float32'} safetensors"
-        hub = _hub(config.source)
+        hub = hub_module(config.source)
         revision = config.revision or hub.DEFAULT_REVISION
         where = f"{config.source} {config.model_id}@{revision} from " + hub.describe_endpoint(
             config.endpoint
@@ -212,7 +212,7 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
     def _fetch(
         self, config: DownloadConfig, ctx: StageContext
     ) -> tuple[Path, list[str], int, dict[str, str], str]:
-        hub = _hub(config.source)
+        hub = hub_module(config.source)
         token_env = config.token_env or hub.TOKEN_ENV
         token = os.environ.get(token_env) or None
         if token:
@@ -344,19 +344,11 @@ def _local_path(config: DownloadConfig) -> Path:
         raise StageError(f"download: package: {exc}") from exc
 
 
-def _hub(source: str) -> ModuleType:
-    return modelscope if source == "modelscope" else huggingface
-
-
 def _cache_dir(config: DownloadConfig, engine_cache: Path) -> Path:
     if config.cache_dir is not None:
         return config.cache_dir.expanduser()
-    if config.source == "modelscope" and os.environ.get(modelscope.CACHE_ENV):
-        return Path(os.environ[modelscope.CACHE_ENV]).expanduser()
-    if config.source == "huggingface" and huggingface.env_cache_dir() is not None:
-        return huggingface.env_cache_dir()  # type: ignore[return-value]
-    return engine_cache / "hub" / config.source
+    return hub_cache_dir(config.source, engine_cache)
 
 
 def _offline(config: DownloadConfig) -> bool:
-    return config.offline or (config.source == "huggingface" and huggingface.env_offline())
+    return hub_offline(config.source, config.offline)
