@@ -8,7 +8,7 @@ GPTQ/llm-compressor convention); a text shorter than one window is repeated.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -109,21 +109,15 @@ def _hub_dataset_text(config: CalibrationConfig, cache_dir: Path | None) -> str:
     return "\n\n".join(texts)
 
 
-def load_tokenizer(model_dir: Path) -> Any | None:
-    """The model's tokenizer, or None when the directory has none (tiny test models)."""
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-    if not any((model_dir / n).exists() for n in names):
-        return None
-    from transformers import AutoTokenizer
+def token_ids(text: str, model_dir: Path, vocab_size: int) -> list[int]:
+    """Token ids of running text, without the special tokens a document would start with; UTF-8
+    bytes modulo the vocabulary when the model has no tokenizer (tiny test models)."""
+    from gcupipe.runtime.load import tokenizer_dir
+    from gcupipe.runtime.perplexity import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def tokenize(text: str, tokenizer: Any | None, vocab_size: int) -> list[int]:
-    """Token ids of `text`; without a tokenizer, UTF-8 bytes modulo the vocabulary."""
-    if tokenizer is None:
+    if tokenizer_dir(model_dir) is None:
         return [b % vocab_size for b in text.encode("utf-8")]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(load_tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"])
 
 
 def calibration_batches(
@@ -132,7 +126,7 @@ def calibration_batches(
     """[samples, seq_len] int64 token ids drawn deterministically from the spec's text."""
     import torch
 
-    ids = tokenize(load_text(config, cache_dir), load_tokenizer(model_dir), vocab_size)
+    ids = token_ids(load_text(config, cache_dir), model_dir, vocab_size)
     if len(ids) < 2:
         raise StageError("the calibration text has fewer than 2 tokens")
     while len(ids) <= config.seq_len:
