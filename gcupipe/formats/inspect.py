@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import StageError
+from gcupipe.formats.base import read_safetensors_header
 
 
 @dataclass
@@ -56,12 +57,10 @@ def _headers(path: Path) -> dict[str, tuple[str, list[int]]]:
     """Tensor name -> (dtype, shape) of every safetensors file, from the file headers."""
     out: dict[str, tuple[str, list[int]]] = {}
     for file in sorted(path.glob("*.safetensors")):
-        with file.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                out[name] = (info["dtype"], info["shape"])
+        infos, problem = read_safetensors_header(file)
+        if problem is not None and not infos:
+            raise StageError(f"cannot inspect {path}: {problem}")
+        out.update({name: (info.dtype, list(info.shape)) for name, info in infos.items()})
     return out
 
 

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gcupipe.errors import GateFailed
-from gcupipe.validation.modeldir import ModelDir, read_safetensors_header
+from gcupipe.formats.base import read_safetensors_header
+from gcupipe.validation.modeldir import ModelDir
 from gcupipe.validation.numeric import NumericMetrics
 from gcupipe.validation.registry import CheckOptions, check_structure
 from gcupipe.validation.report import ValidationReport, write_reports

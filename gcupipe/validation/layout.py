@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gcupipe.validation.modeldir import QUANTIZE_CONFIG, ModelDir, TensorInfo
+from gcupipe.formats.base import TensorInfo
+from gcupipe.validation.modeldir import QUANTIZE_CONFIG, ModelDir
 from gcupipe.validation.results import Finding
 
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}

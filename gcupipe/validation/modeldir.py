@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from gcupipe.formats.base import TensorInfo, read_safetensors_header
 
 DESCRIPTION = "quant_model_description.json"
 KV_JSON = "int8_kv_cache.json"
@@ -22,50 +23,13 @@ QUANT_TYPES = {"FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "C8"}
 DESCRIPTION_META = {"model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type",
                     "fa_quant_type", "reduce_quant_type", "metadata"}
 GCU_METHODS = {"gptq", "awq", "w8a8"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors code: I8, I32, F32, F16, BF16...
-    shape: tuple[int, ...]
-    file: str
 
 
 @dataclass
 class HeaderProblem:
     file: str
     message: str
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], str | None]:
-    """Tensor infos of one safetensors file, or a problem saying why the file is damaged."""
-    size = path.stat().st_size
-    if size < 8:
-        return {}, f"{path.name} is {size} bytes: not even a header length"
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > size - 8 or header_len > 100 << 20:
-            return {}, (f"{path.name} is truncated or not safetensors: its header claims "
-                        f"{header_len} bytes but the file has {size}")
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {}, f"{path.name} has a corrupt header ({exc.__class__.__name__})"
-    header.pop("__metadata__", None)
-    infos: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, entry in header.items():
-        infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path.name)
-        data_end = max(data_end, int(entry["data_offsets"][1]))
-    expected = 8 + header_len + data_end
-    if size < expected:
-        return infos, (f"{path.name} is truncated: its header needs {expected} bytes, the file "
-                       f"has {size} ({expected - size} missing)")
-    return infos, None
 
 
 def layer_index(name: str) -> int | None:

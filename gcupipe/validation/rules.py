@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from gcupipe.runtime.load import TOKENIZER_FILES
 from gcupipe.validation.flag import quantization_flag_rule
 from gcupipe.validation.layout import (
     expected_weight_names,
@@ -22,7 +23,6 @@ from gcupipe.validation.modeldir import (
     DESCRIPTION_META,
     QUANT_TYPES,
     QUANTIZE_CONFIG,
-    TOKENIZER_FILES,
     ModelDir,
 )
 from gcupipe.validation.registry import CheckOptions, Skip, rule
