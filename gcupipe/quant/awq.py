@@ -98,11 +98,11 @@ def fake_quantize(
 ) -> torch.Tensor:
     """RTN quantize-dequantize of a weight [n, k] with min-max group ranges."""
     scale, offset = weight_qparams(weight, bits, group_size, symmetric)
+    from gcupipe.quant.intmath import expand_groups
+
     q = quantize_weight(weight, scale, offset, bits, group_size).float()
-    if group_size:
-        scale = scale.repeat_interleave(group_size, dim=1)
-        offset = offset.repeat_interleave(group_size, dim=1)
-    return (q - offset) * scale
+    k = weight.shape[1]
+    return (q - expand_groups(offset, k)) * expand_groups(scale, k)
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -53,18 +53,16 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: i
 def fake_quant_tensor(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int = 8
 ) -> torch.Tensor:
-    """Quantize then dequantize, keeping x's dtype (how a static-activation kernel sees x)."""
-    q = quantize(x, scale.float(), offset.float(), bits).float()
-    return ((q - offset.float()) * scale.float()).to(x.dtype)
-
-
-def fake_quant_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Dynamic symmetric per-token quantization (the W8A8_DYNAMIC run-time activation path)."""
+    """Quantize then dequantize, keeping x's dtype (how a static-activation kernel sees x);
+    computed in float64 for float64 inputs, else float32."""
     import torch
 
-    absmax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp(absmax / qrange(bits)[1], min=1e-12)
-    return fake_quant_tensor(x, scale, torch.zeros_like(scale), bits)
+    from gcupipe.quant.intmath import compute_dtype
+
+    wide = compute_dtype(x)
+    scale, offset = scale.to(wide), offset.to(wide)
+    q = torch.clamp(torch.round(x.to(wide) / scale + offset), *qrange(bits))
+    return ((q - offset) * scale).to(x.dtype)
 
 
 @dataclass

@@ -35,10 +35,10 @@ def quantize_weight(
     group_size: int,
 ) -> torch.Tensor:
     """Integer weight [n, k] for given (possibly grouped) scale/offset."""
-    if group_size:
-        scale = scale.repeat_interleave(group_size, dim=1)
-        offset = offset.repeat_interleave(group_size, dim=1)
-    return quantize(weight, scale, offset, bits)
+    from gcupipe.quant.intmath import expand_groups
+
+    k = weight.shape[1]
+    return quantize(weight, expand_groups(scale, k), expand_groups(offset, k), bits)
 
 
 # Rows per chunk of the low-memory path: a chunk of fp32 temporaries stays around 32 MB.

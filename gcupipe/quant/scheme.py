@@ -104,17 +104,22 @@ class QuantizedLinear:
         return QuantType.W4A16 if self.bits == 4 else QuantType.W8A16
 
     def expanded_scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and offset broadcast to [n, k] (groups repeated along k)."""
-        scale, offset = self.weight_scale.float(), self.weight_offset.float()
-        if self.group_size and scale.shape[1] != self.in_features:
-            scale = scale.repeat_interleave(self.group_size, dim=1)
-            offset = offset.repeat_interleave(self.group_size, dim=1)
-        return scale, offset
+        """Scale and offset in fp32, one value per input feature (groups repeated along k) or
+        [n, 1] per channel."""
+        from gcupipe.quant.intmath import expand_groups
 
-    def dequantize(self) -> torch.Tensor:
-        """The float weight [n, k] this layer stands for: (q - offset) * scale, in fp32."""
+        k = self.in_features
+        scale, offset = self.weight_scale.float(), self.weight_offset.float()
+        return expand_groups(scale, k), expand_groups(offset, k)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [n, k] this layer stands for: (q - offset) * scale, computed in
+        `dtype` (default fp32; float64 keeps a float64 reference free of fp32 rounding)."""
+        import torch
+
+        dtype = dtype or torch.float32
         scale, offset = self.expanded_scale_offset()
-        return (self.weight.float() - offset) * scale
+        return (self.weight.to(dtype) - offset.to(dtype)) * scale.to(dtype)
 
     def deq_scale(self) -> torch.Tensor:
         """W8A8 static: fp32 [n] = input_scale * weight_scale (per-channel weights only)."""
@@ -138,11 +143,12 @@ class QuantizedLinear:
         """Reference (fake-quant) forward: activations quantized as the scheme says."""
         import torch.nn.functional as functional
 
-        from gcupipe.quant.observers import fake_quant_per_token, fake_quant_tensor
+        from gcupipe.quant.intmath import compute_dtype, fake_quantize_per_token
+        from gcupipe.quant.observers import fake_quant_tensor
 
-        w = self.dequantize().to(x.dtype)
+        w = self.dequantize(compute_dtype(x)).to(x.dtype)
         if self.activation is ActivationScheme.DYNAMIC:
-            x = fake_quant_per_token(x, bits=8)
+            x = fake_quantize_per_token(x)
         elif self.activation is ActivationScheme.STATIC:
             assert self.input_scale is not None and self.input_offset is not None
             x = fake_quant_tensor(x, self.input_scale, self.input_offset, bits=8)

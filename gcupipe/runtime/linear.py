@@ -1,13 +1,13 @@
 """Linear layers that compute what the target's quantized kernels compute, from a QuantizedLinear.
 
 - W8A8_DYNAMIC: activations quantized per token, symmetric int8 (scale = absmax / 127); int8 x
-  int8 -> int32 matmul (torch._int_mm, exact) then y = acc * x_scale * weight_scale (+ bias).
+  int8 -> int32 matmul (exact) then y = acc * x_scale * weight_scale (+ bias).
 - W8A8 (static): x_q = clamp(round(x / input_scale + input_offset)); acc = x_q @ Wq^T + quant_bias
   (int32); y = acc * deq_scale: the modelslim/Ascend formula of DESIGN.md 4.1, bias folded in.
 - W8A16 / W4A16: weights dequantized on the fly, (q - offset) * scale per channel or group, in
   the activation dtype, then a float matmul (what weight-only kernels do).
 
-Integer matmuls fall back to an exact int64 product where torch._int_mm is missing.
+The float steps run in float32, or in float64 inside a float64 model (quant/intmath.py).
 """
 
 from __future__ import annotations
@@ -20,17 +20,6 @@ if TYPE_CHECKING:
     import torch
 
     from gcupipe.quant.scheme import QuantizedLinear
-
-
-def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """int8 [m, k] @ int8 [k, n] -> int32 [m, n], exactly."""
-    torch = require("torch", "quant")
-    if hasattr(torch, "_int_mm"):
-        try:
-            return torch._int_mm(x_q.contiguous(), weight_t)
-        except RuntimeError:  # shape or platform limits of the fast kernel
-            pass
-    return (x_q.to(torch.int64) @ weight_t.to(torch.int64)).to(torch.int32)
 
 
 def _module_base() -> Any:
@@ -85,31 +74,33 @@ class RuntimeLinear(_module_base()):  # type: ignore[misc]
             self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gcupipe.quant.intmath import (
+            compute_dtype,
+            int8_matmul,
+            quantize_per_tensor,
+            quantize_per_token,
+        )
         from gcupipe.quant.scheme import ActivationScheme
 
+        wide = compute_dtype(x)
         if self.activation is ActivationScheme.NONE:
-            return self._weight_only(x)
-        torch = require("torch", "quant")
+            torch = require("torch", "quant")
+            weight = ((self.weight_q.to(wide) - self.offset.to(wide)) * self.scale.to(wide))
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).float()
+        flat = x.reshape(-1, shape[-1])
         if self.activation is ActivationScheme.DYNAMIC:
-            x_scale = torch.clamp(flat.abs().amax(dim=-1, keepdim=True) / 127.0, min=1e-12)
-            x_q = torch.clamp(torch.round(flat / x_scale), -128, 127).to(torch.int8)
+            x_q, x_scale = quantize_per_token(flat)
             acc = int8_matmul(x_q, self.weight_t)
-            y = acc.float() * x_scale * self.weight_scale
+            y = acc.to(wide) * x_scale * self.weight_scale.to(wide)
             if self.bias is not None:
-                y = y + self.bias
+                y = y + self.bias.to(wide)
         else:
-            x_q = torch.clamp(torch.round(flat / self.input_scale + self.input_offset), -128, 127)
-            acc = int8_matmul(x_q.to(torch.int8), self.weight_t) + self.quant_bias
-            y = acc.float() * self.deq_scale
+            x_q = quantize_per_tensor(flat, self.input_scale, self.input_offset)
+            acc = int8_matmul(x_q, self.weight_t) + self.quant_bias
+            y = acc.to(wide) * self.deq_scale.to(wide)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        torch = require("torch", "quant")
-        weight = ((self.weight_q.float() - self.offset) * self.scale).to(x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return torch.nn.functional.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""

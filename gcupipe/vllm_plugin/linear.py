@@ -22,28 +22,14 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from gcupipe.quant.intmath import (
+    expand_groups,
+    int8_matmul,
+    quantize_per_tensor,
+    quantize_per_token,
+)
 from gcupipe.vllm_plugin import LOW_MEMORY_ENV
 from gcupipe.vllm_plugin.description import DescriptionError
-
-INT8_MIN, INT8_MAX = -128, 127
-
-
-def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """int8 [m, k] @ int8 [k, n] -> int32: the reference runtime's exact product on CPU; a float
-    product elsewhere (CUDA's int kernels reject small batches)."""
-    if x_q.device.type == "cpu":
-        from gcupipe.runtime.linear import int8_matmul as exact_int8_matmul
-
-        return exact_int8_matmul(x_q, weight_t)
-    return torch.matmul(x_q.float(), weight_t.float()).round().to(torch.int32)
-
-
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per-token quantization of x [tokens, k]: (int8 values, fp32 scales
-    [tokens, 1]), the W8A8_DYNAMIC activation scheme."""
-    x32 = x.float()
-    token_scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / INT8_MAX, min=1e-12)
-    return torch.round(x32 / token_scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8), token_scale
 
 
 def frozen_parameter(tensor: torch.Tensor) -> Parameter:
@@ -120,11 +106,9 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
             from gcupipe.quant.packing import unpack_int4_modelslim
 
             weight = unpack_int4_modelslim(weight)
-        scale, offset = layer.weight_scale.data, layer.weight_offset.data
-        if scale.shape[1] > 1:  # per group: expand to one value per input feature once
-            group = weight.shape[1] // scale.shape[1]
-            scale = scale.repeat_interleave(group, dim=1)
-            offset = offset.repeat_interleave(group, dim=1)
+        k = weight.shape[1]  # per group: one value per input feature, expanded once
+        scale = expand_groups(layer.weight_scale.data, k)
+        offset = expand_groups(layer.weight_offset.data, k)
         if not self.low_memory:
             from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
@@ -227,19 +211,16 @@ class GcuW8A8StaticLinearMethod(_ModelslimLinearMethod):
             torch.all(scales == scales[0]) and torch.all(offsets == offsets[0])
         )
 
-    def _quantize_input(self, x2: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):  # type: ignore[no-untyped-def]
-        return torch.round(x2 / scale + offset).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
-
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2 = x.reshape(-1, shape[-1])
         if layer.gcu_shared_input:
-            x_q = self._quantize_input(x2, layer.input_scale[0], layer.input_offset[0])
+            x_q = quantize_per_tensor(x2, layer.input_scale[0], layer.input_offset[0])
             acc = int8_matmul(x_q, layer.weight)
         else:
             pieces, start = [], 0
             for index, size in enumerate(layer.gcu_part_sizes):
-                x_q = self._quantize_input(x2, layer.input_scale[index], layer.input_offset[index])
+                x_q = quantize_per_tensor(x2, layer.input_scale[index], layer.input_offset[index])
                 pieces.append(int8_matmul(x_q, layer.weight[:, start : start + size]))
                 start += size
             acc = torch.cat(pieces, dim=-1)

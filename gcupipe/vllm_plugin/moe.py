@@ -25,20 +25,12 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
+from gcupipe.quant.intmath import expand_groups, fake_quantize_per_token
 from gcupipe.vllm_plugin.description import DescriptionError
-from gcupipe.vllm_plugin.linear import frozen_parameter, quantize_per_token
+from gcupipe.vllm_plugin.linear import frozen_parameter
 
 EXPERT_TYPES = ("W8A8_DYNAMIC", "W8A16", "W4A16")
 """Expert weight types this method serves (FLOAT experts use vLLM's own unquantized method)."""
-
-
-def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per-token quantization of `x`, returned dequantized in x's dtype.
-
-    A float GEMM over these values and dequantized weights equals the int8 GEMM of the runtime
-    (acc x token_scale x weight_scale) up to float rounding."""
-    values, token_scale = quantize_per_token(x)
-    return (values.float() * token_scale).to(x.dtype)
 
 
 class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
@@ -121,12 +113,9 @@ class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
             from gcupipe.quant.packing import unpack_int4_modelslim
 
             weight = unpack_int4_modelslim(weight)
-        scale = getattr(layer, f"{stem}_weight_scale").data
-        offset = getattr(layer, f"{stem}_weight_offset").data
-        if scale.shape[-1] > 1:  # per group: one value per input feature
-            group = weight.shape[-1] // scale.shape[-1]
-            scale = scale.repeat_interleave(group, dim=-1)
-            offset = offset.repeat_interleave(group, dim=-1)
+        k = weight.shape[-1]  # per group: one value per input feature
+        scale = expand_groups(getattr(layer, f"{stem}_weight_scale").data, k)
+        offset = expand_groups(getattr(layer, f"{stem}_weight_offset").data, k)
         return ((weight.float() - offset) * scale).to(layer.gcu_params_dtype).contiguous()
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]

@@ -1,5 +1,5 @@
-"""Accuracy on the real SmolLM2-135M (DATA.md): few thousand eval tokens; the full table is in
-benchmarks/quantize_accuracy.py."""
+"""Accuracy on the real SmolLM2-135M (DATA.md): few thousand eval tokens; the full table, with
+llm-compressor's W8A8 preset scored on the same tokens, is benchmarks/quantize_accuracy.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 EVAL_TOKENS = 2048
-LLMCOMPRESSOR_W8A8_RATIO = 39.05 / 37.81  # DATA.md, same eval text, full length
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"source": source, "work": work, "ids": ids, "float": float_ppl}
 
 
-def quantized_ppl(setup: dict[str, object], name: str, **config: object) -> float:
+def quantized_ppl(
+    setup: dict[str, object], name: str, dtype: str = "float32", **config: object
+) -> float:
     from gcupipe.formats.registry import read_quantized
     from gcupipe.runtime.model import build_model, load_config
     from gcupipe.runtime.perplexity import perplexity
@@ -47,24 +48,29 @@ def quantized_ppl(setup: dict[str, object], name: str, **config: object) -> floa
         StageContext("quantize", out, work / "s", work / "c", work, log=lambda m: None),
     )
     ckpt = read_quantized(out)
-    model = build_model(load_config(out), ckpt.float_tensors, ckpt.linears, ckpt.kv_scales)
+    model = build_model(
+        load_config(out), ckpt.float_tensors, ckpt.linears, ckpt.kv_scales, dtype=dtype
+    )
     return perplexity(model, setup["ids"]).ppl  # type: ignore[arg-type]
 
 
 def test_w8a16_per_channel_within_half_a_percent(setup):
+    """Weight-only: no activation is rounded, so float rounding moves this perplexity by ~1e-6
+    (measured float32 vs float64 in benchmarks/greedy_stability.py); measured +0.08%."""
     assert quantized_ppl(setup, "w8a16", method="w8a16") <= 1.005 * setup["float"]
 
 
 def reference_w8a8_dynamic_ppl(setup: dict[str, object]) -> float:
-    """The llmcompressor W8A8 preset's math written independently in plain torch: int8
-    per-channel symmetric min-max weights, int8 per-token symmetric activations, every Linear
-    but lm_head (DATA.md: this math gives the preset's 39.05 on the full eval text)."""
+    """The llmcompressor W8A8 preset's math written independently in plain torch, in float64:
+    int8 per-channel symmetric min-max weights (rounded from the float32 checkpoint, as any
+    quantizer of that checkpoint does), int8 per-token symmetric activations, every Linear but
+    lm_head."""
     import torch
 
     from gcupipe.runtime.model import load_float_model
     from gcupipe.runtime.perplexity import perplexity
 
-    model = load_float_model(setup["source"])  # type: ignore[arg-type]
+    model = load_float_model(setup["source"], dtype="float64")  # type: ignore[arg-type]
 
     def per_token(module: object, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
         x = args[0]
@@ -74,17 +80,24 @@ def reference_w8a8_dynamic_ppl(setup: dict[str, object]) -> float:
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                w = module.weight
+                w = module.weight.float()
                 scale = w.abs().amax(dim=1, keepdim=True) / 127
-                w.copy_(torch.clamp(torch.round(w / scale), -128, 127) * scale)
+                q = torch.clamp(torch.round(w / scale), -128, 127)
+                module.weight.copy_(q.double() * scale.double())
                 module.register_forward_pre_hook(per_token)
     return perplexity(model, setup["ids"]).ppl  # type: ignore[arg-type]
 
 
-def test_w8a8_dynamic_matches_llmcompressor_preset(setup):
-    ppl = quantized_ppl(setup, "w8a8_dynamic", method="w8a8_dynamic")
-    assert ppl <= 1.005 * reference_w8a8_dynamic_ppl(setup)
-    assert ppl <= 1.02 * LLMCOMPRESSOR_W8A8_RATIO * setup["float"]  # a sanity bound
+def test_w8a8_dynamic_is_the_presets_math(setup):
+    """The runtime's int8 path equals an independent fake-quant of the preset's math. In
+    float32 the two differ by float summation order alone, which per-token int8 rounding turns
+    into a 1.3% perplexity gap on these tokens (and a different one on another CPU); in float64
+    on both sides no rounding boundary moves and they agree to 1e-9. Any change of the math (a
+    scale of absmax/128, a quantized lm_head, asymmetric weights) moves it by far more than
+    the 1e-6 allowed here. How it compares with llm-compressor itself is measured, on the
+    full eval text, by benchmarks/quantize_accuracy.py."""
+    ppl = quantized_ppl(setup, "w8a8_dynamic", dtype="float64", method="w8a8_dynamic")
+    assert ppl == pytest.approx(reference_w8a8_dynamic_ppl(setup), rel=1e-6)
 
 
 def test_static_w8a8_smoothing_beats_no_smoothing(setup):

@@ -12,11 +12,12 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from gcupipe.errors import StageError  # noqa: E402
+from gcupipe.quant.intmath import int8_matmul  # noqa: E402
 from gcupipe.quant.methods import LayerSpec  # noqa: E402
 from gcupipe.quant.rtn import rtn_linear  # noqa: E402
 from gcupipe.quant.scheme import ActivationScheme, KVCacheScale  # noqa: E402
 from gcupipe.runtime.kv_cache import kv_fake_quant  # noqa: E402
-from gcupipe.runtime.linear import ReferenceLinear, RuntimeLinear, int8_matmul  # noqa: E402
+from gcupipe.runtime.linear import ReferenceLinear, RuntimeLinear  # noqa: E402
 from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.testing.tiny_models import tiny_model  # noqa: E402
 

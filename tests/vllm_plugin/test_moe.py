@@ -8,12 +8,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
+from gcupipe.quant.intmath import fake_quantize_per_token  # noqa: E402
 from gcupipe.quant.methods import LayerSpec  # noqa: E402
 from gcupipe.quant.rtn import rtn_linear  # noqa: E402
 from gcupipe.quant.scheme import ActivationScheme  # noqa: E402
 from gcupipe.runtime.linear import RuntimeLinear  # noqa: E402
 from gcupipe.vllm_plugin.description import DescriptionError  # noqa: E402
-from gcupipe.vllm_plugin.moe import GcuFusedMoEMethod, fake_quantize_per_token  # noqa: E402
+from gcupipe.vllm_plugin.moe import GcuFusedMoEMethod  # noqa: E402
 
 
 def test_per_token_rounding_on_dequantized_weights_equals_the_int8_gemm() -> None:
