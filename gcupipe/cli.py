@@ -281,8 +281,15 @@ def validate(
         float, typer.Option(help="Largest relative perplexity increase over float.")
     ] = 0.05,
     min_token_agreement: Annotated[
-        float, typer.Option(help="Least greedy-token agreement with float.")
+        float,
+        typer.Option(
+            help="Least top-1 agreement with float at the positions where float is confident."
+        ),
     ] = 0.9,
+    agreement_margin: Annotated[
+        float,
+        typer.Option(help="Logit lead of float's top-1 that makes a position confident."),
+    ] = 1.0,
     layered: Annotated[
         bool | None,
         typer.Option(
@@ -292,10 +299,14 @@ def validate(
             show_default=False,
         ),
     ] = None,
-    report_dir: Annotated[
-        Path,
-        typer.Option(help="Where the reports go (JSON, Markdown, JUnit, SQNR plot)."),
-    ] = Path("validation"),
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the reports (JSON, Markdown, JUnit, SQNR plot) into this directory. "
+            "Default: print the summary only, write nothing.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Check a quantized model directory outside a recipe: the same rules and gates as
     `uses: validate`. Exit code 3 when a rule or gate fails.
@@ -310,15 +321,17 @@ def validate(
         settings = ValidationSettings(
             max_ppl_increase=max_ppl_increase,
             min_token_agreement=min_token_agreement,
+            agreement_margin=agreement_margin,
             eval_text_file=eval_text,
             eval_tokens=eval_tokens,
             quantization=quantization,
             check_quantization=quantization is not None,
             layered=layered,
         )
-        outcome = validate_model_dir(directory, reference, settings, report_dir,
+        outcome = validate_model_dir(directory, reference, settings, report,
                                      log=lambda line: errors.print(line, highlight=False))
-        console.print(f"report: {outcome.paths.get('markdown')}", highlight=False)
+        if report is not None:
+            console.print(f"report: {outcome.paths.get('markdown')}", highlight=False)
         enforce(outcome)
         console.print(f"[green]passed[/]: {len(outcome.report.rules)} rules, "
                       f"{len(outcome.report.gates)} gates")

@@ -9,16 +9,13 @@ The arithmetic is the same as the whole-model runtime's, so both give the same p
 
 from __future__ import annotations
 
-import math
 import re
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import StageError, require
-from gcupipe.runtime.perplexity import PerplexityResult, windows
+from gcupipe.runtime.perplexity import PerplexityResult, WindowScorer
 
 _LAYER = re.compile(r"^model\.layers\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -173,35 +170,28 @@ class ModelLayers:
         return out[0] if isinstance(out, tuple) else out
 
 
-@dataclass(frozen=True)
-class LayeredScores:
-    """A layered pass's perplexity and the model's top-1 prediction at every scored position
-    (window order), so two models' passes give a teacher-forced token agreement."""
-
-    perplexity: PerplexityResult
-    argmax: list[int]
-
-
-def layered_scores(
+def layered_perplexity(
     model_dir: Path | str | ModelLayers,
     token_ids: Sequence[int],
     window: int = 512,
     stride: int = 512,
     on_layer: Callable[[int, int], None] | None = None,
     probe: LayerProbe | None = None,
-) -> LayeredScores:
-    """Perplexity and per-position argmax of `model_dir` with the DATA.md convention, holding
-    one decoder layer in memory at a time; `probe` sees each layer and its inputs first."""
+) -> PerplexityResult:
+    """Perplexity and per-position scores of `model_dir` (float or any gcupipe format) with the
+    DATA.md convention, holding one decoder layer in memory at a time; `probe` sees each layer
+    and its inputs first."""
     torch = require("torch", "quant")
     from gcupipe.quant.layer_module import _find_class, _modeling_module
 
     model = model_dir if isinstance(model_dir, ModelLayers) else ModelLayers(model_dir)
     config = model.config
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-    spans = windows(len(ids), window, stride)
-    started = time.perf_counter()
+    scorer = WindowScorer(token_ids, window, stride)
     embed = model.required_tensor("model.embed_tokens.weight").float()
-    hidden = [torch.nn.functional.embedding(ids[b:e], embed).unsqueeze(0) for b, e, _ in spans]
+    hidden = [
+        torch.nn.functional.embedding(scorer.ids[b:e], embed).unsqueeze(0)
+        for b, e, _ in scorer.spans
+    ]
     with torch.inference_mode():
         for index in range(model.num_layers):
             layer = model.build(index)
@@ -217,32 +207,6 @@ def layered_scores(
         norm.weight.data = model.required_tensor("model.norm.weight").float()
         head = model.global_tensor("lm_head.weight")
         head = embed if head is None else head.float()
-        nll_sum, scored, argmax = 0.0, 0, []
-        for (begin, end, first), h in zip(spans, hidden, strict=True):
-            logits = torch.nn.functional.linear(norm(h)[0], head)
-            log_probs = torch.log_softmax(logits[first - begin - 1 : end - begin - 1].float(), -1)
-            nll_sum -= float(log_probs.gather(1, ids[first:end].unsqueeze(1)).sum())
-            argmax += log_probs.argmax(-1).tolist()
-            scored += end - first
-    result = PerplexityResult(
-        math.exp(nll_sum / scored),
-        nll_sum,
-        scored,
-        len(spans),
-        window,
-        stride,
-        time.perf_counter() - started,
-    )
-    return LayeredScores(result, argmax)
-
-
-def layered_perplexity(
-    model_dir: Path | str,
-    token_ids: Sequence[int],
-    window: int = 512,
-    stride: int = 512,
-    on_layer: Callable[[int, int], None] | None = None,
-) -> PerplexityResult:
-    """Perplexity of `model_dir` (float or any gcupipe format) with the DATA.md convention,
-    holding one decoder layer in memory at a time."""
-    return layered_scores(model_dir, token_ids, window, stride, on_layer).perplexity
+        for span, h in zip(scorer.spans, hidden, strict=True):
+            scorer.add(span, torch.nn.functional.linear(norm(h)[0], head))
+    return scorer.result()

@@ -3,7 +3,8 @@
 One convention everywhere (shared/DATA.md): windows of 512 tokens advanced by a stride of 512;
 every token is scored once, predicted from the tokens before it inside its window, so with
 stride == window the first token of each window is not scored. Float and quantized models are
-scored on the same token ids, so their perplexities compare directly.
+scored on the same token ids, so their perplexities compare directly, and so do their
+`PositionScores` (what each model predicted at every scored position, teacher-forced).
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ LogitsFn = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
+class PositionScores:
+    """At every scored position (window order): the log-probability the model gave the true
+    next token, its top-1 token and how far that top-1 logit leads the runner-up. Two models
+    scored on the same tokens compare position by position (validation/numeric.py)."""
+
+    target_logprob: tuple[float, ...]
+    top1: tuple[int, ...]
+    margin: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class PerplexityResult:
     """A perplexity and what it was measured on, so two results can be checked as comparable."""
 
@@ -32,6 +44,7 @@ class PerplexityResult:
     window: int
     stride: int
     seconds: float
+    positions: PositionScores
 
     @property
     def mean_nll(self) -> float:
@@ -99,6 +112,57 @@ def logits_of(model: Any, input_ids: Any) -> Any:
     return out
 
 
+class WindowScorer:
+    """Accumulates what `perplexity` reports, one window's logits at a time (the whole-model
+    and the layer-by-layer evaluators score windows the same way through this)."""
+
+    def __init__(self, token_ids: Sequence[int], window: int, stride: int):
+        torch = require("torch", "quant")
+        self.ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        self.spans = windows(len(self.ids), window, stride)
+        if not self.spans:
+            raise StageError(f"perplexity needs at least 2 tokens, got {len(self.ids)}")
+        self.window, self.stride = window, stride
+        self.started = time.perf_counter()
+        self.nll_sum = 0.0
+        self.target_logprob: list[float] = []
+        self.top1: list[int] = []
+        self.margin: list[float] = []
+
+    def add(self, span: tuple[int, int, int], logits: Any) -> int:
+        """Score window `span` from its logits [end - begin, vocab]; returns tokens scored."""
+        torch = require("torch", "quant")
+        begin, end, first = span
+        # logits at position t predict token t + 1; log-softmax in (at least) float32
+        predicting = logits[first - begin - 1 : end - begin - 1]
+        if predicting.dtype != torch.float64:
+            predicting = predicting.float()
+        log_probs = torch.log_softmax(predicting, dim=-1)
+        target = log_probs.gather(1, self.ids[first:end].unsqueeze(1))[:, 0]
+        self.nll_sum -= float(target.sum())
+        top2 = predicting.topk(min(2, predicting.shape[-1]), dim=-1)
+        self.target_logprob += target.tolist()
+        self.top1 += top2.indices[:, 0].tolist()
+        lead = top2.values[:, 0] - top2.values[:, -1]
+        self.margin += lead.tolist()
+        return end - first
+
+    def result(self) -> PerplexityResult:
+        scored = len(self.target_logprob)
+        return PerplexityResult(
+            ppl=math.exp(self.nll_sum / scored),
+            nll_sum=self.nll_sum,
+            scored_tokens=scored,
+            windows=len(self.spans),
+            window=self.window,
+            stride=self.stride,
+            seconds=time.perf_counter() - self.started,
+            positions=PositionScores(
+                tuple(self.target_logprob), tuple(self.top1), tuple(self.margin)
+            ),
+        )
+
+
 def perplexity(
     model: Any,
     token_ids: Sequence[int],
@@ -106,35 +170,17 @@ def perplexity(
     stride: int = 512,
     on_window: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """exp(mean negative log-likelihood) of `token_ids` under `model`, in fp32 log-softmax."""
+    """exp(mean negative log-likelihood) of `token_ids` under `model` (log-softmax in float32,
+    float64 for a float64 model), with the per-position scores."""
     torch = require("torch", "quant")
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-    spans = windows(len(ids), window, stride)
-    if not spans:
-        raise StageError(f"perplexity needs at least 2 tokens, got {len(ids)}")
-    started = time.perf_counter()
-    nll_sum = 0.0
-    scored = 0
+    scorer = WindowScorer(token_ids, window, stride)
     with torch.inference_mode():
-        for begin, end, first in spans:
-            logits = logits_of(model, ids[begin:end].unsqueeze(0))[0]
-            # logits at position t predict token t + 1
-            predicting = logits[first - begin - 1 : end - begin - 1].float()
-            targets = ids[first:end]
-            log_probs = torch.log_softmax(predicting, dim=-1)
-            nll_sum -= float(log_probs.gather(1, targets.unsqueeze(1)).sum())
-            scored += end - first
+        for span in scorer.spans:
+            begin, end, _ = span
+            scored = scorer.add(span, logits_of(model, scorer.ids[begin:end].unsqueeze(0))[0])
             if on_window is not None:
-                on_window(end - first)
-    return PerplexityResult(
-        ppl=math.exp(nll_sum / scored),
-        nll_sum=nll_sum,
-        scored_tokens=scored,
-        windows=len(spans),
-        window=window,
-        stride=stride,
-        seconds=time.perf_counter() - started,
-    )
+                on_window(scored)
+    return scorer.result()
 
 
 def greedy_generate(model: Any, prompt_ids: Sequence[int], max_new_tokens: int = 16,
@@ -153,19 +199,3 @@ def greedy_generate(model: Any, prompt_ids: Sequence[int], max_new_tokens: int =
             if eos_token_id is not None and token == eos_token_id:
                 break
     return new
-
-
-def teacher_forced_agreement(model: Any, prompt_ids: Sequence[int],
-                             reference_new: Sequence[int]) -> float:
-    """Share of the reference's greedy tokens that `model` also picks when fed the reference's
-    own prefix at each step. One forward per prompt, and one early divergence does not make
-    every later position count as a miss (free-running agreement would)."""
-    torch = require("torch", "quant")
-    if not reference_new:
-        return 1.0
-    sequence = list(prompt_ids) + list(reference_new)
-    with torch.inference_mode():
-        logits = logits_of(model, torch.as_tensor([sequence[:-1]], dtype=torch.long))[0]
-    picks = torch.argmax(logits[len(prompt_ids) - 1 :].float(), dim=-1).tolist()
-    same = sum(1 for a, b in zip(picks, reference_new, strict=True) if a == b)
-    return same / len(reference_new)

@@ -44,18 +44,17 @@ exactly as many as there had been the day he arrived.
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    """What to check and the gates. Defaults are sized for a CPU: a 2k-token perplexity, four
-    prompts of 16 greedy tokens, 512 tokens of SQNR."""
+    """What to check and the gates. Defaults are sized for a CPU: perplexity and top-1
+    agreement on 2k tokens, 512 tokens of SQNR."""
 
     max_ppl_increase: float | None = 0.05
     min_token_agreement: float | None = 0.9
+    agreement_margin: float = 1.0
     min_sqnr_db: float | None = None
     eval_text_file: Path | None = None
     eval_tokens: int = 2048
     window: int = 512
     stride: int = 512
-    prompts: tuple[str, ...] = ()
-    max_new_tokens: int = 16
     sqnr_tokens: int = 512
     worst_layers: int = 5
     quantization: str | None = None
@@ -84,8 +83,8 @@ def validate_model_dir(
     log: Callable[[str], None] = print,
 ) -> ValidationOutcome:
     """Check `model_dir` (rules, then numerics against `reference_dir` when given) and write the
-    reports into `report_dir` (default: `<model_dir>/validation`). Raises nothing on a failed
-    check: call `enforce` to turn failures into GateFailed."""
+    reports into `report_dir` (none are written without one). Raises nothing on a failed check:
+    call `enforce` to turn failures into GateFailed."""
     settings = settings or ValidationSettings()
     model_dir = Path(model_dir)
     reference = Path(reference_dir) if reference_dir is not None else None
@@ -139,8 +138,8 @@ def validate_model_dir(
                     ],
                 )
             ]
-    out = Path(report_dir) if report_dir is not None else model_dir / "validation"
-    return ValidationOutcome(report, write_reports(report, out))
+    paths = write_reports(report, Path(report_dir)) if report_dir is not None else {}
+    return ValidationOutcome(report, paths)
 
 
 def enforce(result: ValidationOutcome) -> None:
@@ -155,12 +154,14 @@ def enforce(result: ValidationOutcome) -> None:
         else ""
     )
     where = result.paths.get("markdown") or result.paths.get("json")
-    raise GateFailed(f"validation failed: {first.rule}: {first.message}{others}; report: {where}")
+    report = f"; report: {where}" if where else ""
+    raise GateFailed(f"validation failed: {first.rule}: {first.message}{others}{report}")
 
 
 _GATES = {
     "ppl-increase": "perplexity of the quantized model is within max_ppl_increase of float",
-    "token-agreement": "greedy tokens agree with the float model at least min_token_agreement",
+    "token-agreement": "where the float model is confident, the quantized model predicts the "
+    "same next token at least min_token_agreement of the time",
     "layer-sqnr": "every quantized layer's output SQNR is at least min_sqnr_db",
 }
 
@@ -205,7 +206,6 @@ def _numeric_gates(
 ) -> list[RuleResult]:
     from gcupipe.runtime.load import text_token_ids, tokenizer_dir
     from gcupipe.runtime.model import load_config
-    from gcupipe.validation.numeric import DEFAULT_PROMPTS
 
     started = time.perf_counter()
     text = (
@@ -227,18 +227,18 @@ def _numeric_gates(
             ids,
             settings.window,
             settings.stride,
+            settings.agreement_margin,
             settings.sqnr_tokens,
             settings.worst_layers,
             log,
         )
     else:
-        prompts = [text_token_ids(p, tok_dir, vocab) for p in settings.prompts or DEFAULT_PROMPTS]
-        metrics = _whole_model_metrics(model_dir, reference, settings, report, ids, prompts)
+        metrics = _whole_model_metrics(model_dir, reference, settings, report, ids)
     log(
         f"perplexity: float {metrics.ppl_float:.3f}, quantized {metrics.ppl_quantized:.3f} "
         f"({metrics.ppl_increase:+.2%}) on {metrics.scored_tokens} tokens"
     )
-    log(f"token agreement ({metrics.agreement_mode}): {metrics.token_agreement:.1%}")
+    log(f"token agreement: {agreement_text(metrics)}")
     if metrics.worst_layers:
         worst = metrics.worst_layers[0]
         log(f"worst layer: {worst} at {metrics.sqnr_db[worst]:.1f} dB SQNR")
@@ -246,9 +246,7 @@ def _numeric_gates(
     report.metrics["numeric_seconds"] = time.perf_counter() - started
     return [
         _ppl_gate(metrics.ppl_increase, settings.max_ppl_increase),
-        _agreement_gate(
-            metrics.token_agreement, settings.min_token_agreement, metrics.agreement_mode
-        ),
+        _agreement_gate(metrics, settings.min_token_agreement),
         _sqnr_gate(metrics.sqnr_db, metrics.worst_layers, settings.min_sqnr_db),
     ]
 
@@ -259,19 +257,20 @@ def _whole_model_metrics(
     settings: ValidationSettings,
     report: ValidationReport,
     ids: list[int],
-    prompts: list[list[int]],
 ) -> NumericMetrics:
     from gcupipe.runtime.load import load_model
-    from gcupipe.validation.numeric import compare_generation, compare_perplexity, layer_sqnr
+    from gcupipe.runtime.perplexity import perplexity
+    from gcupipe.validation.numeric import compare_scores, layer_sqnr
 
     started = time.perf_counter()
     quantized = load_model(model_dir)
     floating = load_model(reference)
     report.metrics["load_seconds"] = time.perf_counter() - started
-    metrics = compare_perplexity(
-        quantized.model, floating.model, ids, settings.window, settings.stride
+    metrics = compare_scores(
+        perplexity(floating.model, ids, settings.window, settings.stride),
+        perplexity(quantized.model, ids, settings.window, settings.stride),
+        settings.agreement_margin,
     )
-    compare_generation(quantized.model, floating.model, prompts, settings.max_new_tokens, metrics)
     sqnr_ids = ids[: settings.sqnr_tokens]
     batches = [sqnr_ids[i : i + settings.window] for i in range(0, len(sqnr_ids), settings.window)]
     return layer_sqnr(quantized.model, floating.model, batches, settings.worst_layers, metrics)
@@ -295,22 +294,38 @@ def _ppl_gate(increase: float | None, limit: float | None) -> RuleResult:
     return outcome(name, _GATES[name], findings, ppl_increase=increase)
 
 
-def _agreement_gate(agreement: float | None, limit: float | None, mode: str) -> RuleResult:
+def agreement_text(metrics: NumericMetrics) -> str:
+    """'99.5% of 829 positions where float leads by >= 1.0 logits' (or why there is none)."""
+    where = f"where the float model's top-1 logit leads by >= {metrics.agreement_margin:g}"
+    if metrics.token_agreement is None:
+        return f"no eval position {where}"
+    return f"{metrics.token_agreement:.1%} of {metrics.confident_positions} positions {where}"
+
+
+def _agreement_gate(metrics: NumericMetrics, limit: float | None) -> RuleResult:
     name = "token-agreement"
-    if limit is None or agreement is None:
+    if limit is None:
         return skipped(name, _GATES[name], "no min_token_agreement set")
-    what = "greedy tokens" if mode == "greedy continuations" else f"top-1 predictions ({mode})"
+    if metrics.token_agreement is None:
+        return skipped(name, _GATES[name], agreement_text(metrics))
     findings = []
-    if agreement < limit:
+    if metrics.token_agreement < limit:
         findings.append(
             Finding(
-                f"{what} agree with the float model on {agreement:.1%}, below "
-                f"min_token_agreement {limit:.1%}",
+                f"top-1 predictions agree with the float model on {agreement_text(metrics)}, "
+                f"below min_token_agreement {limit:.1%}",
                 "look at the worst SQNR layers in the report and keep them in float or "
                 "re-calibrate",
             )
         )
-    return outcome(name, _GATES[name], findings, token_agreement=agreement, agreement_mode=mode)
+    return outcome(
+        name,
+        _GATES[name],
+        findings,
+        token_agreement=metrics.token_agreement,
+        agreement_margin=metrics.agreement_margin,
+        confident_positions=metrics.confident_positions,
+    )
 
 
 def _sqnr_gate(sqnr: dict[str, float], worst: list[str], limit: float | None) -> RuleResult:

@@ -1,13 +1,12 @@
 """Numeric checks for models larger than memory: both models scored one decoder layer at a time.
 
-The ppl gate runs `layered_scores` on the float and the quantized model over the same windows.
-Greedy generation needs the whole model at every step, so token agreement becomes teacher-forced:
-the share of scored positions where the quantized model's top-1 prediction equals the float
-model's, both read off the same layered passes. Per-layer SQNR rides on the float pass: before
-each float layer runs, the quantized version of that layer is built and run on the float model's
-hidden states of the first windows (up to `sqnr_tokens`), its linears hooked as in whole-model
-mode. So it measures each layer's own error on float inputs, not the error accumulated by the
-quantized layers before it; one float and one quantized layer are in memory at a time.
+The ppl and agreement gates compare `layered_perplexity` passes of the float and the quantized
+model over the same windows, exactly as whole-model mode compares its two passes. Per-layer SQNR
+rides on the float pass: before each float layer runs, the quantized version of that layer is
+built and run on the float model's hidden states of the first windows (up to `sqnr_tokens`), its
+linears hooked as in whole-model mode. So it measures each layer's own error on float inputs, not
+the error accumulated by the quantized layers before it; one float and one quantized layer are in
+memory at a time.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.validation.numeric import NumericMetrics
-
-AGREEMENT_MODE = "teacher-forced (layered)"
 
 
 def _first_tokens(inputs: list[Any], tokens: int) -> Iterator[Any]:
@@ -37,14 +34,21 @@ def layered_numeric(
     token_ids: Sequence[int],
     window: int,
     stride: int,
+    agreement_margin: float,
     sqnr_tokens: int,
     worst_layers: int,
     log: Callable[[str], None] = print,
 ) -> NumericMetrics:
-    """Perplexities, teacher-forced top-1 agreement and per-layer SQNR of `model_dir` against
-    its float `reference`, never holding more than one decoder layer of each."""
-    from gcupipe.runtime.layered import ModelLayers, layered_scores
-    from gcupipe.validation.numeric import finish_sqnr, float_weights, runtime_prefix, sqnr_hooks
+    """Perplexities, confident top-1 agreement and per-layer SQNR of `model_dir` against its
+    float `reference`, never holding more than one decoder layer of each."""
+    from gcupipe.runtime.layered import ModelLayers, layered_perplexity
+    from gcupipe.validation.numeric import (
+        compare_scores,
+        finish_sqnr,
+        float_weights,
+        runtime_prefix,
+        sqnr_hooks,
+    )
 
     quantized_layers = ModelLayers(model_dir)
     sums: dict[str, list[float]] = {}
@@ -65,14 +69,8 @@ def layered_numeric(
     def progress(name: str) -> Callable[[int, int], None]:
         return lambda index, total: log(f"{name}: layer {index + 1} of {total}")
 
-    ref = layered_scores(reference, token_ids, window, stride, progress("float model"), probe)
-    got = layered_scores(quantized_layers, token_ids, window, stride, progress("quantized model"))
-    metrics = NumericMetrics(agreement_mode=AGREEMENT_MODE)
-    metrics.ppl_float, metrics.ppl_quantized = ref.perplexity.ppl, got.perplexity.ppl
-    metrics.ppl_increase = got.perplexity.ppl / ref.perplexity.ppl - 1.0
-    metrics.scored_tokens = got.perplexity.scored_tokens
-    same = sum(a == b for a, b in zip(got.argmax, ref.argmax, strict=True))
-    metrics.token_agreement = same / len(ref.argmax) if ref.argmax else 1.0
-    metrics.seconds["perplexity_float"] = ref.perplexity.seconds
-    metrics.seconds["perplexity_quantized"] = got.perplexity.seconds
-    return finish_sqnr(sums, worst_layers, metrics)
+    ref = layered_perplexity(reference, token_ids, window, stride, progress("float model"), probe)
+    got = layered_perplexity(
+        quantized_layers, token_ids, window, stride, progress("quantized model")
+    )
+    return finish_sqnr(sums, worst_layers, compare_scores(ref, got, agreement_margin))

@@ -109,14 +109,15 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
             f"| increase (relative) | {metrics['ppl_increase']:+.2%} |",
             f"| scored tokens | {metrics.get('scored_tokens', 0)} |",
         ]
+        if metrics.get("mean_abs_logprob_delta") is not None:
+            lines.append(
+                f"| mean abs log-prob change | {metrics['mean_abs_logprob_delta']:.4f} |"
+            )
         if metrics.get("token_agreement") is not None:
-            mode = metrics.get("agreement_mode") or "greedy continuations"
-            lines.append(f"| token agreement ({mode}) | {metrics['token_agreement']:.2%} |")
-            if metrics.get("prompts"):
-                lines.append(
-                    f"| identical continuations | {metrics.get('exact_continuations', 0)}"
-                    f" / {metrics['prompts']} |"
-                )
+            lines.append(
+                f"| top-1 agreement, {metrics['confident_positions']} positions where float "
+                f"leads by >= {metrics['agreement_margin']:g} | {metrics['token_agreement']:.2%} |"
+            )
         lines.append("")
     worst = metrics.get("worst_layers") or []
     if worst:

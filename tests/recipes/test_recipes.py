@@ -49,7 +49,6 @@ def _tiny_run(recipe: str, arch: str, tmp_path: Path, extra: list[str] = ()) -> 
         "stages.validate.with.fail=false",
         "stages.validate.with.eval={max_tokens: 256, window: 128, stride: 128}",
         "stages.validate.with.sqnr_tokens=64",
-        "stages.validate.with.max_new_tokens=4",
         *extra,
     ]
     loaded = load_recipe(ROOT / "recipes" / recipe, overrides,

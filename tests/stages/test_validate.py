@@ -41,7 +41,7 @@ def test_passes_and_writes_every_report(quantized, tmp_path):
     source, upstream = quantized
     ctx = context(tmp_path, "validate", {"quantize": upstream})
     config = ValidateConfig(reference=source, eval={"max_tokens": 600, "window": 128,
-                                                    "stride": 128}, max_new_tokens=4)
+                                                    "stride": 128}, agreement_margin=0.05)
     outputs = ValidateStage().run(config, ctx)
     assert outputs.passed and outputs.failures == []
     assert outputs.model_dir == upstream.model_dir
@@ -64,8 +64,7 @@ def test_report_files_open_and_the_png_decodes(quantized, tmp_path):
 
     source, upstream = quantized
     ctx = context(tmp_path, "validate", {"quantize": upstream})
-    outputs = ValidateStage().run(ValidateConfig(reference=source, eval={"max_tokens": 300},
-                                                 max_new_tokens=2, prompts=["ab"]), ctx)
+    outputs = ValidateStage().run(ValidateConfig(reference=source, eval={"max_tokens": 300}), ctx)
     suite = ET.parse(outputs.junit).getroot()
     cases = suite.findall("testcase")
     assert suite.get("name") == "gcupipe.validate" and len(cases) == int(suite.get("tests"))
@@ -105,7 +104,7 @@ def test_gates_fail_on_a_numerically_damaged_model(quantized, tmp_path):
     ctx = context(tmp_path, "validate")
     config = ValidateConfig(model=damaged, reference=source, max_ppl_increase=None,
                             eval={"max_tokens": 400, "window": 128, "stride": 128},
-                            max_new_tokens=4, min_sqnr_db=20, fail=False)
+                            agreement_margin=0.05, min_sqnr_db=20, fail=False)
     outputs = ValidateStage().run(config, ctx)
     assert not outputs.passed
     # (a random tiny model's perplexity is near-uniform either way: the ppl gate is exercised
@@ -119,8 +118,7 @@ def test_the_reference_defaults_to_the_quantize_stages_source(quantized, tmp_pat
     source, upstream = quantized
     assert upstream.source_model_dir == source
     ctx = context(tmp_path, "validate", {"quantize": upstream})
-    outputs = ValidateStage().run(ValidateConfig(eval={"max_tokens": 300}, max_new_tokens=2,
-                                                 prompts=["ab"]), ctx)
+    outputs = ValidateStage().run(ValidateConfig(eval={"max_tokens": 300}), ctx)
     assert outputs.passed and outputs.ppl_float is not None
 
 
@@ -158,8 +156,7 @@ stages:
       reference: ${{vars.source}}
       quantization: {quantization}
       eval: {{max_tokens: 300, window: 128, stride: 128}}
-      max_new_tokens: 3
-      prompts: [hello]
+      agreement_margin: 0.05
 """
 
 
@@ -208,15 +205,16 @@ def test_validate_command_outside_a_recipe(quantized, tmp_path, monkeypatch):
     ok = runner.invoke(app, ["validate", str(upstream.model_dir), "--reference", str(source),
                              "--quantization", "gcu", "--eval-tokens", "300"])
     assert ok.exit_code == 0, ok.output
-    assert "passed" in ok.stdout
-    assert json.loads((tmp_path / "validation" / "validation.json").read_text())["passed"]
+    assert "passed" in ok.stdout and "perplexity: float" in ok.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written unasked
     layered = runner.invoke(app, ["validate", str(upstream.model_dir), "--reference", str(source),
-                                  "--eval-tokens", "300", "--layered", "--report-dir", "layered"])
+                                  "--eval-tokens", "300", "--layered", "--agreement-margin",
+                                  "0.05", "--report", "layered"])
     assert layered.exit_code == 0, layered.output
     metrics = json.loads((tmp_path / "layered" / "validation.json").read_text())["metrics"]
-    assert metrics["layered"] is True and metrics["agreement_mode"].startswith("teacher-forced")
+    assert metrics["layered"] is True and metrics["confident_positions"] > 0
     wrong = runner.invoke(app, ["validate", str(upstream.model_dir), "--quantization", "w4a16",
-                                "--report-dir", str(tmp_path / "wrong")])
+                                "--report", str(tmp_path / "wrong")])
     assert wrong.exit_code == 3
     assert "quantization-flag" in wrong.stderr and "'gcu'" in wrong.stderr
     missing = runner.invoke(app, ["validate", str(tmp_path / "nope")])

@@ -14,7 +14,10 @@ from gcupipe.validation.api import (
     validate_model_dir,
 )
 
-SMALL = {"eval_tokens": 300, "window": 96, "stride": 96, "max_new_tokens": 4, "sqnr_tokens": 128}
+# tiny random models are never confident in the way a trained LM is: their top-1 logit leads
+# by 0.01-0.3, so agreement counts positions leading by >= 0.05 (about the top 60%)
+SMALL = {"eval_tokens": 300, "window": 96, "stride": 96, "agreement_margin": 0.05,
+         "sqnr_tokens": 128}
 
 
 def _validate(model, reference, tmp_path, name, **settings):
@@ -28,7 +31,7 @@ def _validate(model, reference, tmp_path, name, **settings):
 
 
 @pytest.mark.parametrize("fixture", ["good_w8a8_kv", "good_deepseek"])
-def test_forced_layered_gives_the_whole_model_ppl_and_a_teacher_forced_agreement(
+def test_forced_layered_gives_the_whole_model_ppl_and_agreement(
     fixture, request, tiny_llama, tmp_path
 ):
     model = request.getfixturevalue(fixture)
@@ -39,18 +42,19 @@ def test_forced_layered_gives_the_whole_model_ppl_and_a_teacher_forced_agreement
     assert layered.metrics["ppl_increase"] == pytest.approx(whole.metrics["ppl_increase"], abs=1e-6)
     assert layered.metrics["ppl_float"] == pytest.approx(whole.metrics["ppl_float"], rel=1e-6)
     assert layered.metrics["scored_tokens"] == whole.metrics["scored_tokens"]
-    assert layered.metrics["agreement_mode"] == "teacher-forced (layered)"
-    assert whole.metrics["agreement_mode"] == "greedy continuations"
-    assert 0.5 <= layered.metrics["token_agreement"] <= 1.0
+    assert layered.metrics["confident_positions"] == whole.metrics["confident_positions"] > 50
+    assert layered.metrics["token_agreement"] == pytest.approx(
+        whole.metrics["token_agreement"], abs=0.02
+    )
+    assert 0.8 <= layered.metrics["token_agreement"] <= 1.0
     # every quantized linear gets an SQNR in both modes (layered: on the float model's inputs)
     assert set(layered.metrics["sqnr_db"]) == set(whole.metrics["sqnr_db"])
     assert all(v > 10 for v in layered.metrics["sqnr_db"].values())
     gates = {g.rule: g for g in layered.gates}
     assert gates["token-agreement"].status != "skip"
-    assert gates["token-agreement"].metrics["agreement_mode"] == "teacher-forced (layered)"
+    assert gates["token-agreement"].metrics["agreement_margin"] == 0.05
     markdown = (tmp_path / "layered" / "validation.md").read_text()
-    assert "token agreement (teacher-forced (layered))" in markdown
-    assert "identical continuations" not in markdown
+    assert "positions where float leads by >= 0.05" in markdown
 
 
 def test_a_damaged_model_fails_the_layered_gates(good_w8a8_kv, tiny_llama, broken, tmp_path):

@@ -67,6 +67,11 @@ def test_float_perplexity_matches_plain_transformers(smollm2, eval_ids):
 
 
 def test_w8a8_dynamic_costs_a_few_percent_and_the_ppl_gate_sees_it(smollm2, tmp_path):
+    """Thresholds sit outside the float-rounding noise benchmarks/greedy_stability.py measures
+    on these 2,048 tokens (runtime float32 vs float64 and three 1e-6 perturbations of the norm
+    outputs, 2026-12, AMD EPYC): W8A8_DYNAMIC perplexity +3.8% .. +5.1% over float, top-1
+    agreement at positions where float leads by >= 1 logit 99.4% .. 99.9%. The bounds below
+    (+1% .. +10%, >= 97%) leave several noise widths on each side; the 0.1% gate must fail."""
     from gcupipe.stages.base import StageContext
     from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
     from gcupipe.validation.api import ValidationSettings, validate_model_dir
@@ -79,16 +84,15 @@ def test_w8a8_dynamic_costs_a_few_percent_and_the_ppl_gate_sees_it(smollm2, tmp_
                                        format="modelslim"), ctx)
     text = tmp_path / "eval.txt"
     text.write_text(botchan_text()[1])
-    settings = ValidationSettings(max_ppl_increase=0.001, min_token_agreement=0.8,
-                                  eval_text_file=text, eval_tokens=512, max_new_tokens=6,
-                                  prompts=("The capital of France is", "Water boils at"),
-                                  sqnr_tokens=256,
+    settings = ValidationSettings(max_ppl_increase=0.001, min_token_agreement=0.97,
+                                  eval_text_file=text, eval_tokens=EVAL_TOKENS, sqnr_tokens=256,
                                   quantization="gcu", check_quantization=True)
     result = validate_model_dir(out, smollm2, settings, tmp_path / "report", log=lambda m: None)
     report = result.report
     assert [r.rule for r in report.failures] == ["ppl-increase"]
     assert "max_ppl_increase 0.10%" in report.failures[0].message
-    assert 0.0 < report.metrics["ppl_increase"] < 0.06  # DATA.md: +3.3% on the full text
-    assert report.metrics["token_agreement"] >= 0.8
+    assert 0.01 < report.metrics["ppl_increase"] < 0.10
+    assert report.metrics["confident_positions"] > 500
+    assert report.metrics["token_agreement"] >= 0.97
     assert len(report.metrics["sqnr_db"]) == 210  # 30 layers x 7 linears
     assert all(value > 15 for value in report.metrics["sqnr_db"].values())
