@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -32,16 +33,50 @@ def git_commit() -> str:
         return "unknown"
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+"""The instruction sets that decide which int8/bf16 kernels torch and vLLM pick."""
+
+
+def machine_facts() -> dict[str, Any]:
+    """What the figures were measured on, read from the machine (never assumed): CPU model and
+    the flags that matter, usable cores, memory, and the 1-minute load average at writing."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": model,
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(memory / 2**30, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
 def write_results(name: str, figures: dict[str, Any], markdown: str) -> Path:
-    """benchmarks/results/<name>.json (figures) and <name>.md (the table people read)."""
+    """benchmarks/results/<name>.json (figures) and <name>.md (the table people read), both
+    stamped with the commit and the machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts()
     meta = {
         "commit": git_commit(),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {platform.node()}",
+        **facts,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **figures}, indent=2) + "\n")
-    header = f"_commit {meta['commit']}, {meta['measured_at']}_\n\n"
+    header = (
+        f"_commit {meta['commit']}, {meta['measured_at']}, {facts['cpu']} "
+        f"({', '.join(facts['cpu_flags']) or 'no AVX-512'}), {facts['cores']} cores_\n\n"
+    )
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown.rstrip() + "\n")
     return path

@@ -6,11 +6,14 @@ the start-up time on CPU). SPEC is JSON:
 
     {"jobs": [{"llm": {...LLM keywords...}, "prompts": [...], "max_tokens": 16,
                "temperature": 0.0, "logprobs": null, "env": {}, "warmup": false,
-               "repeats": 1, "output": "out.jsonl"}],
+               "repeats": 1, "output": "out.jsonl", "loaded_layers": false}],
      "summary": "summary.json"}
 
 Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when asked) and
-the summary gets tokens/s per job.
+the summary gets tokens/s per job. With "loaded_layers": true, the job also writes what vLLM
+itself built from the checkpoint into `<output stem>.layers.json` (`loaded_layers`): the
+quantization method of every layer and the dtype and shape of each parameter it holds after
+loading.
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ def _logprob_rows(output: Any) -> list[dict[str, float]] | None:
     ]
 
 
+def loaded_layers(model: Any) -> dict[str, dict[str, Any]]:
+    """Every module of a loaded vLLM model that has a quantization method: the method's class
+    and the module's own parameters (dtype, shape) as they are after weight loading."""
+    layers = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        layers[name] = {
+            "method": type(method).__name__,
+            "params": {
+                param: [str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+                for param, tensor in module.named_parameters(recurse=False)
+            },
+        }
+    return layers
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Load one model, generate for every prompt, write the JSONL, return figures."""
     from vllm import LLM, SamplingParams
@@ -39,7 +60,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(job.get("env", {}))  # per-model switches read at load (e.g. plugin modes)
     started = time.perf_counter()
     llm = LLM(**job["llm"])
-    loaded = time.perf_counter()
+    load_s = time.perf_counter() - started
+    if job.get("loaded_layers"):
+        layers = llm.apply_model(loaded_layers)[0]  # one worker on CPU
+        Path(job["output"]).with_suffix(".layers.json").write_text(json.dumps(layers, indent=1))
     params = SamplingParams(
         max_tokens=int(job.get("max_tokens", 16)),
         temperature=float(job.get("temperature", 0.0)),
@@ -48,16 +72,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     prompts = list(job["prompts"])  # text, or token ids (a list) to bypass the tokenizer
     inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    warmup_s = 0.0
     if job.get("warmup"):  # first batches pay one-time costs; benchmarks time the steady state
+        began = time.perf_counter()
         llm.generate(inputs[:1], SamplingParams(max_tokens=4), use_tqdm=False)
-        loaded = time.perf_counter()
-    results = llm.generate(inputs, params, use_tqdm=False)
-    finished = time.perf_counter()
-    best_s = finished - loaded
-    for _ in range(int(job.get("repeats", 1)) - 1):  # best of N: a shared machine is noisy
-        again = time.perf_counter()
-        llm.generate(inputs, params, use_tqdm=False)
-        best_s = min(best_s, time.perf_counter() - again)
+        warmup_s = time.perf_counter() - began
+    timings = []
+    results = None
+    for _ in range(max(1, int(job.get("repeats", 1)))):  # every repeat timed: report the spread
+        began = time.perf_counter()
+        outcome = llm.generate(inputs, params, use_tqdm=False)
+        timings.append(time.perf_counter() - began)
+        results = results or outcome
+    assert results is not None
     generated = 0
     with Path(job["output"]).open("w") as handle:
         for prompt, result in zip(prompts, results, strict=True):
@@ -75,11 +102,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             handle.write(json.dumps(row) + "\n")
     del llm
     gc.collect()
-    generate_s = best_s
+    generate_s = min(timings)
     return {
         "output": job["output"],
-        "load_s": round(loaded - started, 3),
+        "load_s": round(load_s, 3),
+        "warmup_s": round(warmup_s, 3),
         "generate_s": round(generate_s, 3),
+        "generate_s_each": [round(t, 3) for t in timings],
         "prompts": len(prompts),
         "generated_tokens": generated,
         "tokens_per_s": round(generated / generate_s, 3) if generate_s > 0 else None,

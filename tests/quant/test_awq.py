@@ -45,14 +45,36 @@ def test_scale_search_protects_salient_channels():
     assert output_error(weight - awq, hessian) < 0.8 * output_error(weight - rtn, hessian)
 
 
-def test_scale_search_keeps_identity_when_nothing_helps():
+def test_scale_search_reports_the_error_of_the_scale_it_returns():
+    """(scale, ratio, relative): relative is the returned scale's output error over plain RTN's,
+    recomputed here with the RTN helpers; a chosen ratio (>= 0) must really beat RTN."""
     weight = 0.02 * torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
-    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(3))
+    x = salient_inputs(512, 128, seed=3)
     hessian = second_moment(x, "cpu")
     scale, ratio, relative = search_scale(weight, x.abs().mean(0), hessian, SPEC, grid=20)
-    assert relative <= 1.0
-    if ratio < 0:
-        assert torch.equal(scale, torch.ones(128))
+
+    def error_with(s: torch.Tensor) -> float:
+        s_weight, s_offset = weight_qparams(weight * s, 4, GROUP, False)
+        q = quantize_weight(weight * s, s_weight, s_offset, 4, GROUP).float()
+        groups = torch.arange(128) // GROUP
+        deq = (q - s_offset[:, groups]) * s_weight[:, groups] / s
+        return output_error(weight - deq, hessian)
+
+    assert ratio >= 0, "salient channels: some ratio beats plain RTN"
+    assert relative == pytest.approx(error_with(scale) / error_with(torch.ones(128)), rel=1e-4)
+    assert relative < 1.0
+
+
+def test_scale_search_keeps_identity_when_no_scale_changes_anything():
+    """Equal-magnitude weights and equal activation means make every candidate scale constant,
+    i.e. RTN itself: the search must return the identity, not a tie."""
+    signs = torch.randint(0, 2, (32, 128), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    weight = 0.02 * signs.float()
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(5))
+    hessian = second_moment(x, "cpu")
+    scale, ratio, relative = search_scale(weight, torch.ones(128), hessian, SPEC, grid=20)
+    assert ratio == -1.0 and relative == 1.0
+    assert torch.equal(scale, torch.ones(128))
 
 
 def test_bad_options_are_a_stage_error():
@@ -215,11 +237,25 @@ def test_gcu_awq_layout_round_trips_and_matches_an_independent_unpacking(tmp_pat
         torch.testing.assert_close(
             dequantized, checkpoint.linears[prefix].dequantize(), rtol=0, atol=1e-6
         )
-    # norms hold the folded factors: the runtime runs the model from these files
-    runtime = build_model(load_config(out), checkpoint.float_tensors, checkpoint.linears)
+    # the norms in the files hold the folded factors, as the modelslim export of the same run
+    # does (not the source's own norms), and both files run to the same logits (the gcu layout
+    # stores fp16 scales: that rounding apart)
+    from safetensors.torch import load_file
+
+    source = load_file(str(model / "model.safetensors"))
+    quantize(model, tmp_path / "modelslim", tmp_path, format="modelslim")
+    modelslim = read_quantized(tmp_path / "modelslim")
+    norms = [name for name in source if name.endswith("layernorm.weight")]
+    assert any(not torch.equal(checkpoint.float_tensors[n], source[n]) for n in norms)
+    for name in norms:
+        torch.testing.assert_close(checkpoint.float_tensors[name], modelslim.float_tensors[name])
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.isfinite(runtime(ids).logits).all()
+        from_gcu = build_model(load_config(out), checkpoint.float_tensors, checkpoint.linears)
+        from_modelslim = build_model(load_config(tmp_path / "modelslim"),
+                                     modelslim.float_tensors, modelslim.linears)  # fmt: skip
+        got, want = from_gcu(ids).logits, from_modelslim(ids).logits
+    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
 
 
 def logits_error(model_dir: Path, out: Path, ids: torch.Tensor) -> float:

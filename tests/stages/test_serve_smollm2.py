@@ -1,6 +1,6 @@
 """The seed's flow on the real SmolLM2-135M: download (gguf) -> quantize w8a8_dynamic modelslim ->
-validate -> serve online with quantization gcu; and vLLM's greedy tokens through the plugin agree
-with the reference runtime's."""
+validate -> serve online with quantization gcu; and what vLLM computes through the plugin agrees
+with the reference runtime, log-prob by log-prob."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ from gcupipe.recipe import load_recipe  # noqa: E402
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 16
-MIN_AGREEMENT = 0.95
+LOGPROB_TOLERANCE = {"w8a16": 0.01, "w8a8_dynamic": 0.30}
+"""Mean |delta log-prob| allowed between vLLM's greedy tokens and the runtime's teacher-forced
+log-prob of the same tokens (8 prompts x 16 tokens). benchmarks/greedy_stability.py (part B)
+measures the runtime against itself under float-only changes (float64; 1e-6 perturbations):
+W8A16 moves by < 1e-5 (no activation is rounded), W8A8_DYNAMIC by 0.11-0.15, since per-token int8
+activations turn rounding noise into real log-prob changes; vLLM's float kernels are one more such
+draw. Both tolerances sit at least twice above that noise, and below what a wrong model costs:
+W8A16 vs the float model 0.043, W8A8_DYNAMIC vs a W4A16 model 0.82. Each test also checks the
+second bound on the spot."""
 
 
 @pytest.fixture(scope="module")
@@ -71,97 +79,85 @@ def test_seed_flow_serves_paris(pipeline) -> None:  # type: ignore[no-untyped-de
     assert pipeline.outputs("validate")["passed"]
 
 
-def _w8a16_export(float_dir: Path, out: Path) -> Path:
-    """SmolLM2 W8A16 per channel, through the real modelslim writer."""
+def _rtn_export(float_dir: Path, out: Path, method: str, spec: object) -> Path:
+    """SmolLM2 with every decoder linear RTN-quantized by `spec`, through the real modelslim
+    writer."""
     from safetensors.torch import load_file
 
     from gcupipe.formats.modelslim import ModelslimWriter
-    from gcupipe.quant.methods import LayerSpec
     from gcupipe.quant.rtn import rtn_linear
 
     out.mkdir(parents=True)
     writer = ModelslimWriter(out, float_dir, json.loads((float_dir / "config.json").read_text()),
-                             "w8a16")
+                             method)
     for file in sorted(float_dir.glob("*.safetensors")):
         for name, tensor in load_file(str(file)).items():
             if ".layers." in name and name.endswith("proj.weight"):
-                writer.add_linear(name.removesuffix(".weight"), rtn_linear(tensor, None,
-                                                                           LayerSpec(bits=8)))
+                writer.add_linear(name.removesuffix(".weight"), rtn_linear(tensor, None, spec))
             else:
                 writer.add_float(name, tensor)
     writer.finish()
     return out
 
 
-def _teacher_forced(model, sequences: list[list[int]], prompt_lengths: list[int],
-                    noise: float = 0.0) -> list[list[int]]:
-    """The reference's greedy choice at every generated position of `sequences` (one forward
-    each). With `noise`, every decoder layer's input norm output is scaled by (1 + noise * N(0,1)):
-    float-rounding-sized differences, to measure how chaotic the model's greedy choices are."""
+def _teacher_forced_logprobs(model, sequences: list[list[int]], prompt_lengths: list[int]):  # type: ignore[no-untyped-def]
+    """The log-prob `model` gives each continuation token, fed the sequence up to it."""
     import torch
 
     from gcupipe.runtime.perplexity import logits_of
 
-    hooks = []
-    if noise:
-        torch.manual_seed(0)
-        hooks = [module.register_forward_hook(
-                     lambda _m, _a, out: out * (1 + noise * torch.randn_like(out)))
-                 for name, module in model.named_modules() if name.endswith("input_layernorm")]
-    try:
-        with torch.inference_mode():
-            return [logits_of(model, torch.tensor([seq]))[0, length - 1:-1].argmax(-1).tolist()
-                    for seq, length in zip(sequences, prompt_lengths, strict=True)]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    rows = []
+    with torch.inference_mode():
+        for seq, length in zip(sequences, prompt_lengths, strict=True):
+            logits = logits_of(model, torch.tensor([seq]))[0, length - 1 : -1].double()
+            chosen = torch.tensor(seq[length:]).unsqueeze(1)
+            rows.append(torch.log_softmax(logits, dim=-1).gather(1, chosen)[:, 0])
+    return torch.stack(rows)
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    pairs = [(x, y) for row_a, row_b in zip(a, b, strict=True)
-             for x, y in zip(row_a, row_b, strict=True)]
-    return sum(x == y for x, y in pairs) / len(pairs)
+def test_vllm_logprobs_agree_with_the_reference_runtime(pipeline, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """vLLM (float32, through the plugin) decodes 16 greedy tokens for each of 8 prompts and
+    reports each token's log-prob; the reference runtime, fed the same sequences, must give
+    those tokens the same log-probs within LOGPROB_TOLERANCE on average. Greedy tokens
+    themselves are not compared: W8A8_DYNAMIC flips them under any float-only change."""
+    import torch
 
-
-def test_greedy_tokens_agree_with_the_reference_runtime(pipeline, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """vLLM's greedy tokens are checked step by step against the reference runtime's choice on
-    the same prefix (teacher forcing): 100% means identical greedy continuations.
-
-    W8A16 must reach 95%. W8A8_DYNAMIC quantizes activations per token, and on SmolLM2 that is
-    chaotic: a 1e-6 relative change of the norm outputs inside the runtime itself flips ~10% of
-    greedy choices (measured: 89% agreement with itself, logits moving by up to 6). No engine
-    with different float kernels can beat that floor, so W8A8_DYNAMIC must reach the lower of
-    95% and the runtime's own agreement under that noise (less 3 points, 4 of 128 tokens).
-    benchmarks/greedy_stability.py shows the same with a plain float change: the runtime in
-    float64 picks the float32 runtime's greedy token on only 94.5% of these positions."""
+    from gcupipe.quant.methods import LayerSpec
     from gcupipe.runtime.load import load_model
     from gcupipe.runtime.perplexity import load_tokenizer
     from gcupipe.serving.platform import Platform, platform_env
     from gcupipe.serving.runner import offline_spec, run_offline_spec
     from gcupipe.testing.real_data import GREEDY_PROMPTS
 
+    float_dir = Path(pipeline.outputs("download")["model_dir"])
     w8a8 = Path(pipeline.outputs("quantize")["model_dir"])
-    w8a16 = _w8a16_export(Path(pipeline.outputs("download")["model_dir"]), tmp_path / "w8a16")
+    w8a16 = _rtn_export(float_dir, tmp_path / "w8a16", "w8a16", LayerSpec(bits=8))
     tokenizer = load_tokenizer(w8a8)
     prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in GREEDY_PROMPTS]
+    served = {"w8a8_dynamic": w8a8, "w8a16": w8a16}
     jobs = [{"llm": {"model": str(model), "quantization": "gcu", "dtype": "float32",
                      "enforce_eager": True, "max_model_len": 128},
-             "prompts": prompt_ids, "max_tokens": NEW_TOKENS, "ignore_eos": True,
+             "prompts": prompt_ids, "max_tokens": NEW_TOKENS, "ignore_eos": True, "logprobs": 0,
              "output": str(tmp_path / f"{name}.jsonl")}
-            for name, model in (("w8a8_dynamic", w8a8), ("w8a16", w8a16))]
+            for name, model in served.items()]
     env = {**os.environ, **platform_env(Platform.CPU, tmp_path, kv_cache_space_gib=1)}
     run_offline_spec(offline_spec(jobs, tmp_path / "summary.json"), tmp_path, env,
                      tmp_path / "vllm.log", timeout_s=600)
     lengths = [len(ids) for ids in prompt_ids]
-    for (name, model), job in zip((("w8a8_dynamic", w8a8), ("w8a16", w8a16)), jobs, strict=True):
-        served = [json.loads(line)["token_ids"] for line in
-                  Path(job["output"]).read_text().splitlines()]
-        sequences = [ids + tokens for ids, tokens in zip(prompt_ids, served, strict=True)]
-        runtime = load_model(model).model
-        reference = _teacher_forced(runtime, sequences, lengths)
-        agreement = _agreement(served, reference)
-        required = MIN_AGREEMENT
-        if name == "w8a8_dynamic":
-            floor = _agreement(reference, _teacher_forced(runtime, sequences, lengths, 1e-6))
-            required = min(MIN_AGREEMENT, floor) - 0.03
-        assert agreement >= required, (name, agreement, required)
+    # a model that is really different from each, which the tolerance must tell apart
+    w4a16 = _rtn_export(float_dir, tmp_path / "w4a16", "w4a16",
+                        LayerSpec(bits=4, group_size=64, symmetric=False))
+    witness = {"w8a16": float_dir, "w8a8_dynamic": w4a16}
+    for (name, model), job in zip(served.items(), jobs, strict=True):
+        rows = [json.loads(line) for line in Path(job["output"]).read_text().splitlines()]
+        sequences = [ids + row["token_ids"] for ids, row in zip(prompt_ids, rows, strict=True)]
+        vllm_logprobs = torch.tensor(
+            [[step[str(token)] for step, token in zip(row["logprobs"], row["token_ids"],
+                                                       strict=True)] for row in rows],
+            dtype=torch.float64,
+        )  # fmt: skip
+        runtime = _teacher_forced_logprobs(load_model(model).model, sequences, lengths)
+        other = _teacher_forced_logprobs(load_model(witness[name]).model, sequences, lengths)
+        delta = float((vllm_logprobs - runtime).abs().mean())
+        assert delta <= LOGPROB_TOLERANCE[name], (name, delta)
+        assert float((other - runtime).abs().mean()) > LOGPROB_TOLERANCE[name], name
