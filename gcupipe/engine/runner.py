@@ -14,7 +14,12 @@ from gcupipe.engine.events import Events
 from gcupipe.engine.lock import write_lock
 from gcupipe.engine.store import OUTPUT_DIR_NAME, RunStore, StageRecord
 from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError
-from gcupipe.recipe.loader import PlannedStage, Recipe, resolve_stage_config
+from gcupipe.recipe.loader import (
+    PlannedStage,
+    Recipe,
+    preview_stage_config,
+    resolve_stage_config,
+)
 from gcupipe.secrets import redact, register_secret
 from gcupipe.stages.base import ProgressTask, StageContext, StageOutputs
 from gcupipe.stages.registry import did_you_mean
@@ -200,6 +205,9 @@ class Runner:
             note = None
             if pending:
                 decision = Decision(True, f"upstream will run: {', '.join(pending)}")
+                preview = preview_stage_config(stage, self.outputs, self.recipe.positions)
+                if preview is not None:
+                    note = stage.stage_class().describe(preview, self.store.cache_dir)
             else:
                 config = resolve_stage_config(
                     stage, self._upstream_or_fail(stage), self.recipe.positions

@@ -441,20 +441,48 @@ def resolve_stage_config(
 ) -> StageConfig:
     """The final config of a stage whose upstream stages have finished."""
     prefix: KeyPath = ("stages", stage.base_id, "with")
-
-    def lookup(expression: str) -> Any:
-        ref = parse_stage_ref(expression)
-        assert ref is not None, expression  # anything else was resolved at load time
-        value = getattr(outputs[stage.ref_targets[ref.stage_id]], ref.output)
-        return str(value) if isinstance(value, Path) else value
-
-    final = interpolate(stage.config, lookup, positions, prefix, unescape=True)
-    config = validate_model(stage.stage_class.Config, final, positions, prefix)
+    config = validate_model(stage.stage_class.Config, _interpolated(stage, outputs, positions),
+                            positions, prefix)  # fmt: skip
     assert isinstance(config, StageConfig)
     problems = stage.stage_class().check(config)
     if problems:
         raise RecipeError.combine(problem_errors(problems, prefix, positions))
     return config
+
+
+def preview_stage_config(
+    stage: PlannedStage, outputs: Mapping[str, StageOutputs], positions: Positions
+) -> StageConfig | None:
+    """The config a stage will run with, for `plan` before its upstream has run: an output not
+    produced yet reads `<stages.ID.outputs.NAME>`. None when such a placeholder cannot stand
+    where it is used (a number, say); no checks run on it."""
+    try:
+        config = stage.stage_class.Config.model_validate(
+            _interpolated(stage, outputs, positions, placeholders=True)
+        )
+    except (ValueError, TypeError):
+        return None
+    assert isinstance(config, StageConfig)
+    return config
+
+
+def _interpolated(
+    stage: PlannedStage,
+    outputs: Mapping[str, StageOutputs],
+    positions: Positions,
+    placeholders: bool = False,
+) -> Any:
+    def lookup(expression: str) -> Any:
+        ref = parse_stage_ref(expression)
+        assert ref is not None, expression  # anything else was resolved at load time
+        target = stage.ref_targets[ref.stage_id]
+        if placeholders and target not in outputs:
+            return f"<stages.{ref.stage_id}.outputs.{ref.output}>"
+        value = getattr(outputs[target], ref.output)
+        return str(value) if isinstance(value, Path) else value
+
+    prefix: KeyPath = ("stages", stage.base_id, "with")
+    return interpolate(stage.config, lookup, positions, prefix, unescape=True)
 
 
 def problem_errors(

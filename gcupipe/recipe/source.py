@@ -64,16 +64,59 @@ def _mark(source: str, yaml_mark: yaml.Mark) -> Mark:
     return Mark(source, yaml_mark.line + 1, yaml_mark.column + 1)
 
 
+_UNCLOSED = {
+    "while parsing a flow mapping": "the flow mapping '{'",
+    "while parsing a flow sequence": "the flow sequence '['",
+    "while scanning a quoted scalar": "the quoted string",
+}
+
+
+def yaml_error(exc: yaml.MarkedYAMLError, text: str, source: str) -> RecipeError:
+    """A PyYAML error at its cause. An unclosed '{', '[' or quote is found only where the parser
+    gives up, often lines later or at the end of the file: the error points at where it was
+    opened, with the parser's own complaint as a note at the place it gave up."""
+    problem, context = exc.problem or "", exc.context or ""
+    here, opened = exc.problem_mark, exc.context_mark
+    unclosed = _UNCLOSED.get(context)
+    if here is not None:
+        runaway = _runaway_quote(text, here)
+        if runaway is not None and (unclosed is None or opened is None or opened.line == here.line):
+            unclosed, opened = "the quoted string", runaway
+    if unclosed and opened is not None and here is not None and here.line > opened.line:
+        note = f"{_mark(source, here)}: note: {problem or 'the parser gave up here'}"
+        return RecipeError(
+            f"invalid YAML: {unclosed} opened here is never closed\n{note}", _mark(source, opened)
+        )
+    message = f"invalid YAML: {problem or context or 'invalid YAML'}"
+    if unclosed and opened is not None and here is not None:
+        message += f"\n{_mark(source, opened)}: note: {unclosed} opened here"
+    mark = here or opened
+    return RecipeError(message, _mark(source, mark) if mark else Mark(source, 1, 1))
+
+
+def _runaway_quote(text: str, error: yaml.Mark) -> yaml.Mark | None:
+    """Where a quoted string starts that runs over several lines right up to `error`: a missing
+    closing quote swallows the lines after it until the next quote character."""
+    last = None
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if token.start_mark.index >= error.index:
+                break
+            last = token
+    except yaml.YAMLError:
+        pass
+    quoted = isinstance(last, yaml.ScalarToken) and last.style in ('"', "'")
+    if quoted and last is not None and last.end_mark.line > last.start_mark.line:
+        return last.start_mark  # type: ignore[no-any-return]
+    return None
+
+
 def parse_yaml(text: str, source: str) -> tuple[Any, Positions]:
     """Parse one YAML document into plain Python data plus the positions of its keys/values."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise RecipeError(
-            f"invalid YAML: {problem}", _mark(source, mark) if mark else Mark(source, 1, 1)
-        ) from None
+        raise yaml_error(exc, text, source) from None
     except yaml.YAMLError as exc:  # reader errors (bad bytes) carry no mark
         raise RecipeError(f"invalid YAML: {exc}", Mark(source, 1, 1)) from None
     positions = Positions()

@@ -38,6 +38,10 @@ class CommandStage(Stage[CommandConfig, CommandOutputs]):
     Outputs = CommandOutputs
     version = "1"
 
+    def describe(self, config: CommandConfig, cache_dir: Path) -> str | None:
+        limit = f" (killed after {config.timeout_s:g} s)" if config.timeout_s else ""
+        return f"runs: {' '.join(config.run.split())}{limit}"
+
     def run(self, config: CommandConfig, ctx: StageContext) -> CommandOutputs:
         log_path = ctx.output_dir / "command.log"
         env = {**os.environ, **config.env, "GCUPIPE_OUTPUT_DIR": str(ctx.output_dir)}

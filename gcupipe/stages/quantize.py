@@ -181,10 +181,28 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         return problems
 
     def describe(self, config: QuantizeConfig, cache_dir: Path) -> str | None:
-        return (
-            f"{config.method} (w{config.weight_bits} g{config.weight_group_size}) -> "
-            f"{config.format}{' + int8 KV cache' if config.kv_cache else ''}"
+        group = f"groups of {config.weight_group_size}" if config.weight_group_size else (
+            "per channel"
         )
+        symmetry = "symmetric" if config.symmetric else "asymmetric"
+        activations = {"w8a8_dynamic": "int8 activations per token at run time",
+                       "w8a8": "int8 activations per tensor from calibration"}.get(
+            config.method, "float activations")  # fmt: skip
+        parts = [
+            f"{config.method} -> {config.format}: int{config.weight_bits} weights {group} "
+            f"({symmetry}), {activations}"
+            + (", int8 KV cache" if config.kv_cache else "")
+        ]
+        calibration = config.calibration
+        source = calibration.text_file or calibration.jsonl or calibration.dataset
+        if source is not None:
+            parts.append(f"calibration {calibration.samples} x {calibration.seq_len} tokens "
+                         f"from {source}")  # fmt: skip
+        elif config.method in CALIBRATED or config.kv_cache is not None:
+            parts.append("calibration: none given")
+        else:
+            parts.append("no calibration")
+        return "; ".join(parts)
 
     def run(self, config: QuantizeConfig, ctx: StageContext) -> QuantizeOutputs:
         from gcupipe.formats.registry import writer_for

@@ -128,10 +128,21 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
     def describe(self, config: ValidateConfig, cache_dir: Path) -> str | None:
         gates = []
         if config.max_ppl_increase is not None:
-            gates.append(f"ppl +{config.max_ppl_increase:.1%}")
+            gates.append(f"perplexity at most +{config.max_ppl_increase:.1%}")
         if config.min_token_agreement is not None:
-            gates.append(f"agreement >= {config.min_token_agreement:.0%}")
-        return "structural rules" + (", " + ", ".join(gates) if config.numeric and gates else "")
+            gates.append(
+                f"top-1 agreement >= {config.min_token_agreement:.0%} where float leads by "
+                f">= {config.agreement_margin:g}"
+            )
+        if config.min_sqnr_db is not None:
+            gates.append(f"every layer >= {config.min_sqnr_db:g} dB SQNR")
+        if not config.numeric or not gates:
+            return "structural rules"
+        text = config.eval.text_file or "the built-in text"
+        return (
+            f"structural rules; against the float model on {config.eval.max_tokens} tokens of "
+            f"{text}: {', '.join(gates)}"
+        )
 
     def run(self, config: ValidateConfig, ctx: StageContext) -> ValidateOutputs:
         from gcupipe.validation.api import ValidationSettings, enforce, validate_model_dir

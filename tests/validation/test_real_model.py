@@ -69,7 +69,7 @@ def test_float_perplexity_matches_plain_transformers(smollm2, eval_ids):
 def test_w8a8_dynamic_costs_a_few_percent_and_the_ppl_gate_sees_it(smollm2, tmp_path):
     """Thresholds sit outside the float-rounding noise benchmarks/greedy_stability.py measures
     on these 2,048 tokens (runtime float32 vs float64 and three 1e-6 perturbations of the norm
-    outputs, 2026-12, AMD EPYC): W8A8_DYNAMIC perplexity +3.8% .. +5.1% over float, top-1
+    outputs, 2026-12, AMD EPYC): W8A8_DYNAMIC perplexity +4.1% .. +5.1% over float, top-1
     agreement at positions where float leads by >= 1 logit 99.4% .. 99.9%. The bounds below
     (+1% .. +10%, >= 97%) leave several noise widths on each side; the 0.1% gate must fail."""
     from gcupipe.stages.base import StageContext
