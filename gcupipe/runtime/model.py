@@ -46,6 +46,7 @@ def load_float_model(model_dir: Path | str, dtype: str = "float32") -> Any:
     """An unquantized checkpoint as its transformers model, in eval mode."""
     torch = require("torch", "quant")
     transformers = require("transformers", "quant")
+    transformers.utils.logging.disable_progress_bar()  # a tqdm bar garbles logs and CI output
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
