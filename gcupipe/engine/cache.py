@@ -7,7 +7,7 @@ from typing import Any
 
 from gcupipe.engine.digest import json_digest, stat_fingerprint
 from gcupipe.engine.store import RunStore, StageRecord
-from gcupipe.recipe.loader import PlannedStage
+from gcupipe.recipe.planned import PlannedStage
 from gcupipe.stages.base import Stage, StageConfig
 
 

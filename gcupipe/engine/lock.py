@@ -16,7 +16,7 @@ from gcupipe.secrets import redact
 
 if TYPE_CHECKING:
     from gcupipe.engine.runner import StageResult
-    from gcupipe.recipe.loader import Recipe
+    from gcupipe.recipe.planned import Recipe
 
 LOCK_NAME = "gcupipe.lock.json"
 _VERSIONED = {

@@ -13,16 +13,11 @@ from gcupipe.engine.digest import content_digest, json_digest, stat_fingerprint
 from gcupipe.engine.events import Events
 from gcupipe.engine.lock import write_lock
 from gcupipe.engine.store import OUTPUT_DIR_NAME, RunStore, StageRecord
-from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError
-from gcupipe.recipe.loader import (
-    PlannedStage,
-    Recipe,
-    preview_stage_config,
-    resolve_stage_config,
-)
+from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError, did_you_mean
+from gcupipe.recipe.planned import PlannedStage, Recipe
+from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
 from gcupipe.secrets import redact, register_secret
 from gcupipe.stages.base import ProgressTask, StageContext, StageOutputs
-from gcupipe.stages.registry import did_you_mean
 
 
 @dataclass

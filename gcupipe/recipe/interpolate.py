@@ -129,7 +129,7 @@ def lookup_in(mapping: Mapping[str, Any], dotted: str, what: str) -> Any:
     walked: list[str] = []
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            from gcupipe.stages.registry import did_you_mean
+            from gcupipe.errors import did_you_mean
 
             known = sorted(node) if isinstance(node, Mapping) else []
             prefix = ".".join([what, *walked])

@@ -6,7 +6,11 @@ import itertools
 from typing import Any
 
 from gcupipe.errors import RecipeError
+from gcupipe.recipe.interpolate import Deferred, interpolate, lookup_in
+from gcupipe.recipe.model import RecipeModel
+from gcupipe.recipe.planned import PlannedStage
 from gcupipe.recipe.source import KeyPath, Positions, format_path
+from gcupipe.stages.base import Stage
 
 
 def expand_matrix(spec: Any, positions: Positions, path: KeyPath) -> list[dict[str, Any]]:
@@ -91,3 +95,90 @@ def _entries(spec: dict[str, Any], key: str, positions: Positions, path: KeyPath
             format_path(path + (key,)),
         )
     return entries
+
+
+def expand_stages(
+    model: RecipeModel,
+    positions: Positions,
+    order: list[str],
+    needs: dict[str, list[str]],
+    classes: dict[str, type[Stage]],  # type: ignore[type-arg]
+    configs: dict[str, dict[str, Any]],
+    errors: list[RecipeError],
+) -> dict[str, PlannedStage]:
+    """One PlannedStage per stage, or per combination of a matrix stage (and of the stages
+    that need it). Problems go to `errors`."""
+    variants: dict[str, list[dict[str, Any]]] = {}
+    planned: dict[str, PlannedStage] = {}
+    for stage_id in order:
+        spec = model.stages[stage_id]
+        at: KeyPath = ("stages", stage_id, "matrix")
+        inherited = [variants[n] for n in needs[stage_id] if variants[n] != [{}]]
+        try:
+            if spec.matrix is not None:
+                if inherited:
+                    raise RecipeError(
+                        "a matrix stage cannot need another matrix stage; it already runs "
+                        "once per upstream combination",
+                        positions.value_mark(at),
+                        format_path(at),
+                    )
+                combos = expand_matrix(spec.matrix, positions, at)
+            elif inherited:
+                if any(other != inherited[0] for other in inherited):
+                    raise RecipeError(
+                        "needs two matrix stages with different combinations",
+                        positions.value_mark(("stages", stage_id, "needs")),
+                        format_path(("stages", stage_id, "needs")),
+                    )
+                combos = inherited[0]
+            else:
+                combos = [{}]
+        except RecipeError as exc:
+            errors.append(exc)
+            variants[stage_id] = [{}]
+            continue
+        variants[stage_id] = combos
+        for combo in combos:
+            expanded = variant_id(stage_id, combo) if combo else stage_id
+            targets = {
+                n: variant_id(n, combo) if variants[n] != [{}] else n for n in needs[stage_id]
+            }
+            config = configs[stage_id]
+            if spec.matrix is not None:
+                config = _apply_matrix(positions, stage_id, config, combo, errors)
+            planned[expanded] = PlannedStage(
+                id=expanded,
+                base_id=stage_id,
+                uses=spec.uses,
+                stage_class=classes.get(stage_id, Stage),  # type: ignore[type-abstract]
+                config=config,
+                needs=list(targets.values()),
+                cache=spec.cache,
+                matrix=combo,
+                description=spec.description,
+                ref_targets=targets,
+            )
+    return planned
+
+
+def _apply_matrix(
+    positions: Positions,
+    stage_id: str,
+    config: dict[str, Any],
+    combo: dict[str, Any],
+    errors: list[RecipeError],
+) -> dict[str, Any]:
+    def lookup(expression: str) -> Any:
+        expression = expression.strip()
+        if expression.startswith("matrix."):
+            return lookup_in(combo, expression[len("matrix.") :], "matrix")
+        raise Deferred
+
+    try:
+        return interpolate(
+            config, lookup, positions, ("stages", stage_id, "with"), unescape=False
+        )
+    except RecipeError as exc:
+        errors.append(exc)
+        return config

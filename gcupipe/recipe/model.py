@@ -9,9 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gcupipe.errors import RecipeError
+from gcupipe.errors import RecipeError, did_you_mean
 from gcupipe.recipe.source import KeyPath, Positions, format_path
-from gcupipe.stages.registry import did_you_mean
 
 STAGE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 

@@ -7,9 +7,8 @@ from typing import Any
 
 import yaml
 
-from gcupipe.errors import Mark, RecipeError
+from gcupipe.errors import Mark, RecipeError, did_you_mean
 from gcupipe.recipe.source import KeyPath, Positions, format_path
-from gcupipe.stages.registry import did_you_mean
 
 ENV_PREFIX = "GCUPIPE__"
 

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, TypeAdapter, create_model
 
+from gcupipe.plugins import PluginLoadError
 from gcupipe.recipe.model import RecipeModel, StageSpec
-from gcupipe.stages.registry import StageLoadError, load_stage, stage_names
+from gcupipe.stages.registry import STAGES
 
 SCHEMA_ID = "https://gcupipe.dev/schema/recipe.json"
 
@@ -19,10 +20,10 @@ def recipe_schema(on_broken: Callable[[str], None] = lambda message: None) -> di
     A stage plugin that fails to import is left out and reported through `on_broken`, so one
     broken third-party plugin does not take the schema of every other stage with it."""
     variants = []
-    for name in stage_names():
+    for name in STAGES.names():
         try:
-            stage_class = load_stage(name)
-        except StageLoadError as exc:
+            stage_class = STAGES.get(name)
+        except PluginLoadError as exc:
             on_broken(str(exc))
             continue
         variants.append(

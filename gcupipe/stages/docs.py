@@ -10,7 +10,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from gcupipe.stages.registry import StageLoadError, load_stage, stage_names
+from gcupipe.plugins import PluginLoadError
+from gcupipe.stages.registry import STAGES
 
 
 def _fields(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
@@ -46,10 +47,10 @@ def stage_summaries() -> Table:
     table = Table(title="registered stages", title_justify="left")
     for column in ("uses", "version", "what it does"):
         table.add_column(column)
-    for name in stage_names():
+    for name in STAGES.names():
         try:
-            stage_class = load_stage(name)
-        except StageLoadError as exc:
+            stage_class = STAGES.get(name)
+        except PluginLoadError as exc:
             table.add_row(name, "-", Text(f"broken plugin: {exc}", style="red"))
             continue
         table.add_row(
@@ -61,7 +62,7 @@ def stage_summaries() -> Table:
 
 
 def describe_stage(name: str) -> Group:
-    stage_class = load_stage(name)
+    stage_class = STAGES.get(name)
     parts: list[Any] = [
         Text(f"uses: {name} (version {stage_class.version})", style="bold"),
         Text(_doc(stage_class)),
@@ -79,8 +80,8 @@ def describe_stage(name: str) -> Group:
 def stage_reference_markdown() -> str:
     """The README's stage reference, generated so it cannot drift from the code."""
     lines = []
-    for name in stage_names():
-        stage_class = load_stage(name)
+    for name in STAGES.names():
+        stage_class = STAGES.get(name)
         lines += [
             f"### `uses: {name}`",
             "",

@@ -1,0 +1,39 @@
+"""A loaded recipe: the stages to run, in order, each with its class and its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gcupipe.recipe.source import KeyPath, Positions
+from gcupipe.stages.base import Stage
+
+
+@dataclass
+class PlannedStage:
+    """One stage to run (a matrix stage becomes one PlannedStage per combination)."""
+
+    id: str
+    base_id: str
+    uses: str
+    stage_class: type[Stage]  # type: ignore[type-arg]
+    config: dict[str, Any]  # `with:`, interpolated except for upstream outputs
+    needs: list[str]
+    cache: bool
+    matrix: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
+    ref_targets: dict[str, str] = field(default_factory=dict)  # base id -> expanded id
+
+    @property
+    def path(self) -> KeyPath:
+        return ("stages", self.base_id)
+
+
+@dataclass
+class Recipe:
+    name: str
+    source: Path | None
+    document: dict[str, Any]  # merged and overridden, before interpolation (for the lock file)
+    stages: dict[str, PlannedStage]  # in an order where every stage follows its needs
+    positions: Positions
