@@ -15,7 +15,7 @@ from gcupipe.engine.store import write_json_atomic
 from gcupipe.secrets import redact
 
 if TYPE_CHECKING:
-    from gcupipe.engine.runner import StageResult
+    from gcupipe.engine.results import StageResult
     from gcupipe.recipe.planned import Recipe
 
 LOCK_NAME = "gcupipe.lock.json"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,90 +10,14 @@ from gcupipe.engine.cache import CacheKey, Decision, cache_key, decide
 from gcupipe.engine.digest import content_digest, json_digest, stat_fingerprint
 from gcupipe.engine.events import Events
 from gcupipe.engine.lock import write_lock
+from gcupipe.engine.results import RunResult, StageResult
+from gcupipe.engine.selection import Selection, matching, select_stages
 from gcupipe.engine.store import OUTPUT_DIR_NAME, RunStore, StageRecord
-from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError, did_you_mean
+from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError
 from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
 from gcupipe.secrets import redact, register_secret
 from gcupipe.stages.base import ProgressTask, StageContext, StageOutputs
-
-
-@dataclass
-class Selection:
-    only: Sequence[str] = ()
-    from_stage: str | None = None
-    to_stage: str | None = None
-    force: Sequence[str] = ()
-
-
-@dataclass
-class StageResult:
-    id: str
-    uses: str
-    outcome: str  # ran | cached | skipped | failed | interrupted | not-run
-    reason: str
-    cache_key: str | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-    outputs_digest: str | None = None
-    upstream: dict[str, str] = field(default_factory=dict)
-    started_at: float | None = None
-    duration_s: float = 0.0
-    message: str | None = None
-
-
-@dataclass
-class RunResult:
-    recipe: str
-    run_dir: Path
-    stages: list[StageResult]
-    outcome: str  # ok | failed | interrupted
-    error: GcupipeError | None = None
-
-    def outputs(self, stage_id: str) -> dict[str, Any]:
-        return next(result.outputs for result in self.stages if result.id == stage_id)
-
-
-def select_stages(recipe: Recipe, selection: Selection) -> set[str]:
-    """The stage ids a run executes (or reuses from cache); --only/--from/--to narrow it."""
-    ids = list(recipe.stages)
-    names = set(selection.only) | set(selection.force)
-    names |= {n for n in (selection.from_stage, selection.to_stage) if n}
-    for name in names:
-        if not _matching(recipe, name):
-            raise UsageError(
-                f"no stage '{name}' in recipe '{recipe.name}'{did_you_mean(name, ids)}; "
-                f"stages: {', '.join(ids)}"
-            )
-    chosen = set(ids)
-    if selection.only:
-        chosen = {sid for name in selection.only for sid in _matching(recipe, name)}
-    if selection.from_stage:
-        chosen &= _closure(recipe, _matching(recipe, selection.from_stage), downstream=True)
-    if selection.to_stage:
-        chosen &= _closure(recipe, _matching(recipe, selection.to_stage), downstream=False)
-    return chosen
-
-
-def _matching(recipe: Recipe, name: str) -> set[str]:
-    """`quantize` selects every matrix variant of it; a full variant id selects one."""
-    return {sid for sid, stage in recipe.stages.items() if name in (sid, stage.base_id)}
-
-
-def _closure(recipe: Recipe, start: set[str], downstream: bool) -> set[str]:
-    found = set(start)
-    changed = True
-    while changed:
-        changed = False
-        for sid, stage in recipe.stages.items():
-            linked = (
-                sid not in found and any(n in found for n in stage.needs)
-                if downstream
-                else sid in found and not set(stage.needs) <= found
-            )
-            if linked:
-                found |= {sid} if downstream else set(stage.needs)
-                changed = True
-    return found
 
 
 class Runner:
@@ -109,7 +31,7 @@ class Runner:
     def run(self, selection: Selection | None = None) -> RunResult:
         selection = selection or Selection()
         chosen = select_stages(self.recipe, selection)
-        forced = {sid for name in selection.force for sid in _matching(self.recipe, name)}
+        forced = {sid for name in selection.force for sid in matching(self.recipe, name)}
         self.store.open()
         results: list[StageResult] = []
         error: GcupipeError | None = None
@@ -185,7 +107,7 @@ class Runner:
         """What `run` would do and why, without running or writing anything."""
         selection = selection or Selection()
         chosen = select_stages(self.recipe, selection)
-        forced = {sid for name in selection.force for sid in _matching(self.recipe, name)}
+        forced = {sid for name in selection.force for sid in matching(self.recipe, name)}
         will_run: set[str] = set()
         results = []
         for stage in self.recipe.stages.values():

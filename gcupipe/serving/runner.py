@@ -1,4 +1,8 @@
-"""The two serve modes as child processes: offline generation and an online server with checks."""
+"""The two serve modes as child processes: offline generation and an online server with checks.
+
+Callers (the serve stage, benchmarks) describe what to run with the plain request types below;
+nothing here knows about recipes or stages.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,46 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gcupipe.serving.args import Artifact, VllmArgs, render_command, server_command
+from gcupipe.serving.args import VllmArgs, render_command, server_command
 from gcupipe.serving.checks import raise_on_failed, run_checks
 from gcupipe.serving.server import ServerProcess, ensure_port_free, failure, free_port
 
-if TYPE_CHECKING:
-    from gcupipe.stages.base import StageContext
-    from gcupipe.stages.serve import ServeConfig
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """One model to serve with vLLM: its engine arguments, the prompts to run or check with, and
+    where the logs and results go (`out_dir`). The environment is the child's whole env."""
+
+    args: VllmArgs
+    prompts: list[str]
+    max_tokens: int
+    env: dict[str, str]
+    out_dir: Path
+    timeout_s: float  # offline: the whole run; online: waiting for /health
+    request_timeout_s: float = 120.0
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free one
+    chat_template: bool = False  # online: check /v1/chat/completions too
+    stop_grace_s: float = 10.0
+    keep_alive: bool = False  # online: leave the server running after the checks
+    keep_alive_dir: Path | None = None  # where the log of a server left running goes
 
 
-def prompts_of(config: ServeConfig) -> list[str]:
-    """The recipe's prompts, or one per non-empty line of `prompts_file`."""
-    if config.prompts_file is not None:
-        lines = [line.strip() for line in config.prompts_file.read_text().splitlines()]
-        return [line for line in lines if line]
-    return list(config.prompts)
+@dataclass
+class ServeResult:
+    command: str
+    log_file: Path
+    tokens_per_s: float | None
+    outputs_file: Path | None = None
+    checks_file: Path | None = None
+    latency_s: float | None = None
+    endpoint: str | None = None
+    pid: int | None = None
 
 
 def run_child(command: list[str], env: dict[str, str], log_path: Path, cwd: Path,
@@ -65,76 +91,77 @@ def run_offline_spec(spec: dict[str, Any], work_dir: Path, env: dict[str, str], 
     return summary
 
 
-def run_offline(config: ServeConfig, ctx: StageContext, args: VllmArgs,
-                env: dict[str, str]) -> dict[str, Any]:
-    out = ctx.output_dir
+def run_offline(request: ServeRequest, log: Callable[[str], None]) -> ServeResult:
+    """Generate for every prompt through `vllm.LLM` in a child process."""
+    out = request.out_dir
     job = {
-        "llm": args.llm_kwargs(),
-        "prompts": prompts_of(config),
-        "max_tokens": config.max_tokens,
+        "llm": request.args.llm_kwargs(),
+        "prompts": request.prompts,
+        "max_tokens": request.max_tokens,
         "temperature": 0.0,
         "output": str(out / "outputs.jsonl"),
     }
     log_path = out / "vllm.log"
-    summary = run_offline_spec(offline_spec([job], out / "summary.json"), out, env, log_path,
-                               config.start_timeout_s + config.request_timeout_s)[0]
-    ctx.log(f"serve offline: {summary['generated_tokens']} tokens at "
-            f"{summary['tokens_per_s']} tokens/s -> {job['output']}")
-    return {
-        "command": f"vllm.LLM(**{args.llm_kwargs()!r})",
-        "log_file": log_path,
-        "outputs_file": Path(job["output"]),
-        "tokens_per_s": summary["tokens_per_s"],
-    }
+    spec = offline_spec([job], out / "summary.json")
+    summary = run_offline_spec(spec, out, request.env, log_path, request.timeout_s)[0]
+    log(f"serve offline: {summary['generated_tokens']} tokens at "
+        f"{summary['tokens_per_s']} tokens/s -> {job['output']}")  # fmt: skip
+    return ServeResult(
+        command=f"vllm.LLM(**{request.args.llm_kwargs()!r})",
+        log_file=log_path,
+        outputs_file=Path(job["output"]),
+        tokens_per_s=summary["tokens_per_s"],
+    )
 
 
-def run_online(config: ServeConfig, ctx: StageContext, args: VllmArgs, env: dict[str, str],
-               artifact: Artifact) -> dict[str, Any]:
-    out = ctx.output_dir
-    if config.port is not None:
-        ensure_port_free(config.host, config.port)
-    port = config.port or free_port(config.host)
-    command = server_command(args, config.host, port)
-    base_url = f"http://{config.host}:{port}"
-    # keep_alive: the log must outlive the stage's temp output dir, so it goes to the run dir
-    log_dir = ctx.run_dir / "servers" / ctx.stage_id if config.keep_alive else out
+def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult:
+    """Start vLLM's OpenAI server, check its endpoints with the first prompt, stop it (unless
+    `keep_alive`)."""
+    out = request.out_dir
+    if request.port is not None:
+        ensure_port_free(request.host, request.port)
+    port = request.port or free_port(request.host)
+    command = server_command(request.args, request.host, port)
+    base_url = f"http://{request.host}:{port}"
+    # keep_alive: the log must outlive the stage's temp output dir
+    log_dir = request.keep_alive_dir if request.keep_alive and request.keep_alive_dir else out
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "vllm-server.log"
-    ctx.log(f"serve online: {render_command(command)}")
-    server = ServerProcess(command, env, log_path, cwd=log_dir)
+    log(f"serve online: {render_command(command)}")
+    server = ServerProcess(command, request.env, log_path, cwd=log_dir)
     keep = False
     try:
-        server.wait_healthy(base_url, config.start_timeout_s)
-        name = args.served_model_name or args.model
-        results = run_checks(base_url, name, prompts_of(config)[0], config.max_tokens,
-                             artifact.chat_template, config.request_timeout_s)
+        server.wait_healthy(base_url, request.timeout_s)
+        name = request.args.served_model_name or request.args.model
+        results = run_checks(base_url, name, request.prompts[0], request.max_tokens,
+                             request.chat_template, request.request_timeout_s)  # fmt: skip
         checks_path = out / "checks.json"
         checks_path.write_text(json.dumps([r.as_dict() for r in results], indent=2))
         raise_on_failed(results, f"see {log_path}")
-        keep = config.keep_alive
+        keep = request.keep_alive
     finally:
         if keep:
             server.detach()
         else:
-            server.stop(config.stop_grace_s)
+            server.stop(request.stop_grace_s)
     completion = next(r for r in results if r.endpoint == "/v1/completions")
-    ctx.log(f"serve online: /v1/completions {completion.latency_s:.3f} s, "
-            f"{completion.tokens_per_s} tokens/s: {completion.text!r}")
+    log(f"serve online: /v1/completions {completion.latency_s:.3f} s, "
+        f"{completion.tokens_per_s} tokens/s: {completion.text!r}")  # fmt: skip
     if keep:
-        ctx.log(f"serve online: server left running at {base_url} (pid {server.pid}); stop it "
-                f"with: kill -TERM -{server.pid}")
+        log(f"serve online: server left running at {base_url} (pid {server.pid}); stop it "
+            f"with: kill -TERM -{server.pid}")  # fmt: skip
     else:
         log_copy = out / "vllm-server.log"
         if log_path != log_copy:
             log_copy.write_bytes(log_path.read_bytes())
             log_path = log_copy
-    return {
-        "command": render_command(command),
-        "endpoint": base_url if keep else None,
-        "pid": server.pid if keep else None,
-        "log_file": log_path,
-        "checks_file": checks_path,
-        "latency_s": round(completion.latency_s, 4),
-        "tokens_per_s": completion.tokens_per_s,
-    }
+    return ServeResult(
+        command=render_command(command),
+        endpoint=base_url if keep else None,
+        pid=server.pid if keep else None,
+        log_file=log_path,
+        checks_file=checks_path,
+        latency_s=round(completion.latency_s, 4),
+        tokens_per_s=completion.tokens_per_s,
+    )
 

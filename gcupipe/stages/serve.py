@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Literal
@@ -148,15 +149,32 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
                **config.env}
         ctx.log(f"serve: {artifact.format} model {model_dir} on {platform.value}, "
                 f"quantization={quantization}")
-        common = dict(mode=config.mode, platform=platform.value, model_dir=model_dir,
-                      quantization=quantization)
-        if config.mode == "offline":
-            from gcupipe.serving.runner import run_offline
+        from gcupipe.serving.runner import ServeRequest, run_offline, run_online
 
-            return ServeOutputs(**common, **run_offline(config, ctx, args, env))
-        from gcupipe.serving.runner import run_online
-
-        return ServeOutputs(**common, **run_online(config, ctx, args, env, artifact))
+        offline = config.mode == "offline"
+        request = ServeRequest(
+            args=args,
+            prompts=_prompts(config),
+            max_tokens=config.max_tokens,
+            env=env,
+            out_dir=ctx.output_dir,
+            timeout_s=config.start_timeout_s + (config.request_timeout_s if offline else 0),
+            request_timeout_s=config.request_timeout_s,
+            host=config.host,
+            port=config.port,
+            chat_template=artifact.chat_template,
+            stop_grace_s=config.stop_grace_s,
+            keep_alive=config.keep_alive,
+            keep_alive_dir=ctx.run_dir / "servers" / ctx.stage_id,
+        )
+        served = run_offline(request, ctx.log) if offline else run_online(request, ctx.log)
+        return ServeOutputs(
+            mode=config.mode,
+            platform=platform.value,
+            model_dir=model_dir,
+            quantization=quantization,
+            **dataclasses.asdict(served),
+        )
 
     def _model_dir(self, config: ServeConfig, ctx: StageContext) -> Path:
         if config.model is not None:
@@ -200,6 +218,14 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             quantization_param_path=str(kv_file) if on_gcu_with_kv else None,
             extra_args=list(config.extra_args),
         )
+
+
+def _prompts(config: ServeConfig) -> list[str]:
+    """The recipe's prompts, or one per non-empty line of `prompts_file`."""
+    if config.prompts_file is not None:
+        lines = [line.strip() for line in config.prompts_file.read_text().splitlines()]
+        return [line for line in lines if line]
+    return list(config.prompts)
 
 
 def _check_flag(model_dir: Path, quantization: str | None) -> None:
