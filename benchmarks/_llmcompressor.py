@@ -46,14 +46,14 @@ def ensure_bench_venv() -> Path:
 
 def calibration_tokens(model_dir: Path, calib_text: str, samples: int, seq_len: int) -> Any:
     """[samples, seq_len] token ids, drawn the way the quantize stage draws them."""
-    from gcupipe.quant.calibration import CalibrationConfig, calibration_batches
+    from gcupipe.stages.calibration import CalibrationConfig, calibration_tokens
 
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(tmp) / "calibration.txt"
         text_file.write_text(calib_text)
         config = CalibrationConfig(text_file=text_file, samples=samples, seq_len=seq_len)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        return calibration_batches(config, model_dir, vocab)
+        return calibration_tokens(config, model_dir, vocab)
 
 
 def run_peer(

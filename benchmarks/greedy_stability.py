@@ -85,8 +85,9 @@ def token_logprobs(model: Any, sequences: list[tuple[list[int], list[int]]]) -> 
 
 
 def main() -> None:
-    from gcupipe.runtime.load import load_model, text_token_ids, tokenizer_dir
-    from gcupipe.runtime.perplexity import greedy_generate, load_tokenizer, perplexity
+    from gcupipe.formats.tokenizer import load_tokenizer, text_token_ids, tokenizer_dir
+    from gcupipe.runtime.load import load_model
+    from gcupipe.runtime.perplexity import greedy_generate, perplexity
     from gcupipe.stages.base import StageContext
     from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
     from gcupipe.testing.real_data import GREEDY_PROMPTS, botchan_text, smollm2_checkpoint

@@ -51,8 +51,9 @@ def main() -> None:
     import torch
 
     from gcupipe.formats.registry import read_quantized
+    from gcupipe.formats.tokenizer import text_token_ids
     from gcupipe.runtime.model import build_model, load_config, load_float_model
-    from gcupipe.runtime.perplexity import load_tokenizer, perplexity, tokenize
+    from gcupipe.runtime.perplexity import perplexity
     from gcupipe.stages.base import StageContext
     from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
     from gcupipe.testing.real_data import botchan_text, smollm2_checkpoint
@@ -60,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     source = smollm2_checkpoint()
     calib_text, eval_text = botchan_text()
-    ids = tokenize(load_tokenizer(source), eval_text, args.max_tokens)
+    ids = text_token_ids(eval_text, source, 49152, args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="quantize-accuracy-"))
     (work / "calib.txt").write_text(calib_text)
     calibration = {

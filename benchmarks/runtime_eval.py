@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
 
+from gcupipe.formats.tokenizer import text_token_ids, tokenizer_dir  # noqa: E402
 from gcupipe.runtime.layered import layered_perplexity  # noqa: E402
-from gcupipe.runtime.load import load_model, text_token_ids, tokenizer_dir  # noqa: E402
+from gcupipe.runtime.load import load_model  # noqa: E402
 from gcupipe.runtime.perplexity import perplexity  # noqa: E402
 from gcupipe.stages.base import StageContext  # noqa: E402
 from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage  # noqa: E402

@@ -147,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gcupipe.runtime.perplexity import load_tokenizer, tokenize
+    from gcupipe.formats.tokenizer import text_token_ids
     from gcupipe.testing.real_data import botchan_text, smollm2_checkpoint
 
     model_dir = smollm2_checkpoint()
     calib_text, eval_text = botchan_text()
     tokens = calibration_tokens(model_dir, calib_text, args.calib_samples, args.calib_seq_len)
-    eval_ids = tokenize(load_tokenizer(model_dir), eval_text, args.eval_tokens)
+    eval_ids = text_token_ids(eval_text, model_dir, 49152, args.eval_tokens)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     wanted = lambda label: not only or label in only  # noqa: E731
     rows: dict[str, dict[str, Any]] = {}

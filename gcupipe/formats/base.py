@@ -254,12 +254,6 @@ class FormatWriter:
         raise NotImplementedError
 
 
-def split_linear_name(name: str) -> tuple[str, str]:
-    """`a.b.weight` -> ('a.b', 'weight')."""
-    prefix, _, leaf = name.rpartition(".")
-    return prefix, leaf
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

@@ -29,10 +29,11 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from gcupipe.errors import StageError
+from gcupipe.quant.intmath import qrange
 from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
 from gcupipe.quant.observers import scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
-from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear, qrange
+from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear
 
 if TYPE_CHECKING:
     import torch

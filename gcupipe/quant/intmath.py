@@ -8,22 +8,34 @@ step here may silently drop to float32 inside it.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where the math runs: importing this module stays light
+    import torch
 
 INT8_MIN, INT8_MAX = -128, 127
 MIN_SCALE = 1e-12
 """Smallest per-token scale: an all-zero token quantizes to zeros instead of dividing by 0."""
 
 
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of `bits`: (-2**(bits-1), 2**(bits-1) - 1)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs, else float32 (half-precision inputs are quantized in fp32,
     as the targets' kernels do)."""
+    import torch
+
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per-token quantization of x [..., k] (W8A8_DYNAMIC activations):
     int8 values and the scales [..., 1] (absmax / 127) in `compute_dtype(x)`."""
+    import torch
+
     wide = x.to(compute_dtype(x))
     scale = torch.clamp(wide.abs().amax(dim=-1, keepdim=True) / INT8_MAX, min=MIN_SCALE)
     return torch.clamp(torch.round(wide / scale), INT8_MIN, INT8_MAX).to(torch.int8), scale
@@ -36,9 +48,24 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     return (q.to(scale.dtype) * scale).to(x.dtype)
 
 
+def fake_quant_tensor(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int = 8
+) -> torch.Tensor:
+    """Quantize then dequantize, keeping x's dtype (how a static-activation kernel sees x);
+    computed in float64 for float64 inputs, else float32."""
+    import torch
+
+    wide = compute_dtype(x)
+    scale, offset = scale.to(wide), offset.to(wide)
+    q = torch.clamp(torch.round(x.to(wide) / scale + offset), *qrange(bits))
+    return ((q - offset) * scale).to(x.dtype)
+
+
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Static int8 activations: clamp(round(x / scale + offset)) with a calibrated per-tensor
     scale and offset, in `compute_dtype(x)`."""
+    import torch
+
     wide = compute_dtype(x)
     q = torch.round(x.to(wide) / scale.to(wide) + offset.to(wide))
     return torch.clamp(q, INT8_MIN, INT8_MAX).to(torch.int8)
@@ -47,6 +74,8 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
 def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """int8 [m, k] @ int8 [k, n] -> int32 [m, n], exactly: torch._int_mm where it takes the
     shapes, an int64 product otherwise (and on devices without an int8 GEMM for small m)."""
+    import torch
+
     if x_q.device.type == "cpu" and hasattr(torch, "_int_mm"):
         try:
             return torch._int_mm(x_q.contiguous(), weight_t)

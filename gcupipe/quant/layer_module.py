@@ -19,14 +19,14 @@ KV_OBSERVE_ATTENTION = "gcupipe_kv_observe"
 KV_OBSERVERS_ATTR = "_gcupipe_kv_observers"
 
 
-def _modeling_module(config: Any) -> Any:
+def modeling_module(config: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     return sys.modules[model_cls.__module__]
 
 
-def _find_class(module: Any, suffix: str) -> Any:
+def find_class(module: Any, suffix: str) -> Any:
     for name in dir(module):
         if name.endswith(suffix) and not name.startswith("_"):
             return getattr(module, name)
@@ -37,7 +37,7 @@ def rotary_embeddings(config: Any, seq_len: int) -> Any:
     """What the model passes every layer as `position_embeddings` for positions 0..seq_len-1."""
     import torch
 
-    rotary = _find_class(_modeling_module(config), "RotaryEmbedding")(config=config)
+    rotary = find_class(modeling_module(config), "RotaryEmbedding")(config=config)
     position_ids = torch.arange(seq_len).unsqueeze(0)
     dummy = torch.zeros(1, seq_len, 1)
     return rotary(dummy, position_ids)
@@ -81,7 +81,7 @@ def build_layer(config: Any, layer_index: int, tensors: dict[str, torch.Tensor])
 
     config = copy.copy(config)
     config._attn_implementation = "sdpa"
-    layer_cls = _find_class(_modeling_module(config), "DecoderLayer")
+    layer_cls = find_class(modeling_module(config), "DecoderLayer")
     with torch.device("meta"):
         layer = layer_cls(config, layer_index)
     experts = getattr(getattr(layer, "mlp", None), "experts", None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gcupipe.quant.scheme import qrange
+from gcupipe.quant.intmath import qrange
 
 if TYPE_CHECKING:
     import torch
@@ -48,21 +48,6 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: i
 
     qmin, qmax = qrange(bits)
     return torch.clamp(torch.round(x.float() / scale + offset), qmin, qmax).to(torch.int8)
-
-
-def fake_quant_tensor(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int = 8
-) -> torch.Tensor:
-    """Quantize then dequantize, keeping x's dtype (how a static-activation kernel sees x);
-    computed in float64 for float64 inputs, else float32."""
-    import torch
-
-    from gcupipe.quant.intmath import compute_dtype
-
-    wide = compute_dtype(x)
-    scale, offset = scale.to(wide), offset.to(wide)
-    q = torch.clamp(torch.round(x.to(wide) / scale + offset), *qrange(bits))
-    return ((q - offset) * scale).to(x.dtype)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def rtn_quantize(
     small fp32 working set: what keeps streaming quantization's memory at about one layer."""
     import torch
 
-    from gcupipe.quant.scheme import qrange
+    from gcupipe.quant.intmath import qrange
 
     n, k = weight.shape
     qmin, qmax = qrange(bits)

@@ -64,11 +64,6 @@ class ActivationScheme(enum.StrEnum):
     STATIC = "static"  # per-tensor scale + offset from calibration
 
 
-def qrange(bits: int) -> tuple[int, int]:
-    """Signed integer range of `bits`: (-2**(bits-1), 2**(bits-1) - 1)."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
 @dataclass
 class QuantizedLinear:
     """One quantized nn.Linear. See the module docstring for the conventions."""
@@ -143,8 +138,7 @@ class QuantizedLinear:
         """Reference (fake-quant) forward: activations quantized as the scheme says."""
         import torch.nn.functional as functional
 
-        from gcupipe.quant.intmath import compute_dtype, fake_quantize_per_token
-        from gcupipe.quant.observers import fake_quant_tensor
+        from gcupipe.quant.intmath import compute_dtype, fake_quant_tensor, fake_quantize_per_token
 
         w = self.dequantize(compute_dtype(x)).to(x.dtype)
         if self.activation is ActivationScheme.DYNAMIC:

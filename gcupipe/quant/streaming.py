@@ -13,10 +13,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gcupipe.errors import StageError
-from gcupipe.formats.base import FormatWriter, split_linear_name
 from gcupipe.quant.archs import ArchMap, arch_for, fused_key
 from gcupipe.quant.checkpoint import CheckpointReader, layer_relative, load_config
 from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
@@ -27,6 +26,18 @@ if TYPE_CHECKING:
     import torch
 
 SpecResolver = Callable[[str], LayerSpec | None]  # full module prefix -> spec (None = float)
+
+
+class QuantizedSink(Protocol):
+    """Where the quantized model goes, in checkpoint order (every format writer is one)."""
+
+    def add_float(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def add_linear(self, prefix: str, layer: QuantizedLinear) -> None: ...
+
+    def add_kv_cache(self, attn_prefix: str, scale: KVCacheScale, kv_channels: int) -> None: ...
+
+    def end_layer(self) -> None: ...
 
 
 @dataclass
@@ -79,7 +90,7 @@ class _Capture:
 
 def quantize_model(
     model_dir: Path,
-    writer: FormatWriter,
+    writer: QuantizedSink,
     method: QuantMethod,
     resolve: SpecResolver,
     calib_tokens: torch.Tensor | None = None,
@@ -153,14 +164,14 @@ def quantize_model(
 def _write_global(
     name: str,
     reader: CheckpointReader,
-    writer: FormatWriter,
+    writer: QuantizedSink,
     method: QuantMethod,
     resolve: SpecResolver,
     report: QuantizeReport,
 ) -> None:
     tensor = reader.tensor(name)
     report.input_bytes += tensor.numel() * tensor.element_size()
-    prefix, leaf = split_linear_name(name)
+    prefix, _, leaf = name.rpartition(".")
     spec = (
         resolve(prefix)
         if leaf == "weight" and tensor.ndim == 2 and name == "lm_head.weight"
@@ -185,7 +196,7 @@ def _linear_specs(
     specs: dict[str, LayerSpec] = {}
     groups: dict[str, set[str]] = {}
     for rel in tensors:
-        module, leaf = split_linear_name(rel)
+        module, _, leaf = rel.rpartition(".")
         if leaf != "weight" or not arch.is_linear(module):
             continue
         full = f"{arch.layer_prefix}.{index}.{module}"
@@ -216,12 +227,12 @@ def _emit_layer(
     index: int,
     tensors: dict[str, Any],
     quantized: dict[str, Any],
-    writer: FormatWriter,
+    writer: QuantizedSink,
     report: QuantizeReport,
 ) -> None:
     prefix = f"{arch.layer_prefix}.{index}"
     for rel, tensor in tensors.items():
-        module, leaf = split_linear_name(rel)
+        module, _, leaf = rel.rpartition(".")
         if module in quantized:
             if leaf == "weight":
                 q: QuantizedLinear = quantized[module]
@@ -237,7 +248,7 @@ def _quantize_layer_plain(
     arch: ArchMap,
     index: int,
     tensors: dict[str, Any],
-    writer: FormatWriter,
+    writer: QuantizedSink,
     method: QuantMethod,
     resolve: SpecResolver,
     report: QuantizeReport,
@@ -275,7 +286,7 @@ def _quantize_layer_calibrated(
     arch: ArchMap,
     index: int,
     tensors: dict[str, Any],
-    writer: FormatWriter,
+    writer: QuantizedSink,
     method: QuantMethod,
     resolve: SpecResolver,
     report: QuantizeReport,
@@ -326,7 +337,7 @@ def _quantize_layer_calibrated(
     state = layer.state_dict()
     final = {}
     for rel, original in tensors.items():
-        module, _leaf = split_linear_name(rel)
+        module, _, _leaf = rel.rpartition(".")
         if module in quantized:
             final[rel] = original
         elif rel in state:
@@ -351,7 +362,7 @@ def _emit_kv(
     arch: ArchMap,
     index: int,
     observers: tuple[Any, Any],
-    writer: FormatWriter,
+    writer: QuantizedSink,
     report: QuantizeReport,
 ) -> None:
     import torch

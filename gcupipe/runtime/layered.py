@@ -119,10 +119,10 @@ def _linears_with_bias(config: Any, index: int) -> set[str]:
     """Names of the layer's nn.Linear modules that carry a bias (a skeleton on the meta device:
     readers may hand a bias to every linear, e.g. one recovered from a static quant_bias)."""
     torch = require("torch", "quant")
-    from gcupipe.quant.layer_module import _find_class, _modeling_module
+    from gcupipe.quant.layer_module import find_class, modeling_module
 
     with torch.device("meta"):
-        skeleton = _find_class(_modeling_module(config), "DecoderLayer")(config, index)
+        skeleton = find_class(modeling_module(config), "DecoderLayer")(config, index)
     return {
         name
         for name, module in skeleton.named_modules()
@@ -182,7 +182,7 @@ def layered_perplexity(
     DATA.md convention, holding one decoder layer in memory at a time; `probe` sees each layer
     and its inputs first."""
     torch = require("torch", "quant")
-    from gcupipe.quant.layer_module import _find_class, _modeling_module
+    from gcupipe.quant.layer_module import find_class, modeling_module
 
     model = model_dir if isinstance(model_dir, ModelLayers) else ModelLayers(model_dir)
     config = model.config
@@ -201,7 +201,7 @@ def layered_perplexity(
             del layer
             if on_layer is not None:
                 on_layer(index, model.num_layers)
-        norm = _find_class(_modeling_module(config), "RMSNorm")(
+        norm = find_class(modeling_module(config), "RMSNorm")(
             config.hidden_size, eps=config.rms_norm_eps
         )
         norm.weight.data = model.required_tensor("model.norm.weight").float()

@@ -9,8 +9,6 @@ from typing import Any
 
 from gcupipe.errors import StageError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
 
 @dataclass
 class LoadedModel:
@@ -52,25 +50,3 @@ def load_model(model_dir: Path | str, dtype: str = "float32") -> LoadedModel:
                         checkpoint.kv_scales, dtype=dtype)
     return LoadedModel(model, checkpoint.format, len(checkpoint.linears),
                        len(checkpoint.kv_scales), int(config.vocab_size))
-
-
-def tokenizer_dir(*candidates: Path | None) -> Path | None:
-    """The first directory that has tokenizer files (quantized dirs copy them; tiny test
-    models have none)."""
-    for candidate in candidates:
-        if candidate is not None and any((candidate / f).is_file() for f in TOKENIZER_FILES):
-            return candidate
-    return None
-
-
-def text_token_ids(text: str, tokenizer_from: Path | None, vocab_size: int,
-                   max_tokens: int | None = None) -> list[int]:
-    """Token ids of `text` with the model's tokenizer (as a plain transformers evaluation makes
-    them), or UTF-8 bytes modulo the vocabulary when there is no tokenizer (the same fallback
-    as calibration, so tiny test models still get a deterministic text)."""
-    from gcupipe.runtime.perplexity import load_tokenizer, tokenize
-
-    if tokenizer_from is None:
-        ids = [b % vocab_size for b in text.encode("utf-8")]
-        return ids[:max_tokens] if max_tokens is not None else ids
-    return tokenize(load_tokenizer(tokenizer_from), text, max_tokens)

@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import StageError, require
@@ -60,25 +59,6 @@ class PerplexityResult:
             "stride": self.stride,
             "seconds": self.seconds,
         }
-
-
-def load_tokenizer(model_dir: Path | str) -> Any:
-    """The model directory's own tokenizer (transformers AutoTokenizer)."""
-    transformers = require("transformers", "quant")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
-        raise StageError(
-            f"cannot load a tokenizer from {model_dir}: {exc}".splitlines()[0]
-            + " (copy the source model's tokenizer files into it, or pass token ids)"
-        ) from exc
-
-
-def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of `text` the way a plain transformers evaluation makes them (special tokens
-    added as the tokenizer's defaults say), optionally cut to the first `max_tokens`."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    return ids[:max_tokens] if max_tokens is not None else ids
 
 
 def windows(num_tokens: int, window: int = 512, stride: int = 512) -> list[tuple[int, int, int]]:

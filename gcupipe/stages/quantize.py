@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gcupipe.errors import StageError
-from gcupipe.quant.calibration import CalibrationConfig
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+from gcupipe.stages.calibration import CalibrationConfig
 
 Method = Literal["w8a16", "w8a8_dynamic", "w8a8", "w4a16", "gptq", "awq"]
 Format = Literal["modelslim", "gcu", "compressed-tensors"]
@@ -206,10 +206,10 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
 
     def run(self, config: QuantizeConfig, ctx: StageContext) -> QuantizeOutputs:
         from gcupipe.formats.registry import writer_for
-        from gcupipe.quant.calibration import calibration_batches
         from gcupipe.quant.checkpoint import load_raw_config
         from gcupipe.quant.methods import load_method
         from gcupipe.quant.streaming import quantize_model
+        from gcupipe.stages.calibration import calibration_tokens
 
         problems = self.check(config)
         if problems:
@@ -219,7 +219,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         tokens = None
         if method.needs_calibration or config.kv_cache is not None:
             vocab = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
-            tokens = calibration_batches(config.calibration, config.model, vocab, ctx.cache_dir)
+            tokens = calibration_tokens(config.calibration, config.model, vocab, ctx.cache_dir)
         writer = writer_for(config.format)(
             ctx.output_dir,
             config.model,

@@ -204,7 +204,7 @@ def _numeric_gates(
     report: ValidationReport,
     log: Callable[[str], None],
 ) -> list[RuleResult]:
-    from gcupipe.runtime.load import text_token_ids, tokenizer_dir
+    from gcupipe.formats.tokenizer import text_token_ids, tokenizer_dir
     from gcupipe.runtime.model import load_config
 
     started = time.perf_counter()

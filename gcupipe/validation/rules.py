@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from gcupipe.runtime.load import TOKENIZER_FILES
+from gcupipe.formats.tokenizer import TOKENIZER_FILES
 from gcupipe.validation.flag import quantization_flag_rule
 from gcupipe.validation.layout import (
     expected_weight_names,

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from gcupipe.errors import RecipeError, StageError
 from gcupipe.hub.dataset_files import read_texts
 from gcupipe.hub.datasets import fetch_dataset_texts, in_split, parse_dataset_spec
-from gcupipe.quant.calibration import CalibrationConfig
+from gcupipe.stages.calibration import CalibrationConfig
 from gcupipe.testing.loopback_hub import LoopbackHub, isolate_hub_clients
 
 PREFIXES = ["modelscope", "hf"]

@@ -14,15 +14,16 @@ EVAL_TOKENS = 2048
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    from gcupipe.formats.tokenizer import text_token_ids
     from gcupipe.runtime.model import load_float_model
-    from gcupipe.runtime.perplexity import load_tokenizer, perplexity, tokenize
+    from gcupipe.runtime.perplexity import perplexity
     from gcupipe.testing.real_data import botchan_text, smollm2_checkpoint
 
     source = smollm2_checkpoint()
     calib_text, eval_text = botchan_text()
     work = tmp_path_factory.mktemp("smollm2")
     (work / "calib.txt").write_text(calib_text)
-    ids = tokenize(load_tokenizer(source), eval_text, EVAL_TOKENS)
+    ids = text_token_ids(eval_text, source, 49152, EVAL_TOKENS)
     float_ppl = perplexity(load_float_model(source), ids).ppl
     return {"source": source, "work": work, "ids": ids, "float": float_ppl}
 

@@ -170,9 +170,9 @@ def first_layer_inputs(model_dir: Path, work: Path) -> dict[str, torch.Tensor]:
     """Inputs of layer 0's linears in the float model on the stage's calibration tokens."""
     from transformers import AutoModelForCausalLM
 
-    from gcupipe.quant.calibration import CalibrationConfig, calibration_batches
+    from gcupipe.stages.calibration import CalibrationConfig, calibration_tokens
 
-    tokens = calibration_batches(
+    tokens = calibration_tokens(
         CalibrationConfig(text_file=work / "calib.txt", samples=8, seq_len=64), model_dir, 256
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -122,9 +122,9 @@ def test_vllm_logprobs_agree_with_the_reference_runtime(pipeline, tmp_path: Path
     themselves are not compared: W8A8_DYNAMIC flips them under any float-only change."""
     import torch
 
+    from gcupipe.formats.tokenizer import load_tokenizer
     from gcupipe.quant.methods import LayerSpec
     from gcupipe.runtime.load import load_model
-    from gcupipe.runtime.perplexity import load_tokenizer
     from gcupipe.serving.platform import Platform, platform_env
     from gcupipe.serving.runner import offline_spec, run_offline_spec
     from gcupipe.testing.real_data import GREEDY_PROMPTS

@@ -10,8 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from gcupipe.formats.tokenizer import text_token_ids, tokenizer_dir  # noqa: E402
 from gcupipe.runtime.layered import layered_perplexity  # noqa: E402
-from gcupipe.runtime.load import load_model, text_token_ids, tokenizer_dir  # noqa: E402
+from gcupipe.runtime.load import load_model  # noqa: E402
 from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.runtime.perplexity import perplexity  # noqa: E402
 from gcupipe.testing.real_data import botchan_text, smollm2_checkpoint  # noqa: E402
