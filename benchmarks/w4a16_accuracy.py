@@ -44,9 +44,9 @@ def run_gcupipe(
     eval_ids: list[int], work: Path,
 ) -> dict[str, Any]:  # fmt: skip
     """Quantize with the streaming core into modelslim files, read back, score."""
-    from gcupipe.formats.modelslim import ModelslimWriter
+    from gcupipe.formats.modelslim_io import ModelslimWriter
     from gcupipe.formats.registry import read_quantized
-    from gcupipe.quant.methods import load_method
+    from gcupipe.quant.methods import METHODS
     from gcupipe.quant.streaming import quantize_model
     from gcupipe.runtime.model import build_model, load_config
     from gcupipe.runtime.perplexity import perplexity
@@ -54,7 +54,8 @@ def run_gcupipe(
     out = work / method_name
     out.mkdir(parents=True)
     raw = json.loads((model_dir / "config.json").read_text())
-    method = load_method(method_name, **options)
+    method_class = METHODS.get(method_name)
+    method = method_class(method_class.Options.model_validate(options))
     writer = ModelslimWriter(out, model_dir, raw, method_name)
     started, cpu_started = time.perf_counter(), time.process_time()
     report = quantize_model(

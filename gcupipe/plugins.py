@@ -33,7 +33,7 @@ class Registry(Generic[T]):
         self.group = group
         self.kind = kind  # "stage type", "format", "quantization method"
         self.accept = accept
-        self.listing = listing  # how a user lists them, for messages
+        self.listing = listing  # how a user finds the known ones; "{names}" lists them
         self._targets: dict[str, str] | None = None
         self._added: dict[str, Any] = {}
         self._loaded: dict[str, T] = {}
@@ -55,7 +55,8 @@ class Registry(Generic[T]):
         self._loaded.pop(name, None)
 
     def unknown_message(self, name: str) -> str:
-        return f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; {self.listing}"
+        listing = self.listing.format(names=", ".join(self.names()))
+        return f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; {listing}"
 
     def get(self, name: str) -> T:
         """The plugin registered as `name`: UnknownPlugin (with a did-you-mean) when there is
@@ -67,7 +68,7 @@ class Registry(Generic[T]):
             raise UnknownPlugin(self.unknown_message(name))
         target = plugin if isinstance(plugin, str) else None
         if target is not None:
-            plugin = _import(target, self.kind, name)
+            plugin = import_target(target, self.kind, name)
         if not self.accept(plugin):
             where = f" ({target})" if target else ""
             raise PluginLoadError(f"{self.kind} plugin '{name}'{where} is not a {self.kind}")
@@ -75,7 +76,8 @@ class Registry(Generic[T]):
         return plugin  # type: ignore[no-any-return]
 
 
-def _import(target: str, kind: str, name: str) -> Any:
+def import_target(target: str, kind: str, name: str) -> Any:
+    """The object a "module:attribute" target names; PluginLoadError when it does not import."""
     import importlib
 
     module, _, attribute = target.partition(":")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,12 +212,6 @@ class QuantizedCheckpoint:
     group_size: int = 0
 
 
-@dataclass
-class WriteResult:
-    quantization: str | None  # what vLLM's --quantization must be (None: auto-detected)
-    files: list[str]
-
-
 class FormatWriter:
     """Base of the format writers; see the module docstring for the call order."""
 
@@ -250,45 +243,6 @@ class FormatWriter:
     def end_layer(self) -> None:
         """Called after each decoder layer: a chance to flush a full shard."""
 
-    def finish(self) -> WriteResult:
+    def finish(self) -> list[str]:
+        """Write what is still buffered and the layout's JSON files; the weight file names."""
         raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors code: I8, I32, F32, F16, BF16...
-    shape: tuple[int, ...]
-    file: str
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], str | None]:
-    """Tensor infos of one safetensors file, or a problem saying why the file is damaged."""
-    size = path.stat().st_size
-    if size < 8:
-        return {}, f"{path.name} is {size} bytes: not even a header length"
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > size - 8 or header_len > 100 << 20:
-            return {}, (
-                f"{path.name} is truncated or not safetensors: its header claims "
-                f"{header_len} bytes but the file has {size}"
-            )
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {}, f"{path.name} has a corrupt header ({exc.__class__.__name__})"
-    header.pop("__metadata__", None)
-    infos: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, entry in header.items():
-        infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path.name)
-        data_end = max(data_end, int(entry["data_offsets"][1]))
-    expected = 8 + header_len + data_end
-    if size < expected:
-        return infos, (
-            f"{path.name} is truncated: its header needs {expected} bytes, the file "
-            f"has {size} ({expected - size} missing)"
-        )
-    return infos, None

@@ -1,284 +1,354 @@
-"""`gcu`: the layouts the vLLM-GCU loaders read (DESIGN.md 4.2), writer and reader.
-
-- W4A16 / W8A16: standard GPTQ tensors (qweight, qzeros, scales, g_idx; zero-1 convention;
-  8-bit symmetric only) or, for method awq, AWQ gemm tensors. quant_method gptq / awq.
-- W8A8 (static, symmetric per-tensor activations): weight int8 [n,k], out_scales fp32 [n] =
-  weight_scale * input_scale, in_scales [k] (the input scale repeated). quant_method w8a8; the
-  GCU loader inverts in_scales at load and computes y = (round(x / in_scale) @ W^T) * out_scales.
-- INT8 KV cache: int8_kv_cache.json in the `--quantization-param-path` schema
-  (kv_cache.dtype "int8", scaling_factor[tp_rank][layer]); separate k/v scales and zero points
-  ride along in the same json, and as `<attn>.k_scale|v_scale|k_zero|v_zero` tensors for the
-  w8a8 loader, which maps exactly those names.
-config.json gets the `quantization_config`; quantize_config.json repeats it.
+"""`gcu`: the layouts the vLLM-GCU loaders read (GPTQ, AWQ gemm, W8A8 with out/in scales, an
+int8 KV-cache json), served with `--quantization gptq|awq|w8a8` on a GCU. Its descriptor and the
+rules of those loaders: GPTQ's g_idx must be contiguous (no act-order shuffle), the 4-bit kernels
+take groups of 64 or a multiple, the AWQ path groups of 64, the 8-bit GPTQ path symmetric zeros,
+and an int8 KV cache needs a scale for every attention layer. Writing and reading: gcu_io.py.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gcupipe.formats.base import (
-    FormatWriter,
-    QuantizedCheckpoint,
-    ShardWriter,
-    TensorSelector,
-    WriteResult,
-    copy_side_files,
-    read_tensors,
-    strip_quantization_config,
+from gcupipe.formats.base import QuantizedCheckpoint, TensorSelector
+from gcupipe.formats.format import (
+    Combination,
+    Description,
+    Format,
+    QuantizationFlag,
+    unsupported_platform,
 )
-from gcupipe.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
-from gcupipe.quant.scheme import ActivationScheme, KVCacheScale, QuantizedLinear, QuantType
+from gcupipe.formats.gcu_io import KV_FILE, METHODS, bits_and_group_size, gcu_settings, read_gcu
+from gcupipe.formats.layout import want
+from gcupipe.formats.modeldir import QUANTIZE_CONFIG, ModelDir
+from gcupipe.formats.results import Finding
+from gcupipe.formats.rules import CheckOptions, Rule, Skip
+from gcupipe.platform import Platform
+from gcupipe.quant.scheme import ActivationScheme
 
-if TYPE_CHECKING:
+GROUP_QUANTUM = 64
+"""The GCU 4-bit kernels take groups of 64 or a multiple; the AWQ path exactly 64."""
+
+
+def _module_types(md: ModelDir) -> dict[str, str]:
+    types: dict[str, str] = {}
+    for name, info in md.tensors.items():
+        if name.endswith(".weight") and len(info.shape) == 2:
+            types[name.removesuffix(".weight")] = "W8A8" if info.dtype in ("I8", "U8") else "FLOAT"
+        elif name.endswith(".qweight"):
+            types[name.removesuffix(".qweight")] = (md.quant_method or "packed").upper()
+    return types
+
+
+def _in_features(md: ModelDir, prefix: str, method: str, bits: int) -> int | None:
+    info = md.tensors.get(f"{prefix}.qweight")
+    if info is None or len(info.shape) != 2:
+        return None
+    return info.shape[0] * 32 // bits if method == "gptq" else info.shape[0]
+
+
+def _shapes(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    method = md.quant_method
+    tensors = md.tensors
+    bits, group = bits_and_group_size(gcu_settings(md))
+    findings: list[Finding] = []
+    for prefix, kind in _module_types(md).items():
+        why = f"{kind} ({prefix})"
+        if method in ("gptq", "awq") and kind in ("GPTQ", "AWQ"):
+            qweight = tensors[f"{prefix}.qweight"]
+            if qweight.dtype != "I32" or len(qweight.shape) != 2:
+                findings.append(
+                    Finding(
+                        f"{prefix}.qweight is {qweight.dtype} {list(qweight.shape)}, needs "
+                        "int32 2-D",
+                        "re-write it",
+                    )
+                )
+                continue
+            if method == "gptq":
+                k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+                zeros_shape = (k // group if group else 1, n * bits // 32)
+            else:
+                k, n = qweight.shape[0], qweight.shape[1] * 8
+                zeros_shape = (k // group if group else 1, n // 8)
+            groups = k // group if group else 1
+            name = f"{prefix}.qzeros"
+            want(findings, tensors.get(name), name, {"I32"}, [zeros_shape], why)
+            name = f"{prefix}.scales"
+            want(findings, tensors.get(name), name, {"F16"}, [(groups, n)], why)
+            if method == "gptq":
+                name = f"{prefix}.g_idx"
+                want(findings, tensors.get(name), name, {"I32"}, [(k,)], why)
+        elif method == "w8a8" and kind == "W8A8":
+            n, k = tensors[f"{prefix}.weight"].shape
+            name = f"{prefix}.out_scales"
+            want(findings, tensors.get(name), name, {"F32"}, [(n,), (n, 1)], why)
+            name = f"{prefix}.in_scales"
+            want(findings, tensors.get(name), name, {"F32", "F16", "BF16"}, [(k,), (1,), ()], why)
+    return findings
+
+
+def _group_size(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    method = str(md.quant_method)
+    if method not in ("gptq", "awq"):
+        raise Skip(f"{method} layout")
+    settings = gcu_settings(md)
+    bits = int(settings.get("bits", settings.get("w_bit", 4)))
+    group = int(settings.get("group_size", settings.get("q_group_size", -1)))
+    findings: list[Finding] = []
+    if method == "awq" and group != GROUP_QUANTUM:
+        findings.append(
+            Finding(
+                f"AWQ group_size is {group}; the vLLM-GCU AWQ kernels take exactly {GROUP_QUANTUM}",
+                "re-quantize with group_size: 64",
+            )
+        )
+    if method == "gptq":
+        if group <= 0 and bits != 8:
+            findings.append(
+                Finding(
+                    f"{bits}-bit GPTQ with group_size {group} (per channel): the GCU 4-bit "
+                    "kernels need groups",
+                    "re-quantize with group_size: 64 (or a multiple)",
+                )
+            )
+        elif group > 0 and group % GROUP_QUANTUM:
+            findings.append(
+                Finding(
+                    f"GPTQ group_size {group} is not 64 or a multiple of 64, which the GCU "
+                    "kernels require",
+                    "re-quantize with group_size: 64, 128, ...",
+                )
+            )
+    if group > 0:
+        for prefix, kind in sorted(_module_types(md).items()):
+            k = _in_features(md, prefix, method, bits) if kind in ("GPTQ", "AWQ") else None
+            if k is not None and k % group:
+                findings.append(
+                    Finding(
+                        f"group_size {group} does not divide {prefix}'s input size {k}",
+                        "pick a group size that divides every layer's input size (e.g. 64), "
+                        "or ignore that layer",
+                    )
+                )
+                break
+    return findings
+
+
+def _g_idx_contiguous(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    if md.quant_method != "gptq":
+        raise Skip("not a GPTQ layout")
     import torch
 
-KV_FILE = "int8_kv_cache.json"
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+    settings = gcu_settings(md)
+    group = int(settings.get("group_size", -1))
+    findings = []
+    if settings.get("desc_act"):
+        findings.append(
+            Finding(
+                "desc_act is true: the GCU GPTQ loader needs static groups",
+                "re-quantize with desc_act: false",
+            )
+        )
+    for name in sorted(n for n in md.tensors if n.endswith(".g_idx")):
+        g_idx = md.tensor(name).to(torch.int64)
+        size = g_idx.numel()
+        expected = torch.arange(size) // (group if group > 0 else size)
+        if not torch.equal(g_idx, expected):
+            first = int((g_idx != expected).nonzero()[0])
+            findings.append(
+                Finding(
+                    f"{name} is not contiguous: g_idx[{first}] = {int(g_idx[first])}, expected "
+                    f"{int(expected[first])}",
+                    "re-quantize without act-order (desc_act: false) or re-order the weight "
+                    "into static groups",
+                )
+            )
+            break
+    return findings
 
 
-class GcuWriter(FormatWriter):
+def _gptq_int8_symmetric(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    if md.quant_method != "gptq" or int(gcu_settings(md).get("bits", 4)) != 8:
+        raise Skip("not an 8-bit GPTQ layout")
+    import torch
+
+    for name in sorted(n for n in md.tensors if n.endswith(".qzeros")):
+        stored = md.tensor(name).view(torch.int8)
+        if not bool((stored == 127).all()):  # v1 convention: zero - 1 = 127
+            return [
+                Finding(
+                    f"{name} holds asymmetric zero points; the vLLM-GCU 8-bit GPTQ loader "
+                    "asserts every stored zero is 127",
+                    "re-quantize with symmetric: true",
+                )
+            ]
+    return []
+
+
+def _kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    if not ((md.path / KV_FILE).is_file() or opts.kv_cache_int8):
+        raise Skip("no int8 KV cache")
+    data: Any = md.json_file(KV_FILE)
+    if data is None:
+        return [
+            Finding(
+                f"{KV_FILE} is missing or not JSON",
+                "write the int8 KV-cache scales (served with --kv-cache-dtype int8 "
+                "--quantization-param-path)",
+            )
+        ]
+    kv = data.get("kv_cache") if isinstance(data, dict) else None
+    if not isinstance(kv, dict) or kv.get("dtype") != "int8":
+        return [
+            Finding(
+                f'{KV_FILE} has no kv_cache.dtype "int8"',
+                "write kv_cache: {dtype: int8, scaling_factor: ...}",
+            )
+        ]
+    factors = kv.get("scaling_factor")
+    if not isinstance(factors, dict) or not factors:
+        return [Finding(f"{KV_FILE} has no kv_cache.scaling_factor", "write per-rank scales")]
+    findings = []
+    for rank, layers in sorted(factors.items()):
+        have = {int(k) for k in layers} if isinstance(layers, dict) else set()
+        absent = sorted(set(range(md.num_layers)) - have)
+        if absent:
+            findings.append(
+                Finding(
+                    f"{KV_FILE} rank {rank} has no scale for layer(s) {absent[:5]}",
+                    "calibrate every attention layer",
+                )
+            )
+    return findings
+
+
+RULES = (
+    Rule(
+        "tensor-dtypes-shapes",
+        "each quantized layer's tensors have the dtypes and shapes its loader creates",
+        _shapes,
+    ),
+    Rule(
+        "group-size",
+        "group size fits the GCU kernels (GPTQ: 64 or a multiple; AWQ: exactly 64) and "
+        "divides every layer's input size",
+        _group_size,
+    ),
+    Rule(
+        "g-idx-contiguous",
+        "GPTQ g_idx is i // group_size (no act-order shuffle)",
+        _g_idx_contiguous,
+    ),
+    Rule(
+        "gptq-int8-symmetric",
+        "8-bit GPTQ zero points are all 128 (the GCU 8-bit path is symmetric only)",
+        _gptq_int8_symmetric,
+    ),
+    Rule(
+        "kv-cache-scales",
+        "int8 KV cache: scales (and zero points) for every attention layer",
+        _kv_cache,
+    ),
+)
+
+
+class GcuFormat(Format):
     name = "gcu"
+    summary = "what the vLLM-GCU loaders read (GPTQ, AWQ gemm, W8A8, int8 KV-cache json)"
+    writer_class = "gcupipe.formats.gcu_io:GcuWriter"
+    symmetric_activations = True  # in_scales only: the w8a8 loader has no zero point
+    required_files = (
+        (QUANTIZE_CONFIG, f"write {QUANTIZE_CONFIG} (quant_method, bits, group_size) as the "
+         "vLLM-GCU loaders expect"),
+    )  # fmt: skip
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.shards = ShardWriter(
-            self.out_dir, "model", "model.safetensors.index.json", self.max_shard_bytes
+    def detect(self, md: ModelDir) -> bool:
+        return md.quant_method in METHODS
+
+    def read(self, path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
+        return read_gcu(path, select)
+
+    def problems(self, combo: Combination) -> list[tuple[str, str]]:
+        problems = []
+        if combo.activation is ActivationScheme.DYNAMIC:
+            problems.append(
+                (
+                    "format",
+                    "the vLLM-GCU `w8a8` loader takes static per-tensor input scales only; use "
+                    "method w8a8, or format modelslim / compressed-tensors for "
+                    f"{combo.method}",
+                )
+            )
+        weight_only = combo.activation is ActivationScheme.NONE
+        if weight_only and combo.bits == 8 and not combo.symmetric:
+            problems.append(
+                (
+                    "symmetric",
+                    "the vLLM-GCU 8-bit GPTQ loader accepts symmetric weights only (every zero "
+                    "point 128); set symmetric: true",
+                )
+            )
+        if combo.bits == 4 and combo.group_size % GROUP_QUANTUM:
+            problems.append(
+                (
+                    "group_size",
+                    "vLLM-GCU 4-bit kernels need a group size that is a multiple of 64, got "
+                    f"{combo.group_size}",
+                )
+            )
+        if combo.bits == 4 and combo.group_size == 0:
+            problems.append(
+                (
+                    "group_size",
+                    "vLLM-GCU 4-bit GPTQ/AWQ needs grouped scales (group_size 64 or a multiple)",
+                )
+            )
+        if combo.method == "awq" and combo.group_size not in (0, GROUP_QUANTUM):
+            problems.append(("group_size", "the vLLM-GCU AWQ path is validated with group size 64"))
+        return problems
+
+    def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
+        method = str(md.quant_method)
+        what = f"{method} in the vLLM-GCU layout (config.json quantization_config)"
+        return QuantizationFlag(method, frozenset({method, f"{method}_gcu"}), what)
+
+    def serve_quantization(self, md: ModelDir, platform: Platform) -> str | None:
+        if platform is Platform.GCU:
+            return md.quant_method
+        if md.quant_method == "w8a8":
+            raise unsupported_platform(
+                md, "gcu format's w8a8", platform, "serve the modelslim or compressed-tensors "
+                "export here"
+            )  # fmt: skip
+        return None  # GPTQ / AWQ: vLLM reads quantization_config itself
+
+    def int8_kv_cache_file(self, md: ModelDir) -> Path | None:
+        path = md.path / KV_FILE
+        return path if path.is_file() else None
+
+    def module_types(self, md: ModelDir) -> dict[str, str]:
+        return _module_types(md)
+
+    def describe(self, md: ModelDir) -> Description:
+        method = str(md.quant_method)
+        bits, group_size = bits_and_group_size(gcu_settings(md))
+        layer_types = {}
+        for name in md.tensors:
+            prefix, _, leaf = name.rpartition(".")
+            if leaf == "qweight":
+                layer_types[prefix] = "W4A16" if bits == 4 else "W8A16"
+            elif leaf == "out_scales":
+                layer_types[prefix] = "W8A8"
+        return Description(
+            method="w8a16" if method == "gptq" and bits == 8 else method,
+            group_size=group_size,
+            layer_types=layer_types,
+            kv_cache="int8" if (md.path / KV_FILE).is_file() else None,
         )
-        self.kinds: set[tuple[str, int, int, bool]] = set()
-        self.float_linears: list[str] = []
-        self.kv: list[KVCacheScale] = []
-        self.dtype = str(
-            self.source_config.get("torch_dtype") or self.source_config.get("dtype") or "float16"
-        )
 
-    def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        if (
-            name.endswith(".weight")
-            and tensor.ndim == 2
-            and ".layers." in name
-            and not name.endswith("norm.weight")
-            and not name.endswith(".mlp.gate.weight")
-        ):
-            self.float_linears.append(name[: -len(".weight")])
-        self.shards.add(name, tensor)
-
-    def add_linear(self, prefix: str, layer: QuantizedLinear) -> None:
-        import torch
-
-        kind = layer.quant_type
-        if kind is QuantType.W8A8_DYNAMIC:
-            raise ValueError("the gcu format has no dynamic W8A8 layout (lint catches this)")
-        if kind is QuantType.W8A8:
-            assert layer.input_scale is not None and layer.input_offset is not None
-            if float(layer.input_offset.abs().max()) != 0:
-                raise ValueError(f"{prefix}: gcu w8a8 needs symmetric activations")
-            if layer.group_size:
-                raise ValueError(f"{prefix}: gcu w8a8 needs per-channel weights")
-            self.kinds.add(("w8a8", 8, 0, True))
-            self.shards.add(f"{prefix}.weight", layer.weight.to(torch.int8))
-            self.shards.add(f"{prefix}.out_scales", layer.deq_scale().float())
-            model_dtype = getattr(torch, self.dtype, torch.float16)
-            in_scales = layer.input_scale.float().reshape(1).repeat(layer.in_features)
-            self.shards.add(f"{prefix}.in_scales", in_scales.to(model_dtype))
-        else:
-            layout = "awq" if (self.method == "awq" and layer.bits == 4) else "gptq"
-            self.kinds.add((layout, layer.bits, layer.group_size, layer.symmetric))
-            if layout == "awq":
-                tensors = pack_awq(layer.weight, layer.weight_offset, layer.weight_scale)
-            else:
-                tensors = pack_gptq(
-                    layer.weight,
-                    layer.weight_offset,
-                    layer.weight_scale,
-                    layer.bits,
-                    layer.group_size,
-                )
-            for leaf, tensor in tensors.items():
-                self.shards.add(f"{prefix}.{leaf}", tensor)
-        if layer.bias is not None:
-            self.shards.add(
-                f"{prefix}.bias",
-                layer.bias.to(torch.float16 if "16" in self.dtype else torch.float32),
-            )
-
-    def add_kv_cache(self, attn_prefix: str, scale: KVCacheScale, kv_channels: int) -> None:
-        import torch
-
-        self.kv.append(scale)
-        if any(k[0] == "w8a8" for k in self.kinds):
-            for leaf, value in (
-                ("k_scale", scale.k_scale),
-                ("v_scale", scale.v_scale),
-                ("k_zero", scale.k_offset),
-                ("v_zero", scale.v_offset),
-            ):
-                self.shards.add(f"{attn_prefix}.{leaf}", torch.tensor(value, dtype=torch.float32))
-
-    def end_layer(self) -> None:
-        self.shards.maybe_flush()
-
-    def _quantization_config(self) -> dict[str, Any]:
-        layouts = {k[0] for k in self.kinds}
-        if len(layouts) != 1 or len({k[1:] for k in self.kinds}) != 1:
-            raise ValueError(f"the gcu format needs one scheme for all layers, got {self.kinds}")
-        layout, bits, group_size, symmetric = next(iter(self.kinds))
-        skipped = sorted(self.float_linears)
-        if layout == "w8a8":
-            return {"quant_method": "w8a8", "group_size": -1, "ignore": skipped}
-        if layout == "awq":
-            return {
-                "quant_method": "awq",
-                "bits": bits,
-                "w_bit": bits,
-                "group_size": group_size,
-                "q_group_size": group_size,
-                "zero_point": True,
-                "version": "gemm",
-            }
-        config: dict[str, Any] = {
-            "quant_method": "gptq",
-            "bits": bits,
-            "group_size": group_size or -1,
-            "desc_act": False,
-            "static_groups": False,
-            "sym": symmetric,
-            "lm_head": False,
-            "checkpoint_format": "gptq",
-        }
-        if skipped:  # vLLM GPTQ "dynamic": a "-:" regex keeps matching modules unquantized
-            config["dynamic"] = {f"-:{re.escape(p)}$": {} for p in skipped}
-        return config
-
-    def finish(self) -> WriteResult:
-        files = self.shards.finish()
-        qconfig = self._quantization_config()
-        config = strip_quantization_config(self.source_config)
-        config["quantization_config"] = qconfig
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        (self.out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
-        if self.kv:
-            (self.out_dir / KV_FILE).write_text(
-                json.dumps(
-                    kv_cache_json(self.kv, str(self.source_config.get("model_type", ""))), indent=2
-                )
-            )
-        copy_side_files(self.source_dir, self.out_dir)
-        return WriteResult(quantization=qconfig["quant_method"], files=files)
+    def rules(self) -> tuple[Rule, ...]:
+        return RULES
 
 
-def kv_cache_json(scales: list[KVCacheScale], model_type: str) -> dict[str, Any]:
-    """vLLM's --quantization-param-path schema (one TP rank), with k/v scales and zeros."""
-
-    def per_layer(values: dict[int, float]) -> dict[str, dict[str, float]]:
-        return {"0": {str(i): v for i, v in sorted(values.items())}}
-
-    return {
-        "model_type": model_type,
-        "kv_cache": {
-            "dtype": "int8",
-            "scaling_factor": per_layer({s.layer_index: max(s.k_scale, s.v_scale) for s in scales}),
-            "k_scale": per_layer({s.layer_index: s.k_scale for s in scales}),
-            "v_scale": per_layer({s.layer_index: s.v_scale for s in scales}),
-            "k_zero_point": per_layer({s.layer_index: s.k_offset for s in scales}),
-            "v_zero_point": per_layer({s.layer_index: s.v_offset for s in scales}),
-        },
-    }
-
-
-def read_kv_cache_json(path: Path) -> list[KVCacheScale]:
-    kv = json.loads(path.read_text())["kv_cache"]
-    shared = kv["scaling_factor"]["0"]
-    out = []
-    for layer in sorted(shared, key=int):
-
-        def get(key: str, default: float, layer: str = layer) -> float:
-            return float(kv.get(key, {}).get("0", {}).get(layer, default))
-
-        out.append(
-            KVCacheScale(
-                int(layer),
-                get("k_scale", shared[layer]),
-                get("k_zero_point", 0.0),
-                get("v_scale", shared[layer]),
-                get("v_zero_point", 0.0),
-            )
-        )
-    return out
-
-
-def _quant_config(path: Path) -> dict[str, Any] | None:
-    config = (
-        json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    )
-    qc = config.get("quantization_config")
-    if qc is None and (path / "quantize_config.json").is_file():
-        qc = json.loads((path / "quantize_config.json").read_text())
-    return qc if isinstance(qc, dict) else None
-
-
-def is_gcu(path: Path) -> bool:
-    qc = _quant_config(path)
-    return qc is not None and qc.get("quant_method") in ("gptq", "awq", "w8a8")
-
-
-def read_gcu(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
-    """A gcu directory -> QuantizedCheckpoint; only the tensors `select` accepts when given
-    (the KV-cache json is always read: it is small and not per tensor)."""
-    qc = _quant_config(path) or {}
-    config = json.loads((path / "config.json").read_text())
-    tensors = read_tensors(sorted(path.glob("*.safetensors")), select)
-    method = qc["quant_method"]
-    bits = int(qc.get("bits", qc.get("w_bit", 8)))
-    group_size = max(int(qc.get("group_size", qc.get("q_group_size", -1))), 0)
-    label = "w8a16" if method == "gptq" and bits == 8 else method
-    ckpt = QuantizedCheckpoint(
-        format="gcu", method=label, config=config, quantization=method, group_size=group_size
-    )
-    used: set[str] = set()
-    for name in tensors:
-        prefix, _, leaf = name.rpartition(".")
-        if leaf == "qweight":
-            if method == "awq":
-                q, offset, scale = unpack_awq(
-                    tensors[name], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"]
-                )
-            else:
-                q, offset, scale = unpack_gptq(
-                    tensors[name], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"], bits
-                )
-            ckpt.linears[prefix] = QuantizedLinear(
-                weight=q,
-                weight_scale=scale,
-                weight_offset=offset,
-                bits=bits,
-                group_size=group_size,
-                symmetric=bool((offset == 0).all()),
-                method=method,
-            )
-            used |= {name, f"{prefix}.qzeros", f"{prefix}.scales", f"{prefix}.g_idx"}
-        elif leaf == "out_scales":
-            input_scale = tensors[f"{prefix}.in_scales"].float().reshape(-1)[:1]
-            ckpt.linears[prefix] = QuantizedLinear(
-                weight=tensors[f"{prefix}.weight"],
-                weight_scale=(tensors[name].float() / input_scale).reshape(-1, 1),
-                weight_offset=tensors[name].new_zeros(tensors[name].shape[0], 1).float(),
-                activation=ActivationScheme.STATIC,
-                input_scale=input_scale,
-                input_offset=input_scale.new_zeros(1),
-                method="w8a8",
-            )
-            used |= {name, f"{prefix}.in_scales", f"{prefix}.weight"}
-        elif leaf in ("k_scale", "v_scale", "k_zero", "v_zero"):
-            used.add(name)
-    for prefix, layer in ckpt.linears.items():
-        bias = tensors.get(f"{prefix}.bias")
-        if bias is not None:
-            layer.bias = bias.float()
-            used.add(f"{prefix}.bias")
-    ckpt.float_tensors = {n: t for n, t in tensors.items() if n not in used}
-    if (path / KV_FILE).is_file():
-        ckpt.kv_scales = read_kv_cache_json(path / KV_FILE)
-    return ckpt
+FORMAT = GcuFormat()

@@ -1,200 +1,278 @@
-"""`modelslim`: the seed's msModelSlim / vllm-ascend layout (DESIGN.md 4.1), writer and reader.
-
-quant_model_description.json lists every saved tensor with its type; weights go to
-quant_model_weight_<type>-0000i-of-0000N.safetensors + index; config.json has no
-quantization_config (vLLM reads the description through the plugin's config filenames).
-"""
+"""`modelslim`: the seed's msModelSlim / vllm-ascend layout, served with quantization "gcu"
+through gcupipe's plugin (vLLM-GCU and any vLLM) or "ascend" (vllm-ascend). Its descriptor and
+the rules of its loaders: quant_model_description.json lists every saved tensor with its type,
+and the weights it describes have that type's tensors (DESIGN.md 4.1). Writing and reading it:
+modelslim_io.py."""
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gcupipe.formats.base import (
-    FormatWriter,
-    QuantizedCheckpoint,
-    ShardWriter,
-    TensorSelector,
-    WriteResult,
-    copy_side_files,
-    read_tensors,
-    strip_quantization_config,
-)
-from gcupipe.quant.packing import pack_int4_modelslim, unpack_int4_modelslim
-from gcupipe.quant.scheme import (
-    TYPE_STRENGTH,
-    ActivationScheme,
-    KVCacheScale,
-    QuantizedLinear,
-    QuantType,
-)
-
-if TYPE_CHECKING:
-    import torch
-
-DESCRIPTION = "quant_model_description.json"
-QUANTIZATION = "gcu"  # the vLLM --quantization name of the gcupipe plugin for this layout
-_KV = re.compile(
-    r"^(?P<attn>.*\.layers\.(?P<index>\d+)\.[^.]+)\.(?P<kv>k|v)_proj\.kv_cache_"
-    r"(?P<what>scale|offset)$"
-)
+from gcupipe.formats.base import QuantizedCheckpoint, TensorSelector
+from gcupipe.formats.format import Description, Format, QuantizationFlag
+from gcupipe.formats.layout import FLOAT_DTYPES, want
+from gcupipe.formats.modeldir import ModelDir
+from gcupipe.formats.modelslim_io import DESCRIPTION, QUANTIZATION, read_modelslim
+from gcupipe.formats.results import Finding
+from gcupipe.formats.rules import CheckOptions, Rule, Skip
+from gcupipe.quant.scheme import QuantType
 
 
-class ModelslimWriter(FormatWriter):
+def description(md: ModelDir) -> dict[str, Any]:
+    return md.json_file(DESCRIPTION) or {}
+
+
+def _module_types(md: ModelDir) -> dict[str, str]:
+    listed = description(md)
+    return {
+        name.removesuffix(".weight"): str(listed.get(name, "UNLISTED"))
+        for name, info in md.tensors.items()
+        if name.endswith(".weight") and len(info.shape) == 2
+    }
+
+
+QUANT_TYPES = {kind.value for kind in QuantType}
+DESCRIPTION_META = {
+    "model_quant_type",
+    "version",
+    "group_size",
+    "kv_cache_type",
+    "kv_quant_type",
+    "fa_quant_type",
+    "reduce_quant_type",
+    "metadata",
+}
+
+
+def _no_quantization_config(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    config = md.config or {}
+    holders = (("quantization_config", config), ("text_config.quantization_config",
+                                                  config.get("text_config")))  # fmt: skip
+    keys = [key for key, holder in holders
+            if isinstance(holder, dict) and "quantization_config" in holder]  # fmt: skip
+    return [
+        Finding(
+            f"config.json has {key} (quant_method {md.quant_method!r}) next to {DESCRIPTION}: "
+            "vLLM prefers it and loads the wrong method",
+            f"delete {key} from config.json",
+        )
+        for key in keys
+    ]
+
+
+def _description_matches(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    listed_all = description(md)
+    listed = {k: v for k, v in listed_all.items() if k not in DESCRIPTION_META}
+    findings: list[Finding] = []
+    unlisted = sorted(set(md.tensors) - set(listed))
+    if unlisted:
+        findings.append(
+            Finding(
+                f"{len(unlisted)} saved tensor(s) are not in {DESCRIPTION}, e.g. {unlisted[0]}",
+                "list each saved tensor with its type (FLOAT for float ones)",
+            )
+        )
+    ghosts = sorted(set(listed) - set(md.tensors))
+    if ghosts:
+        findings.append(
+            Finding(
+                f"{DESCRIPTION} lists {len(ghosts)} tensor(s) no shard holds, e.g. {ghosts[0]}",
+                "remove them, or write the missing tensors",
+            )
+        )
+    bad = sorted(k for k, v in listed.items() if v not in QUANT_TYPES)
+    if bad:
+        findings.append(
+            Finding(
+                f"{DESCRIPTION} gives {bad[0]} the unknown type {listed[bad[0]]!r}",
+                f"use one of {', '.join(sorted(QUANT_TYPES))}",
+            )
+        )
+    for key in ("model_quant_type", "version"):
+        if key not in listed_all:
+            findings.append(Finding(f"{DESCRIPTION} has no {key!r}", f"add {key}"))
+    return findings
+
+
+def _shapes(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    listed = description(md)
+    tensors = md.tensors
+    findings: list[Finding] = []
+    for name, info in tensors.items():
+        kind = listed.get(name)
+        if kind == "FLOAT" and info.dtype not in FLOAT_DTYPES:
+            findings.append(
+                Finding(
+                    f"{name} is typed FLOAT but stored as {info.dtype}",
+                    "type it with its quant type in the description",
+                )
+            )
+        if kind == "C8" and (info.dtype != "F32" or len(info.shape) != 1):
+            findings.append(
+                Finding(
+                    f"{name} (C8) is {info.dtype} {list(info.shape)}, needs F32 [kv channels]",
+                    "re-write the KV-cache scales",
+                )
+            )
+    for prefix, kind in _module_types(md).items():
+        if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16"):
+            continue
+        weight = tensors[f"{prefix}.weight"]
+        why = f"{kind} ({prefix})"
+        if weight.dtype != "I8" or len(weight.shape) != 2:
+            findings.append(
+                Finding(
+                    f"{prefix}.weight is {weight.dtype} {list(weight.shape)}, "
+                    f"{kind} needs int8 [n, k]",
+                    "re-run the quantize stage",
+                )
+            )
+            continue
+        n, stored_k = weight.shape
+        k = stored_k * 2 if kind == "W4A16" else stored_k
+        scale = tensors.get(f"{prefix}.weight_scale")
+        groups = scale.shape[1] if scale is not None and len(scale.shape) == 2 else 1
+        per_channel_only = kind in ("W8A8", "W8A8_DYNAMIC")
+        allowed: list[tuple[int, ...]] = [(n, 1)] if per_channel_only else [(n, 1), (n, groups)]
+        if groups > 1 and k % groups:
+            findings.append(
+                Finding(
+                    f"{prefix}: {groups} groups do not divide k = {k}",
+                    "pick a group size that divides every layer's input size",
+                )
+            )
+        for leaf in ("weight_scale", "weight_offset"):
+            name = f"{prefix}.{leaf}"
+            want(findings, tensors.get(name), name, {"F32"}, allowed, why)
+        if kind == "W8A8":
+            for leaf in ("input_scale", "input_offset"):
+                name = f"{prefix}.{leaf}"
+                want(findings, tensors.get(name), name, {"F32"}, [(1,)], why)
+            name = f"{prefix}.deq_scale"
+            want(findings, tensors.get(name), name, {"F32"}, [(n,)], why)
+            name = f"{prefix}.quant_bias"
+            want(findings, tensors.get(name), name, {"I32"}, [(n,)], why)
+    return findings
+
+
+def _group_size(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    declared = int(description(md).get("group_size", 0) or 0)
+    grouped = {}
+    for prefix, kind in _module_types(md).items():
+        scale = md.tensors.get(f"{prefix}.weight_scale")
+        weight = md.tensors.get(f"{prefix}.weight")
+        if kind not in ("W8A16", "W4A16") or scale is None or weight is None:
+            continue
+        if len(scale.shape) == 2 and scale.shape[1] > 1:
+            k = weight.shape[1] * (2 if kind == "W4A16" else 1)
+            grouped[prefix] = (k, scale.shape[1])
+    if not grouped:
+        if declared:
+            return [
+                Finding(
+                    f"{DESCRIPTION} says group_size {declared} but every layer has "
+                    "per-channel scales",
+                    "write group_size 0 for per-channel scales",
+                )
+            ]
+        raise Skip("per-channel scales")
+    for prefix, (k, groups) in sorted(grouped.items()):
+        if k % groups or (declared and k // groups != declared):
+            return [
+                Finding(
+                    f"{prefix} has {groups} scale groups over k = {k}, which is not "
+                    f"group_size {declared}",
+                    "re-run the quantize stage (scales and the description disagree)",
+                )
+            ]
+    return []
+
+
+def _kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    listed = description(md)
+    c8 = [n for n, t in listed.items() if t == "C8"]
+    declared = listed.get("kv_cache_type") == "C8"
+    if not (declared or c8 or opts.kv_cache_int8):
+        raise Skip("no int8 KV cache")
+    findings = []
+    if c8 and not declared:
+        findings.append(
+            Finding(
+                f"C8 tensors are saved but {DESCRIPTION} has no kv_cache_type: C8",
+                'add "kv_cache_type": "C8"',
+            )
+        )
+    missing = [
+        f"model.layers.{i}.self_attn.{kv}_proj.kv_cache_{what}"
+        for i in range(md.num_layers)
+        for kv in ("k", "v")
+        for what in ("scale", "offset")
+    ]
+    missing = [name for name in missing if name not in md.tensors]
+    if missing:
+        findings.append(
+            Finding(
+                f"{len(missing)} KV-cache tensor(s) are missing, e.g. {missing[0]}",
+                "calibrate the KV cache over every attention layer (kv_cache: {dtype: int8})",
+            )
+        )
+    return findings
+
+
+RULES = (
+    Rule("no-quantization-config", "a modelslim config.json carries no quantization_config",
+         _no_quantization_config),
+    Rule("description-matches-tensors", "quant_model_description.json lists every saved "
+         "tensor, with a known type, and nothing else", _description_matches),
+    Rule("tensor-dtypes-shapes", "each quantized layer's tensors have the dtypes and shapes of "
+         "its type", _shapes),
+    Rule("group-size", "per-group scales divide every layer's input size as the description "
+         "says", _group_size),
+    Rule("kv-cache-scales", "int8 KV cache: C8 scales and offsets for every attention layer",
+         _kv_cache),
+)  # fmt: skip
+
+
+class ModelslimFormat(Format):
     name = "modelslim"
+    summary = "the msModelSlim / vllm-ascend layout (quant_model_description.json)"
+    writer_class = "gcupipe.formats.modelslim_io:ModelslimWriter"
+    detect_order = 10  # its description file is evidence of its own
+    required_files = (
+        ("quant_model_weight_*.safetensors", "weights of the modelslim layout use that name"),
+        ("quant_model_weight_*.safetensors.index.json", "write the index next to the shards"),
+    )
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.description: dict[str, str] = {}
-        self.types: set[QuantType] = set()
-        self.group_sizes: set[int] = set()
-        self.kv = False
-        self.shards = ShardWriter(
-            self.out_dir, "quant_model_weight", "", self.max_shard_bytes, always_numbered=True
+    def detect(self, md: ModelDir) -> bool:
+        return (md.path / DESCRIPTION).is_file()
+
+    def read(self, path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
+        return read_modelslim(path, select)
+
+    def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
+        kind = description(md).get("model_quant_type", "quantized")
+        what = f"{kind} in the modelslim layout ({DESCRIPTION})"
+        return QuantizationFlag(QUANTIZATION, frozenset({QUANTIZATION, "ascend"}), what)
+
+    def module_types(self, md: ModelDir) -> dict[str, str]:
+        return _module_types(md)
+
+    def describe(self, md: ModelDir) -> Description:
+        listed = description(md)
+        return Description(
+            method=str(listed.get("model_quant_type", "")).lower(),
+            group_size=int(listed.get("group_size", 0)),
+            layer_types={
+                name.removesuffix(".weight"): kind
+                for name, kind in listed.items()
+                if name.endswith(".weight") and isinstance(kind, str) and kind != "FLOAT"
+            },
+            kv_cache="int8" if listed.get("kv_cache_type") == "C8" else None,
         )
 
-    def _add(self, name: str, tensor: torch.Tensor, kind: QuantType) -> None:
-        self.shards.add(name, tensor)
-        self.description[name] = kind.value
-
-    def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        self._add(name, tensor, QuantType.FLOAT)
-
-    def add_linear(self, prefix: str, layer: QuantizedLinear) -> None:
-        import torch
-
-        kind = layer.quant_type
-        self.types.add(kind)
-        self.group_sizes.add(layer.group_size)
-        weight = pack_int4_modelslim(layer.weight) if layer.bits == 4 else layer.weight
-        self._add(f"{prefix}.weight", weight.to(torch.int8), kind)
-        self._add(f"{prefix}.weight_scale", layer.weight_scale.float(), kind)
-        self._add(f"{prefix}.weight_offset", layer.weight_offset.float(), kind)
-        if kind is QuantType.W8A8:
-            assert layer.input_scale is not None and layer.input_offset is not None
-            self._add(f"{prefix}.input_scale", layer.input_scale.float().reshape(1), kind)
-            self._add(f"{prefix}.input_offset", layer.input_offset.float().reshape(1), kind)
-            self._add(f"{prefix}.deq_scale", layer.deq_scale(), kind)
-            self._add(f"{prefix}.quant_bias", layer.quant_bias(), kind)
-        if layer.bias is not None:
-            self._add(f"{prefix}.bias", layer.bias.float(), kind)
-
-    def add_kv_cache(self, attn_prefix: str, scale: KVCacheScale, kv_channels: int) -> None:
-        import torch
-
-        self.kv = True
-        for kv, s, o in (
-            ("k", scale.k_scale, scale.k_offset),
-            ("v", scale.v_scale, scale.v_offset),
-        ):
-            self._add(
-                f"{attn_prefix}.{kv}_proj.kv_cache_scale",
-                torch.full((kv_channels,), s, dtype=torch.float32),
-                QuantType.C8,
-            )
-            self._add(
-                f"{attn_prefix}.{kv}_proj.kv_cache_offset",
-                torch.full((kv_channels,), o, dtype=torch.float32),
-                QuantType.C8,
-            )
-
-    def end_layer(self) -> None:
-        self.shards.maybe_flush()
-
-    def finish(self) -> WriteResult:
-        strongest = max(self.types, key=TYPE_STRENGTH.index, default=QuantType.FLOAT)
-        stem = f"quant_model_weight_{strongest.value.lower()}"
-        self.shards.stem = stem
-        self.shards.index_name = f"{stem}.safetensors.index.json"
-        # temp files were named with the provisional stem; finish() renames them
-        files = self.shards.finish()
-        description: dict[str, Any] = {
-            "model_quant_type": strongest.value,
-            "version": "1.0.0",
-            "group_size": max(self.group_sizes, default=0),
-        }
-        if self.kv:
-            description["kv_cache_type"] = "C8"
-        description.update(self.description)
-        (self.out_dir / DESCRIPTION).write_text(json.dumps(description, indent=2))
-        config = strip_quantization_config(self.source_config)
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        copy_side_files(self.source_dir, self.out_dir)
-        return WriteResult(quantization=QUANTIZATION, files=files)
+    def rules(self) -> tuple[Rule, ...]:
+        return RULES
 
 
-def is_modelslim(path: Path) -> bool:
-    return (path / DESCRIPTION).is_file()
-
-
-def read_modelslim(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
-    """A modelslim directory -> QuantizedCheckpoint (shared representation); only the tensors
-    `select` accepts (a whole module prefix at a time) when given."""
-    description = json.loads((path / DESCRIPTION).read_text())
-    tensors = read_tensors(sorted(path.glob("quant_model_weight*.safetensors")), select)
-    types = {k: v for k, v in description.items() if isinstance(v, str) and k in tensors}
-    config = json.loads((path / "config.json").read_text())
-    ckpt = QuantizedCheckpoint(
-        format="modelslim",
-        method=str(description.get("model_quant_type", "")).lower(),
-        config=config,
-        quantization=QUANTIZATION,
-        group_size=int(description.get("group_size", 0)),
-    )
-    kv: dict[int, dict[str, float]] = {}
-    for name, tensor in tensors.items():
-        kind = types.get(name, "FLOAT")
-        if kind == QuantType.C8.value:
-            match = _KV.match(name)
-            if match:
-                kv.setdefault(int(match["index"]), {})[f"{match['kv']}_{match['what']}"] = float(
-                    tensor.reshape(-1)[0]
-                )
-            continue
-        if kind == QuantType.FLOAT.value:
-            ckpt.float_tensors[name] = tensor
-        elif name.endswith(".weight"):
-            prefix = name[: -len(".weight")]
-            ckpt.linears[prefix] = _linear(prefix, QuantType(kind), tensors)
-    ckpt.kv_scales = [
-        KVCacheScale(i, v["k_scale"], v["k_offset"], v["v_scale"], v["v_offset"])
-        for i, v in sorted(kv.items())
-    ]
-    return ckpt
-
-
-def _linear(prefix: str, kind: QuantType, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
-    weight = tensors[f"{prefix}.weight"]
-    bits = 4 if kind is QuantType.W4A16 else 8
-    if bits == 4:
-        weight = unpack_int4_modelslim(weight)
-    scale = tensors[f"{prefix}.weight_scale"].float()
-    offset = tensors[f"{prefix}.weight_offset"].float()
-    groups = scale.shape[1] if scale.ndim == 2 else 1
-    group_size = weight.shape[1] // groups if groups > 1 else 0
-    activation = {
-        QuantType.W8A8: ActivationScheme.STATIC,
-        QuantType.W8A8_DYNAMIC: ActivationScheme.DYNAMIC,
-    }.get(kind, ActivationScheme.NONE)
-    bias = tensors.get(f"{prefix}.bias")
-    layer = QuantizedLinear(
-        weight=weight,
-        weight_scale=scale.reshape(weight.shape[0], -1),
-        weight_offset=offset.reshape(weight.shape[0], -1),
-        bits=bits,
-        group_size=group_size,
-        symmetric=bool((offset == 0).all()),
-        activation=activation,
-        bias=None if bias is None else bias.float(),
-    )
-    if activation is ActivationScheme.STATIC:
-        layer.input_scale = tensors[f"{prefix}.input_scale"].float().reshape(1)
-        layer.input_offset = tensors[f"{prefix}.input_offset"].float().reshape(1)
-        if layer.bias is None:  # recover the float bias from the integer one
-            deq = layer.deq_scale()
-            rowsum = weight.long().sum(dim=1).float()
-            quant_bias = tensors[f"{prefix}.quant_bias"].float()
-            layer.bias = (quant_bias + rowsum * layer.input_offset) * deq
-    return layer
+FORMAT = ModelslimFormat()

@@ -1,56 +1,43 @@
-"""Format name -> writer, and a reader that recognises any of the three layouts."""
+"""The output formats: the `gcupipe.formats` entry-point group (built-ins register there too),
+and the questions every caller asks of them: which format a directory is, read it back."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from gcupipe.errors import StageError
-from gcupipe.formats.base import FormatWriter, QuantizedCheckpoint, TensorSelector
+from gcupipe.formats.base import QuantizedCheckpoint, TensorSelector
+from gcupipe.formats.format import Format
+from gcupipe.formats.modeldir import ModelDir
+from gcupipe.plugins import Registry
 
-WRITERS: dict[str, str] = {
-    "modelslim": "gcupipe.formats.modelslim:ModelslimWriter",
-    "gcu": "gcupipe.formats.gcu:GcuWriter",
-    "compressed-tensors": "gcupipe.formats.compressed_tensors:CompressedTensorsWriter",
-}
-# (detector, reader) in the order they are tried
-READERS: list[tuple[str, str]] = [
-    ("gcupipe.formats.modelslim:is_modelslim", "gcupipe.formats.modelslim:read_modelslim"),
-    (
-        "gcupipe.formats.compressed_tensors:is_compressed_tensors",
-        "gcupipe.formats.compressed_tensors:read_compressed_tensors",
-    ),
-    ("gcupipe.formats.gcu:is_gcu", "gcupipe.formats.gcu:read_gcu"),
-]
+FORMATS: Registry[Format] = Registry(
+    "gcupipe.formats", "format", lambda obj: isinstance(obj, Format), "known: {names}"
+)
 
 
-def _load(target: str) -> object:
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def format_of(md: ModelDir | Path) -> Format | None:
+    """The format of a directory, or None for a plain (float) checkpoint."""
+    md = md if isinstance(md, ModelDir) else ModelDir(Path(md))
+    formats = sorted((FORMATS.get(name) for name in FORMATS.names()),
+                     key=lambda f: (f.detect_order, f.name))  # fmt: skip
+    return next((fmt for fmt in formats if fmt.detect(md)), None)
 
 
-def writer_for(name: str) -> type[FormatWriter]:
-    if name not in WRITERS:
-        raise StageError(f"unknown format {name!r}; known: {', '.join(WRITERS)}")
-    return _load(WRITERS[name])  # type: ignore[return-value]
-
-
-def detect_format(path: Path) -> str | None:
-    for detector, _reader in READERS:
-        if _load(detector)(path):  # type: ignore[operator]
-            return detector.split(":")[0].rsplit(".", 1)[1].replace("_", "-")
-    return None
+def format_name(md: ModelDir | Path) -> str:
+    fmt = format_of(md)
+    return fmt.name if fmt is not None else "float"
 
 
 def read_quantized(path: Path | str, select: TensorSelector | None = None) -> QuantizedCheckpoint:
-    """Read any gcupipe output format back into the shared representation; with `select`,
+    """Read any registered output format back into the shared representation; with `select`,
     only the tensors whose names it accepts (select whole module prefixes, e.g. one decoder
     layer: a quantized linear needs all its tensors)."""
     path = Path(path)
-    for detector, reader in READERS:
-        if _load(detector)(path):  # type: ignore[operator]
-            return _load(reader)(path, select)  # type: ignore[operator,no-any-return]
-    raise StageError(
-        f"{path} is not a quantized model directory gcupipe recognises "
-        "(modelslim, gcu, compressed-tensors)"
-    )
+    fmt = format_of(path)
+    if fmt is None:
+        raise StageError(
+            f"{path} is not a quantized model directory gcupipe recognises "
+            f"({', '.join(FORMATS.names())})"
+        )
+    return fmt.read(path, select)

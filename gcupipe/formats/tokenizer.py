@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import StageError, require
+from gcupipe.formats.modeldir import ModelDir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -17,6 +18,13 @@ def tokenizer_dir(*candidates: Path | None) -> Path | None:
         if candidate is not None and any((candidate / f).is_file() for f in TOKENIZER_FILES):
             return candidate
     return None
+
+
+def has_chat_template(md: ModelDir) -> bool:
+    """Whether the tokenizer carries a chat template (a file of its own, or in its config)."""
+    if (md.path / "chat_template.jinja").is_file():
+        return True
+    return bool((md.json_file("tokenizer_config.json") or {}).get("chat_template"))
 
 
 def load_tokenizer(model_dir: Path | str) -> Any:

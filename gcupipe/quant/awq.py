@@ -24,12 +24,19 @@ MoE experts that saw fewer than `min_tokens` calibration tokens are quantized by
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gcupipe.errors import StageError
+from pydantic import Field
+
 from gcupipe.quant.gptq import fallback_reason, rtn_fallback
-from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
+from gcupipe.quant.methods import (
+    LayerCalibration,
+    LayerSpec,
+    LayerView,
+    MethodOptions,
+    QuantMethod,
+)
 from gcupipe.quant.observers import quantize, scale_offset_from_range
 from gcupipe.quant.rtn import quantize_weight, weight_qparams
 from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear
@@ -46,39 +53,30 @@ LINEAR_CHAINS = (
 )
 
 
-@dataclass(frozen=True)
-class AWQOptions:
+class AWQOptions(MethodOptions):
     """Tuning knobs of AWQ (recipe `options:` keys of the same names)."""
 
-    grid: int = 20  # ratios α = 0, 1/grid, ..., (grid-1)/grid
-    clip_grid: int = 20  # clipping factors tried between 1 and 1 - clip_max_shrink
-    clip_max_shrink: float = 0.5
-    clip_skip: tuple[str, ...] = (r".*\.(q|k)_proj", r".*\.q_(a|b)_proj")  # regexes, full name
-    min_tokens: int = 32  # fewer calibration tokens (a rarely routed expert): RTN
-    max_search_tokens: int = 16384  # rows of X used for H (a random subset beyond that)
-    device: str = "cpu"
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> AWQOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown AWQ option(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if "clip_skip" in values:
-            values["clip_skip"] = tuple(values["clip_skip"])
-        if values.get("device") == "auto":
-            values["device"] = _auto_device()
-        options = cls(**values)
-        if options.grid < 1 or options.clip_grid < 1 or not 0 <= options.clip_max_shrink < 1:
-            raise ValueError("AWQ needs grid >= 1, clip_grid >= 1 and 0 <= clip_max_shrink < 1")
-        return options
-
-
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    grid: int = Field(
+        default=20, ge=1, description="Ratios alpha = 0, 1/grid, ..., (grid-1)/grid are tried."
+    )
+    clip_grid: int = Field(
+        default=20, ge=1, description="Clipping factors tried between 1 and 1 - clip_max_shrink."
+    )
+    clip_max_shrink: float = Field(
+        default=0.5, ge=0, lt=1, description="Largest range shrink of the clip search."
+    )
+    clip_skip: tuple[str, ...] = Field(
+        default=(r".*\.(q|k)_proj", r".*\.q_(a|b)_proj"),
+        description="Regexes (full module name) of layers whose ranges are not clipped.",
+    )
+    min_tokens: int = Field(
+        default=32,
+        ge=0,
+        description="Fewer calibration tokens (a rarely routed expert): RTN instead.",
+    )
+    max_search_tokens: int = Field(
+        default=16384, gt=0, description="Rows of X used for H (a random subset beyond that)."
+    )
 
 
 def second_moment(inputs: torch.Tensor, device: str, max_tokens: int = 0) -> torch.Tensor:
@@ -224,29 +222,22 @@ class AWQMethod(QuantMethod):
     is quantized, and every linear is then read back from the (scaled) module."""
 
     name = "awq"
+    summary = "int4 weights in groups of 64 with activation-aware scales, float activations"
+    bits = 4
+    group_size = 64
     needs_calibration = True
+    Options = AWQOptions
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        try:
-            self.awq_options = AWQOptions.from_mapping(dict(options))
-        except (TypeError, ValueError) as exc:
-            raise StageError(f"options: {exc}") from exc
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert isinstance(self.options, AWQOptions)
+        self.awq_options: AWQOptions = self.options
         self._view: LayerView | None = None
         self._calib: LayerCalibration | None = None
         self._searched = False
         self._scales: dict[str, torch.Tensor] = {}  # reader (in-layer name) -> s [k]
         self._ratios: dict[str, float] = {}
         self._cache: tuple[Any, Any, torch.Tensor] | None = None
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any], group_size: int = 0) -> list[str]:
-        """Lint-time problems of `options:` (empty when fine)."""
-        try:
-            AWQOptions.from_mapping(dict(options))
-        except (TypeError, ValueError) as exc:
-            return [str(exc)]
-        return []
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         self._view, self._calib = view, calib
@@ -265,10 +256,10 @@ class AWQMethod(QuantMethod):
             if fallback_reason(inputs, options.min_tokens) is not None:
                 continue
             x = inputs.reshape(-1, inputs.shape[-1])
-            act_mean = x.abs().float().mean(dim=0).to(options.device)
-            hessian = second_moment(x, options.device, options.max_search_tokens)
+            act_mean = x.abs().float().mean(dim=0).to(self.device)
+            hessian = second_moment(x, self.device, options.max_search_tokens)
             readers = [module.get_submodule(r) for r in group.readers]
-            stacked = torch.cat([r.weight.detach().float() for r in readers]).to(options.device)
+            stacked = torch.cat([r.weight.detach().float() for r in readers]).to(self.device)
             scale, ratio, _relative = search_scale(stacked, act_mean, hessian, spec, options.grid)
             for reader in group.readers:
                 self._ratios[reader] = ratio
@@ -298,7 +289,7 @@ class AWQMethod(QuantMethod):
         """H of the linear's (scaled) inputs; q/k/v share one and it is computed once."""
         if self._cache is None or self._cache[0] is not inputs or self._cache[1] is not scale:
             options = self.awq_options
-            hessian = second_moment(inputs, options.device, options.max_search_tokens)
+            hessian = second_moment(inputs, self.device, options.max_search_tokens)
             if scale is not None:
                 s = scale.to(hessian.device)
                 hessian = hessian / (s[:, None] * s[None, :])

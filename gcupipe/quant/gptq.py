@@ -25,12 +25,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
 
 from gcupipe.errors import StageError
 from gcupipe.quant.intmath import qrange
-from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
+from gcupipe.quant.methods import (
+    LayerCalibration,
+    LayerSpec,
+    LayerView,
+    MethodOptions,
+    QuantMethod,
+)
 from gcupipe.quant.observers import scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
 from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear
@@ -45,44 +53,40 @@ ACT_ORDER_NEEDS_STATIC_GROUPS = (
 )
 
 
-@dataclass(frozen=True)
-class GPTQOptions:
-    """Tuning knobs of GPTQ (recipe keys of the same names)."""
+class GPTQOptions(MethodOptions):
+    """Tuning knobs of GPTQ (recipe `options:` keys of the same names)."""
 
-    damp_percent: float = 0.01  # dampening added to diag(H), as a fraction of its mean
-    block_size: int = 128  # columns per lazy-update block
-    act_order: bool = True  # process columns by decreasing Hessian diagonal
-    static_groups: bool = True  # fix every group's scale/offset before the loop
-    clip_search: bool = True  # per-group range shrink minimising the diag(H)-weighted error
-    clip_grid: int = 20  # number of shrink factors tried
-    clip_max_shrink: float = 0.25  # smallest range tried = (1 - this) x min-max range
-    min_tokens: int = 32  # fewer calibration tokens (e.g. a rarely routed expert): RTN
-    device: str = "cpu"  # where the math runs (cpu / cuda / cuda:1)
+    damp_percent: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="Dampening added to diag(H), as a fraction of its mean.",
+    )
+    block_size: int = Field(default=128, gt=0, description="Columns per lazy-update block.")
+    act_order: bool = Field(
+        default=True, description="Process columns by decreasing Hessian diagonal."
+    )
+    static_groups: bool = Field(
+        default=True,
+        description="Fix every group's scale/offset before the loop (keeps g_idx contiguous).",
+    )
+    clip_search: bool = Field(
+        default=True, description="Per-group range shrink minimising the diag(H)-weighted error."
+    )
+    clip_grid: int = Field(default=20, gt=0, description="Number of shrink factors tried.")
+    clip_max_shrink: float = Field(
+        default=0.25, ge=0, lt=1, description="Smallest range tried = (1 - this) x min-max range."
+    )
+    min_tokens: int = Field(
+        default=32,
+        ge=0,
+        description="Fewer calibration tokens (a rarely routed expert): RTN instead.",
+    )
 
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> GPTQOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTQ option(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if values.get("device") == "auto":
-            import torch
-
-            values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        options = cls(**values)
-        options.validate()
-        return options
-
-    def validate(self, group_size: int = 0) -> None:
-        if not 0 <= self.damp_percent < 1:
-            raise ValueError(f"damp_percent must be in [0, 1), got {self.damp_percent}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if not 0 <= self.clip_max_shrink < 1:
-            raise ValueError(f"clip_max_shrink must be in [0, 1), got {self.clip_max_shrink}")
+    def check(self, group_size: int) -> list[str]:
         if self.act_order and group_size > 0 and not self.static_groups:
-            raise ValueError(ACT_ORDER_NEEDS_STATIC_GROUPS)
+            return [ACT_ORDER_NEEDS_STATIC_GROUPS]
+        return []
 
 
 class HessianAccumulator:
@@ -203,15 +207,18 @@ def gptq_quantize(
     group_size: int = 64,
     symmetric: bool = True,
     options: GPTQOptions | None = None,
+    device: str = "cpu",
 ) -> GPTQResult:
-    """Quantize one weight [n, k] with GPTQ given its Hessian [k, k]; see the module docstring."""
+    """Quantize one weight [n, k] with GPTQ given its Hessian [k, k] on `device`; see the module
+    docstring."""
     import torch
 
     options = options or GPTQOptions()
-    options.validate(group_size)
-    device = torch.device(options.device)
-    with sequential_cpu_ops(device):
-        return _gptq(weight, hessian, bits, group_size, symmetric, options, device)
+    problems = options.check(group_size)
+    if problems:
+        raise StageError(problems[0])
+    with sequential_cpu_ops(torch.device(device)):
+        return _gptq(weight, hessian, bits, group_size, symmetric, options, torch.device(device))
 
 
 def _gptq(
@@ -331,36 +338,26 @@ class GPTQMethod(QuantMethod):
     per layer and reused for every linear handed the same input tensor."""
 
     name = "gptq"
+    summary = "int4 (or int8) weights by GPTQ on calibration inputs, float activations"
+    bits = 4
+    group_size = 64
     needs_calibration = True
+    Options = GPTQOptions
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        try:
-            self.gptq_options = GPTQOptions.from_mapping(dict(options))
-        except (TypeError, ValueError) as exc:
-            raise StageError(f"options: {exc}") from exc
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # H per input tensor of the current layer, keyed by its storage: the layer's
         # calibration holds every input alive until the layer is done, so a key cannot be
         # reused by another tensor before prepare_layer starts the next layer and clears this
         self._hessians: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
-    @classmethod
-    def check_options(cls, options: dict[str, Any], group_size: int) -> list[str]:
-        """Lint-time problems of `options:` for this group size (empty when fine), so a recipe
-        asking for act_order with dynamic groups fails before any work starts."""
-        try:
-            GPTQOptions.from_mapping(dict(options)).validate(group_size)
-        except (TypeError, ValueError) as exc:
-            return [str(exc)]
-        return []
-
     def options_for(self, spec: LayerSpec) -> GPTQOptions:
         """Method options with the layer's `overrides:` options on top."""
+        options = self.options
+        assert isinstance(options, GPTQOptions)
         if not spec.options:
-            return self.gptq_options
-        merged = {f.name: getattr(self.gptq_options, f.name) for f in fields(GPTQOptions)}
-        merged.update({k: v for k, v in spec.options.items() if k in merged})
-        return GPTQOptions.from_mapping(merged)
+            return options
+        return GPTQOptions.model_validate({**options.model_dump(), **spec.options})
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         self._hessians.clear()
@@ -386,7 +383,6 @@ class GPTQMethod(QuantMethod):
         if spec.activation is not ActivationScheme.NONE:
             raise ValueError("GPTQ quantizes weights only (W4A16 / W8A16): activations stay float")
         options = self.options_for(spec)
-        options.validate(spec.group_size)
         reason = fallback_reason(inputs, options.min_tokens)
         if reason is not None:
             return rtn_fallback(weight, bias, spec, self.name, reason)
@@ -394,11 +390,12 @@ class GPTQMethod(QuantMethod):
         flat = inputs.reshape(-1, inputs.shape[-1])
         result = gptq_quantize(
             weight,
-            self.hessian(flat, options.device),
+            self.hessian(flat, self.device),
             bits=spec.bits,
             group_size=spec.group_size,
             symmetric=spec.symmetric,
             options=options,
+            device=self.device,
         )
         return QuantizedLinear(
             weight=result.weight,

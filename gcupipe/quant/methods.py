@@ -22,17 +22,20 @@ How the streaming loop (quant/streaming.py) drives a method, once per decoder la
   fold smoothing factors into the preceding norm (view.smooth_groups lists (norm or previous
   linear, [linears that read its output])). Default: nothing.
 
-Methods are registered as data ("name" -> "module:Class"), imported only when used, so
-`gptq`/`awq` live in their own modules (quant/gptq.py, quant/awq.py) without this file
-importing them.
+A method owns its defaults (bits, group size, activation scheme, whether it needs calibration)
+and its `options:` (a pydantic `Options` model, so a recipe's typo is a file:line:col error at
+lint time). Methods are plugins of the `gcupipe.methods` entry-point group, built-ins included,
+imported only when used (`METHODS`).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict
+
+from gcupipe.plugins import Registry
 from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear
 
 if TYPE_CHECKING:
@@ -70,25 +73,41 @@ class LayerView:
     linear_pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer re, reader)
 
 
+class MethodOptions(BaseModel):
+    """A method's `options:` (none by default). Fields are validated when the recipe loads;
+    `check` adds what depends on the rest of the stage's settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check(self, group_size: int) -> list[str]:
+        """Problems of these options with this weight group size (empty when fine)."""
+        return []
+
+
 class QuantMethod:
-    """Base of all methods; subclasses set `name` and implement `quantize_layer`."""
+    """Base of all methods; subclasses set the class attributes and implement `quantize_layer`."""
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    bits: ClassVar[int] = 8  # default weight bits
+    group_size: ClassVar[int] = 0  # default weight group size (0 = per output channel)
+    activation: ClassVar[ActivationScheme] = ActivationScheme.NONE
     needs_calibration: ClassVar[bool] = False
+    smoothing: ClassVar[bool] = False  # takes the stage's smooth_alpha (SmoothQuant)
     # True: the uncalibrated streaming path may pass weights in the checkpoint dtype (bf16)
     # instead of an fp32 copy, saving memory; the method must upcast as it needs.
     accepts_low_precision: ClassVar[bool] = False
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any], group_size: int) -> list[str]:
-        """Lint-time problems of the recipe's `options:` for this group size (empty when fine).
-        Methods with options override this; the others take none."""
-        if not options:
-            return []
-        return [f"method takes no options (got {', '.join(sorted(options))})"]
+    def __init__(
+        self,
+        options: MethodOptions | None = None,
+        device: str = "cpu",
+        smooth_alpha: float | None = None,
+    ) -> None:
+        self.options = options if options is not None else self.Options()
+        self.device = _resolve_device(device)
+        self.smooth_alpha = smooth_alpha
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         """Change float weights before quantization (SmoothQuant, AWQ scaling). Default: none."""
@@ -104,30 +123,17 @@ class QuantMethod:
         raise NotImplementedError
 
 
-# Method name -> "module:Class"; extended by plugins through `register_method`.
-METHODS: dict[str, str] = {
-    "rtn": "gcupipe.quant.rtn:RTNMethod",
-    "w8a16": "gcupipe.quant.rtn:RTNMethod",
-    "w8a8_dynamic": "gcupipe.quant.rtn:RTNMethod",
-    "w4a16": "gcupipe.quant.rtn:RTNMethod",
-    "w8a8": "gcupipe.quant.smoothquant:StaticW8A8Method",
-    "gptq": "gcupipe.quant.gptq:GPTQMethod",
-    "awq": "gcupipe.quant.awq:AWQMethod",
-}
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def register_method(name: str, target: str) -> None:
-    METHODS[name] = target
-
-
-def method_class(name: str) -> type[QuantMethod]:
-    """The class registered under `name`."""
-    if name not in METHODS:
-        raise KeyError(f"unknown quantization method {name!r}; known: {sorted(METHODS)}")
-    module_name, _, class_name = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
-
-
-def load_method(name: str, **options: Any) -> QuantMethod:
-    """Instantiate the method registered under `name` with its options."""
-    return method_class(name)(**options)
+METHODS: Registry[type[QuantMethod]] = Registry(
+    "gcupipe.methods",
+    "quantization method",
+    lambda obj: isinstance(obj, type) and issubclass(obj, QuantMethod),
+    "known: {names}",
+)

@@ -98,9 +98,8 @@ def rtn_linear(
 
 
 class RTNMethod(QuantMethod):
-    """w8a16 / w8a8_dynamic / w4a16 RTN: weights only, no calibration needed."""
+    """Round to nearest from each weight's min-max range: no calibration needed."""
 
-    name = "rtn"
     needs_calibration = False
     accepts_low_precision = True
 
@@ -115,3 +114,21 @@ class RTNMethod(QuantMethod):
         if spec.activation is ActivationScheme.STATIC:
             raise ValueError("static activations need calibration: use method w8a8")
         return rtn_linear(weight, bias, spec)
+
+
+class W8A16Method(RTNMethod):
+    name = "w8a16"
+    summary = "int8 weights per channel (RTN), float activations"
+
+
+class W8A8DynamicMethod(RTNMethod):
+    name = "w8a8_dynamic"
+    summary = "int8 weights per channel (RTN), int8 activations per token at run time"
+    activation = ActivationScheme.DYNAMIC
+
+
+class W4A16Method(RTNMethod):
+    name = "w4a16"
+    summary = "int4 weights in groups of 64 (RTN), float activations"
+    bits = 4
+    group_size = 64

@@ -93,15 +93,17 @@ def apply_smoothing(view: LayerView, calib: LayerCalibration, alpha: float) -> l
 
 
 class StaticW8A8Method(QuantMethod):
-    """`method: w8a8`. Options: smooth_alpha (None = no smoothing), act_method (1/2/3)."""
+    """`method: w8a8`: int8 weights, per-tensor int8 activations from calibration ranges (the
+    stage's act_method observer), with optional SmoothQuant (smooth_alpha)."""
 
     name = "w8a8"
+    summary = "int8 weights per channel, int8 activations per tensor from calibration"
+    activation = ActivationScheme.STATIC
     needs_calibration = True
+    smoothing = True
 
-    def __init__(self, smooth_alpha: float | None = None, act_method: int = 1, **options: Any):
-        super().__init__(**options)
-        self.smooth_alpha = smooth_alpha
-        self.act_method = act_method
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._calib: LayerCalibration | None = None
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
@@ -142,10 +144,10 @@ class StaticW8A8Method(QuantMethod):
             q.extra["fallback"] = "no calibration tokens reached it: input range of its peers"
             if inputs is None:
                 inputs = torch.zeros(1, weight.shape[1])
-        observer = make_observer(spec.act_method or self.act_method)
+        observer = make_observer(spec.act_method)
         for chunk in inputs.split(4096):
             observer.observe(chunk)
-        lo, hi = observed_range(observer, spec.act_method or self.act_method, 8, spec.act_symmetric)
+        lo, hi = observed_range(observer, spec.act_method, 8, spec.act_symmetric)
         scale, offset = scale_offset_from_range(
             torch.tensor([lo]), torch.tensor([hi]), 8, spec.act_symmetric
         )

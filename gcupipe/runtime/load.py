@@ -22,12 +22,10 @@ class LoadedModel:
 
 
 def detect(model_dir: Path) -> str:
-    from gcupipe.formats.registry import detect_format
+    """The format's name, or "float" for a plain checkpoint."""
+    from gcupipe.formats.registry import format_name
 
-    try:
-        return detect_format(model_dir) or "float"
-    except ModuleNotFoundError:  # a format module not written yet cannot have written this dir
-        return "float"
+    return format_name(model_dir)
 
 
 def load_model(model_dir: Path | str, dtype: str = "float32") -> LoadedModel:

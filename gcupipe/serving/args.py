@@ -6,7 +6,6 @@ handed over by any stage, or by hand, gets the right `--quantization`.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -14,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import StageError
-from gcupipe.serving.platform import Platform
+from gcupipe.formats.format import Format
+from gcupipe.formats.modeldir import ModelDir
+from gcupipe.formats.registry import format_of
+from gcupipe.formats.tokenizer import has_chat_template
+from gcupipe.platform import Platform
 
-MODELSLIM_DESCRIPTION = "quant_model_description.json"
-INT8_KV_CACHE_FILE = "int8_kv_cache.json"
 SERVER_ENTRY = ["-m", "vllm.entrypoints.openai.api_server"]
 """How the OpenAI server is started after `python` (a seam: tests point it at a fake server)."""
-GCU_QUANT_METHODS = {"gptq", "awq", "w8a8"}
-"""quant_method values of the `gcu` format, as the vLLM-GCU loaders name them."""
 
 
 @dataclass(frozen=True)
@@ -29,71 +28,37 @@ class Artifact:
     """What a model directory holds, as far as serving is concerned."""
 
     model_dir: Path
-    format: str  # float | modelslim | gcu | compressed-tensors | other
-    quant_method: str | None = None  # config.json quantization_config.quant_method
+    layout: Format | None  # None: a plain float checkpoint
     int8_kv_cache: Path | None = None
     chat_template: bool = False
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StageError(f"cannot read {path}: {exc}") from exc
-    return value if isinstance(value, dict) else {}
+    @property
+    def format(self) -> str:
+        return self.layout.name if self.layout is not None else "float"
 
 
 def inspect_artifact(model_dir: Path) -> Artifact:
     """Classify a model directory by the files its loader would read."""
-    if not (model_dir / "config.json").is_file():
+    md = ModelDir(model_dir)
+    if md.config is None:
         raise StageError(
             f"{model_dir} is not a model directory (no config.json): point `model:` at the "
             "output of a download or quantize stage"
         )
-    config = _read_json(model_dir / "config.json")
-    quant_config = config.get("quantization_config") or (config.get("text_config") or {}).get(
-        "quantization_config"
-    )
-    quant_method = (quant_config or {}).get("quant_method")
-    kv_file = model_dir / INT8_KV_CACHE_FILE
-    chat = (model_dir / "chat_template.jinja").is_file() or bool(
-        (model_dir / "tokenizer_config.json").is_file()
-        and _read_json(model_dir / "tokenizer_config.json").get("chat_template")
-    )
-    if (model_dir / MODELSLIM_DESCRIPTION).is_file():
-        fmt = "modelslim"
-    elif quant_method == "compressed-tensors":
-        fmt = "compressed-tensors"
-    elif quant_method in GCU_QUANT_METHODS:
-        fmt = "gcu"
-    elif quant_method:
-        fmt = "other"
-    else:
-        fmt = "float"
+    layout = format_of(md)
     return Artifact(
         model_dir=model_dir,
-        format=fmt,
-        quant_method=quant_method,
-        int8_kv_cache=kv_file if kv_file.is_file() else None,
-        chat_template=chat,
+        layout=layout,
+        int8_kv_cache=layout.int8_kv_cache_file(md) if layout is not None else None,
+        chat_template=has_chat_template(md),
     )
 
 
 def derive_quantization(artifact: Artifact, platform: Platform) -> str | None:
     """The `--quantization` value for an artifact on a platform (None: vLLM reads the config)."""
-    if artifact.format == "modelslim":
-        return "gcu"
-    if artifact.format == "gcu":
-        if platform is Platform.GCU:
-            return artifact.quant_method
-        if artifact.quant_method == "w8a8":
-            raise StageError(
-                f"{artifact.model_dir} is in the gcu format's w8a8 layout, which only vLLM-GCU "
-                f"loads, and this machine is {platform.value}: serve the modelslim or "
-                "compressed-tensors export here"
-            )
-        return None  # GPTQ / AWQ: vLLM reads quantization_config itself
-    return None
+    if artifact.layout is None:
+        return None
+    return artifact.layout.serve_quantization(ModelDir(artifact.model_dir), platform)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import importlib.util
 import os
@@ -10,13 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gcupipe.platform import Platform
+
 MAX_SOCKET_DIR_CHARS = 60
-
-
-class Platform(enum.StrEnum):
-    GCU = "gcu"
-    CUDA = "cuda"
-    CPU = "cpu"
 
 
 def detect_platform() -> Platform:

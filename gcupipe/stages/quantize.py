@@ -6,16 +6,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gcupipe.errors import StageError
+from gcupipe.formats.registry import FORMATS
+from gcupipe.quant.methods import METHODS, QuantMethod
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
 from gcupipe.stages.calibration import CalibrationConfig
 
-Method = Literal["w8a16", "w8a8_dynamic", "w8a8", "w4a16", "gptq", "awq"]
-Format = Literal["modelslim", "gcu", "compressed-tensors"]
 DEFAULT_IGNORE = ["lm_head", r".*embed_tokens", r".*\.mlp\.gate"]
-CALIBRATED = {"w8a8", "gptq", "awq"}
 
 
 class KVCacheConfig(BaseModel):
@@ -38,16 +37,24 @@ class QuantizeConfig(StageConfig):
         description="Model directory (safetensors + config.json), usually "
         "${stages.download.outputs.model_dir}."
     )
-    method: Method = Field(default="w8a8_dynamic", description="Quantization method.")
-    format: Format = Field(default="modelslim", description="Output layout.")
+    method: str = Field(
+        default="w8a8_dynamic",
+        description="Quantization method: w8a8_dynamic, w8a8, w8a16, w4a16, gptq, awq, or one "
+        "a plugin registers (`gcupipe.methods`).",
+    )
+    format: str = Field(
+        default="modelslim",
+        description="Output layout: modelslim, gcu, compressed-tensors, or one a plugin "
+        "registers (`gcupipe.formats`).",
+    )
     bits: int | None = Field(
-        default=None, description="Weight bits; default 8 (4 for gptq, awq, w4a16)."
+        default=None, description="Weight bits; default: the method's (8; 4 for gptq, awq, w4a16)."
     )
     group_size: int | None = Field(
         default=None,
         ge=0,
-        description="Weight group size; 0 = per "
-        "output channel. Default 0 (64 for gptq, awq, w4a16).",
+        description="Weight group size; 0 = per output channel. Default: the method's (0; 64 "
+        "for gptq, awq, w4a16).",
     )
     symmetric: bool = Field(default=True, description="Symmetric weight quantization.")
     act_method: Literal[1, 2, 3] = Field(
@@ -74,13 +81,29 @@ class QuantizeConfig(StageConfig):
         description="Regex (full match) -> per-module settings; first match wins.",
     )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Method-specific options (e.g. damp_percent for gptq)."
+        default_factory=dict,
+        description="The method's own options (e.g. damp_percent for gptq); checked against "
+        "the method when the recipe loads.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="Compute device.")
     batch_size: int = Field(default=8, gt=0, description="Calibration sequences per forward.")
     max_shard_size_mb: int = Field(
         default=512, gt=0, description="Output shard size (also bounds buffered output)."
     )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(METHODS.unknown_message(name))
+        return name
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        if name not in FORMATS:
+            raise ValueError(FORMATS.unknown_message(name))
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -108,14 +131,16 @@ class QuantizeConfig(StageConfig):
         return data
 
     @property
+    def method_class(self) -> type[QuantMethod]:
+        return METHODS.get(self.method)
+
+    @property
     def weight_bits(self) -> int:
-        return self.bits or (4 if self.method in ("gptq", "awq", "w4a16") else 8)
+        return self.bits or self.method_class.bits
 
     @property
     def weight_group_size(self) -> int:
-        if self.group_size is not None:
-            return self.group_size
-        return 64 if self.method in ("gptq", "awq", "w4a16") else 0
+        return self.group_size if self.group_size is not None else self.method_class.group_size
 
 
 class QuantizeOutputs(StageOutputs):
@@ -140,36 +165,34 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
     version = "1"
 
     def check(self, config: QuantizeConfig) -> list[Problem]:
-        from gcupipe.formats.compat import Combination, incompatibilities
-        from gcupipe.quant.methods import method_class
+        from gcupipe.formats.format import Combination
         from gcupipe.quant.plan import group_size_problems
 
+        method = config.method_class
         combo = Combination(
             config.method,
-            config.format,
             config.weight_bits,
             config.weight_group_size,
             config.symmetric,
+            method.activation,
             config.kv_cache is not None,
         )
-        problems = [Problem(msg, key) for key, msg in incompatibilities(combo)]
-        if config.smooth_alpha is not None and config.method != "w8a8":
-            problems.append(Problem("smooth_alpha applies to method w8a8 only", "smooth_alpha"))
-        needs = config.method in CALIBRATED or config.kv_cache is not None
-        if needs and not config.calibration.has_source:
+        problems = [Problem(msg, key) for key, msg in FORMATS.get(config.format).problems(combo)]
+        if config.smooth_alpha is not None and not method.smoothing:
+            problems.append(
+                Problem(f"method {config.method} takes no smooth_alpha", "smooth_alpha")
+            )
+        if (method.needs_calibration or config.kv_cache is not None) and not (
+            config.calibration.has_source
+        ):
             problems.append(
                 Problem(
-                    f"method {config.method}"
-                    f"{' with kv_cache' if config.kv_cache else ''} needs "
-                    "calibration data: set calibration.text_file (or jsonl, "
-                    "dataset)",
+                    f"method {config.method}{' with kv_cache' if config.kv_cache else ''} needs "
+                    "calibration data: set calibration.text_file (or jsonl, dataset)",
                     "calibration",
                 )
             )
-        for message in method_class(config.method).check_options(
-            config.options, config.weight_group_size
-        ):
-            problems.append(Problem(message, "options"))
+        problems += _option_problems(config)
         for pattern in [*config.ignore, *config.overrides]:
             try:
                 re.compile(pattern)
@@ -181,8 +204,8 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         return problems
 
     def describe(self, config: QuantizeConfig, cache_dir: Path) -> str | None:
-        group = f"groups of {config.weight_group_size}" if config.weight_group_size else (
-            "per channel"
+        group = (
+            f"groups of {config.weight_group_size}" if config.weight_group_size else ("per channel")
         )
         symmetry = "symmetric" if config.symmetric else "asymmetric"
         activations = {"w8a8_dynamic": "int8 activations per token at run time",
@@ -190,24 +213,22 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             config.method, "float activations")  # fmt: skip
         parts = [
             f"{config.method} -> {config.format}: int{config.weight_bits} weights {group} "
-            f"({symmetry}), {activations}"
-            + (", int8 KV cache" if config.kv_cache else "")
+            f"({symmetry}), {activations}" + (", int8 KV cache" if config.kv_cache else "")
         ]
         calibration = config.calibration
         source = calibration.text_file or calibration.jsonl or calibration.dataset
         if source is not None:
             parts.append(f"calibration {calibration.samples} x {calibration.seq_len} tokens "
                          f"from {source}")  # fmt: skip
-        elif config.method in CALIBRATED or config.kv_cache is not None:
+        elif config.method_class.needs_calibration or config.kv_cache is not None:
             parts.append("calibration: none given")
         else:
             parts.append("no calibration")
         return "; ".join(parts)
 
     def run(self, config: QuantizeConfig, ctx: StageContext) -> QuantizeOutputs:
-        from gcupipe.formats.registry import writer_for
+        from gcupipe.formats.modeldir import ModelDir
         from gcupipe.quant.checkpoint import load_raw_config
-        from gcupipe.quant.methods import load_method
         from gcupipe.quant.streaming import quantize_model
         from gcupipe.stages.calibration import calibration_tokens
 
@@ -215,12 +236,17 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         if problems:
             raise StageError(f"{problems[0].key}: {problems[0].message}")
         raw = load_raw_config(config.model)
-        method = load_method(config.method, **_method_options(config))
+        method = config.method_class(
+            config.method_class.Options.model_validate(config.options),
+            device=config.device,
+            smooth_alpha=config.smooth_alpha,
+        )
         tokens = None
         if method.needs_calibration or config.kv_cache is not None:
             vocab = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
             tokens = calibration_tokens(config.calibration, config.model, vocab, ctx.cache_dir)
-        writer = writer_for(config.format)(
+        layout = FORMATS.get(config.format)
+        writer = layout.writer()(
             ctx.output_dir,
             config.model,
             raw,
@@ -245,13 +271,13 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 log=ctx.log,
                 device=config.device,
             )
-        result = writer.finish()
+        writer.finish()
         return QuantizeOutputs(
             model_dir=ctx.output_dir,
             source_model_dir=config.model,
             format=config.format,
             method=config.method,
-            quantization=result.quantization,
+            quantization=layout.quantization_flag(ModelDir(ctx.output_dir)).value,
             quantized_layers=len(report.layer_types),
             float_layers=report.float_linears,
             fallbacks=report.fallbacks,
@@ -259,13 +285,23 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         )
 
 
-def _method_options(config: QuantizeConfig) -> dict[str, Any]:
-    options = dict(config.options)
-    if config.method == "w8a8":
-        options.setdefault("smooth_alpha", config.smooth_alpha)
-        options.setdefault("act_method", config.act_method)
-    options.setdefault("device", config.device)
-    return options
+def _option_problems(config: QuantizeConfig) -> list[Problem]:
+    """`options:` checked against the method's Options model: one problem per bad key, at that
+    key (an unknown key names the ones the method takes)."""
+    options_model = config.method_class.Options
+    try:
+        options = options_model.model_validate(config.options)
+    except ValidationError as exc:
+        known = ", ".join(options_model.model_fields) or "none"
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = f"{config.method} has no option '{where}' (its options: {known})"
+            problems.append(Problem(message, f"options.{where}" if where else "options"))
+        return problems
+    return [Problem(message, "options") for message in options.check(config.weight_group_size)]
 
 
 def _resolver(config: QuantizeConfig) -> Any:
@@ -275,16 +311,14 @@ def _resolver(config: QuantizeConfig) -> Any:
 
     ignore = [re.compile(p) for p in config.ignore]
     overrides = [(re.compile(p), o) for p, o in config.overrides.items()]
-    activation = {"w8a8_dynamic": ActivationScheme.DYNAMIC, "w8a8": ActivationScheme.STATIC}.get(
-        config.method, ActivationScheme.NONE
-    )
+    activation = config.method_class.activation
     base = LayerSpec(
         bits=config.weight_bits,
         group_size=config.weight_group_size,
         symmetric=config.symmetric if activation is ActivationScheme.NONE else True,
         activation=activation,
         act_method=config.act_method,
-        act_symmetric=config.format == "gcu",
+        act_symmetric=FORMATS.get(config.format).symmetric_activations,
     )
 
     def resolve(name: str) -> LayerSpec | None:

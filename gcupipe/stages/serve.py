@@ -231,7 +231,7 @@ def _prompts(config: ServeConfig) -> list[str]:
 def _check_flag(model_dir: Path, quantization: str | None) -> None:
     """Fail before vLLM starts when the flag does not fit the files (the seed guide's W8A8 model
     served with quantization="w4a16"), naming the right value."""
-    from gcupipe.validation.flag import check_quantization_flag
+    from gcupipe.formats.rules import check_quantization_flag
 
     result = check_quantization_flag(model_dir, quantization)
     if result.failed:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gcupipe.errors import StageError
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+
+if TYPE_CHECKING:
+    from gcupipe.formats.modeldir import ModelDir
 
 
 class EvalConfig(BaseModel):
@@ -145,9 +149,8 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
         )
 
     def run(self, config: ValidateConfig, ctx: StageContext) -> ValidateOutputs:
+        from gcupipe.formats.modeldir import ModelDir
         from gcupipe.validation.api import ValidationSettings, enforce, validate_model_dir
-        from gcupipe.validation.flag import expected_quantization
-        from gcupipe.validation.modeldir import ModelDir
 
         upstream = _upstream_model(ctx)
         model_dir: Path | None = config.model or _path_output(upstream, "model_dir")
@@ -199,7 +202,7 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             passed=report.passed,
             model_dir=Path(model_dir),
             format=report.format,
-            quantization=expected_quantization(ModelDir(Path(model_dir))).value,
+            quantization=_quantization_value(ModelDir(Path(model_dir))),
             failures=[r.rule for r in report.failures],
             report_json=result.paths["json"],
             report_markdown=result.paths["markdown"],
@@ -210,6 +213,13 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             ppl_increase=metrics.get("ppl_increase"),
             token_agreement=metrics.get("token_agreement"),
         )
+
+
+def _quantization_value(md: ModelDir) -> str | None:
+    from gcupipe.formats.registry import format_of
+
+    layout = format_of(md)
+    return layout.quantization_flag(md).value if layout is not None else None
 
 
 def _path_output(outputs: StageOutputs | None, name: str) -> Path | None:

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gcupipe.errors import GateFailed
-from gcupipe.formats.base import read_safetensors_header
-from gcupipe.validation.modeldir import ModelDir
+from gcupipe.formats.modeldir import ModelDir, read_safetensors_header
+from gcupipe.formats.registry import format_name
+from gcupipe.formats.results import Finding, RuleResult, outcome, skipped
+from gcupipe.formats.rules import CheckOptions, check_structure
 from gcupipe.validation.numeric import NumericMetrics
-from gcupipe.validation.registry import CheckOptions, check_structure
 from gcupipe.validation.report import ValidationReport, write_reports
-from gcupipe.validation.results import Finding, RuleResult, outcome, skipped
 
 # Used when no eval text is given: ordinary English prose, written for gcupipe, so the default
 # check needs no download. A few hundred tokens: enough to see a broken model, cheap on a CPU.
@@ -95,7 +95,7 @@ def validate_model_dir(
     report = ValidationReport(
         str(model_dir),
         str(reference) if reference else None,
-        md.format,
+        format_name(md),
         settings={k: v for k, v in asdict(settings).items()},
     )
     started = time.perf_counter()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gcupipe.validation.results import RuleResult
+from gcupipe.formats.results import RuleResult
 
 JSON_NAME = "validation.json"
 MARKDOWN_NAME = "validation.md"

@@ -77,13 +77,14 @@ def test_scale_search_keeps_identity_when_no_scale_changes_anything():
     assert torch.equal(scale, torch.ones(128))
 
 
-def test_bad_options_are_a_stage_error():
-    from gcupipe.errors import StageError
+def test_options_are_checked_by_their_model():
+    from pydantic import ValidationError
 
-    with pytest.raises(StageError, match="unknown AWQ option"):
-        AWQMethod(alpha=0.5)
-    assert AWQMethod.check_options({"grid": 10}) == []
-    assert "clip_max_shrink" in AWQMethod.check_options({"clip_max_shrink": 2.0})[0]
+    with pytest.raises(ValidationError, match="alpha"):
+        AWQOptions.model_validate({"alpha": 0.5})
+    assert AWQOptions.model_validate({"grid": 10}).grid == 10
+    with pytest.raises(ValidationError, match="clip_max_shrink"):
+        AWQOptions.model_validate({"clip_max_shrink": 2.0})
 
 
 def test_clip_search_never_increases_the_group_error():
@@ -163,7 +164,7 @@ def test_folded_scales_leave_the_float_layer_unchanged(
     assert expected_producers <= producers
     if arch == "qwen2":  # grouped-query attention: v_proj rows do not line up with o_proj
         assert "self_attn.v_proj" not in producers
-    method = AWQMethod(min_tokens=8)
+    method = AWQMethod(AWQOptions(min_tokens=8))
     method.prepare_layer(view, calib)
     method._search_layer(SPEC)
     assert method._scales, "no group was scaled"

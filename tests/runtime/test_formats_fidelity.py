@@ -11,14 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from gcupipe.formats import registry  # noqa: E402
+from gcupipe.formats.format import Format  # noqa: E402
 from gcupipe.formats.registry import read_quantized  # noqa: E402
 from gcupipe.runtime.linear import ReferenceLinear  # noqa: E402
 from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.stages.base import StageContext  # noqa: E402
 from gcupipe.testing.tiny_models import tiny_model  # noqa: E402
-from gcupipe.validation.modeldir import ModelDir  # noqa: E402
-from gcupipe.validation.registry import CheckOptions, check_structure  # noqa: E402
+from gcupipe.formats.modeldir import ModelDir  # noqa: E402
+from gcupipe.formats.rules import CheckOptions, check_structure  # noqa: E402
 
 METHODS = {
     "w8a16": {"method": "w8a16"},
@@ -117,10 +117,10 @@ def test_format_round_trip_through_the_runtime(source, method, fmt, tmp_path, mo
 def _record_writes(monkeypatch) -> dict:  # type: ignore[no-untyped-def]
     """Make the quantize stage's writer also keep what it is handed, unchanged."""
     written: dict = {"linears": {}, "floats": {}, "kv": []}
-    plain = registry.writer_for
+    plain = Format.writer
 
-    def recording_writer_for(name: str):  # type: ignore[no-untyped-def]
-        base = plain(name)
+    def recording_writer(fmt: Format):  # type: ignore[no-untyped-def]
+        base = plain(fmt)
 
         class Recording(base):  # type: ignore[misc,valid-type]
             def add_linear(self, prefix, layer):  # type: ignore[no-untyped-def]
@@ -137,5 +137,5 @@ def _record_writes(monkeypatch) -> dict:  # type: ignore[no-untyped-def]
 
         return Recording
 
-    monkeypatch.setattr(registry, "writer_for", recording_writer_for)
+    monkeypatch.setattr(Format, "writer", recording_writer)
     return written

@@ -41,7 +41,7 @@ def models(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A float tiny Llama and its W8A8_DYNAMIC modelslim export (the real writer)."""
     from safetensors.torch import load_file
 
-    from gcupipe.formats.modelslim import ModelslimWriter
+    from gcupipe.formats.modelslim_io import ModelslimWriter
     from gcupipe.quant.methods import LayerSpec
     from gcupipe.quant.rtn import rtn_linear
     from gcupipe.quant.scheme import ActivationScheme

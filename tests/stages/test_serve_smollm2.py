@@ -84,7 +84,7 @@ def _rtn_export(float_dir: Path, out: Path, method: str, spec: object) -> Path:
     writer."""
     from safetensors.torch import load_file
 
-    from gcupipe.formats.modelslim import ModelslimWriter
+    from gcupipe.formats.modelslim_io import ModelslimWriter
     from gcupipe.quant.rtn import rtn_linear
 
     out.mkdir(parents=True)

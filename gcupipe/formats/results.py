@@ -1,4 +1,4 @@
-"""Outcomes of named validation rules and numeric gates, in one shape for every report."""
+"""Outcomes of named rules (structure here, numeric gates in validation/), one shape for reports."""
 
 from __future__ import annotations
 
@@ -58,5 +58,6 @@ def skipped(rule: str, summary: str, reason: str) -> RuleResult:
 
 
 def outcome(rule: str, summary: str, findings: list[Finding], **metrics: Any) -> RuleResult:
-    return RuleResult(rule, summary, "fail" if findings else "pass", list(findings),
-                      metrics=dict(metrics))
+    return RuleResult(
+        rule, summary, "fail" if findings else "pass", list(findings), metrics=dict(metrics)
+    )

@@ -1,29 +1,64 @@
-"""A read-only view of a model directory for the structural rules: files, format, headers.
+"""A read-only view of a model directory: its files, JSON, safetensors headers, tensors.
 
 Only safetensors *headers* are parsed here (8-byte length + JSON), never the tensor data, so
-checking a 30 GB model costs a few reads; a header whose data would run past the end of the file
-is how a truncated shard is caught. Tensors are loaded only by rules that need values (g_idx).
+looking at a 30 GB model costs a few reads; a header whose data would run past the end of the
+file is how a truncated shard is caught. Tensors are loaded only when asked for (`tensor`).
+Which layout the directory holds is the format registry's answer (`formats.registry.format_of`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gcupipe.formats.base import TensorInfo, read_safetensors_header
-
-DESCRIPTION = "quant_model_description.json"
-KV_JSON = "int8_kv_cache.json"
 QUANTIZE_CONFIG = "quantize_config.json"
-QUANT_TYPES = {"FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "C8"}
-DESCRIPTION_META = {"model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type",
-                    "fa_quant_type", "reduce_quant_type", "metadata"}
-GCU_METHODS = {"gptq", "awq", "w8a8"}
+"""The GPTQ-family settings file (AutoGPTQ convention), read when config.json has none."""
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code: I8, I32, F32, F16, BF16...
+    shape: tuple[int, ...]
+    file: str
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], str | None]:
+    """Tensor infos of one safetensors file, or a problem saying why the file is damaged."""
+    size = path.stat().st_size
+    if size < 8:
+        return {}, f"{path.name} is {size} bytes: not even a header length"
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > size - 8 or header_len > 100 << 20:
+            return {}, (
+                f"{path.name} is truncated or not safetensors: its header claims "
+                f"{header_len} bytes but the file has {size}"
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{path.name} has a corrupt header ({exc.__class__.__name__})"
+    header.pop("__metadata__", None)
+    infos: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path.name)
+        data_end = max(data_end, int(entry["data_offsets"][1]))
+    expected = 8 + header_len + data_end
+    if size < expected:
+        return infos, (
+            f"{path.name} is truncated: its header needs {expected} bytes, the file "
+            f"has {size} ({expected - size} missing)"
+        )
+    return infos, None
 
 
 @dataclass
@@ -39,7 +74,7 @@ def layer_index(name: str) -> int | None:
 
 @dataclass
 class ModelDir:
-    """Everything the rules look at, read lazily and once."""
+    """Everything rules, inspection and format detection look at, read lazily and once."""
 
     path: Path
     header_problems: list[HeaderProblem] = field(default_factory=list)
@@ -59,10 +94,6 @@ class ModelDir:
         return self.json_file("config.json")
 
     @cached_property
-    def description(self) -> dict[str, Any] | None:
-        return self.json_file(DESCRIPTION)
-
-    @cached_property
     def quantization_config(self) -> dict[str, Any] | None:
         config = self.config or {}
         qc = config.get("quantization_config")
@@ -75,17 +106,6 @@ class ModelDir:
         qc = self.quantization_config or self.json_file(QUANTIZE_CONFIG) or {}
         method = qc.get("quant_method")
         return str(method).lower() if method else None
-
-    @cached_property
-    def format(self) -> str:
-        """modelslim | gcu | compressed-tensors | float."""
-        if (self.path / DESCRIPTION).is_file():
-            return "modelslim"
-        if self.quant_method in GCU_METHODS:
-            return "gcu"
-        if self.quant_method == "compressed-tensors":
-            return "compressed-tensors"
-        return "float"
 
     @cached_property
     def safetensors_files(self) -> list[Path]:
@@ -128,28 +148,3 @@ class ModelDir:
             return value
         indices = [i for i in (layer_index(n) for n in self.tensors) if i is not None]
         return max(indices) + 1 if indices else 0
-
-    @cached_property
-    def module_types(self) -> dict[str, str]:
-        """Linear module prefix -> quant type (modelslim names; GPTQ/AWQ/W8A8/INT8 for the
-        other layouts; FLOAT for a float weight)."""
-        types: dict[str, str] = {}
-        description = self.description or {}
-        for name, info in self.tensors.items():
-            if name.endswith(".weight") and len(info.shape) == 2:
-                prefix = name[: -len(".weight")]
-                if self.format == "modelslim":
-                    types[prefix] = str(description.get(name, "UNLISTED"))
-                elif info.dtype in ("I8", "U8"):
-                    types[prefix] = "W8A8" if self.format == "gcu" else "INT8"
-                else:
-                    types[prefix] = "FLOAT"
-            elif name.endswith(".qweight"):
-                types[name[: -len(".qweight")]] = (self.quant_method or "packed").upper()
-            elif name.endswith(".weight_packed"):
-                types[name[: -len(".weight_packed")]] = "PACKED"
-        return types
-
-    @cached_property
-    def quantized(self) -> bool:
-        return self.format != "float"

@@ -1,0 +1,285 @@
+"""Writing and reading the `gcu` layouts, what the vLLM-GCU loaders read (DESIGN.md 4.2).
+
+- W4A16 / W8A16: standard GPTQ tensors (qweight, qzeros, scales, g_idx; zero-1 convention;
+  8-bit symmetric only) or, for method awq, AWQ gemm tensors. quant_method gptq / awq.
+- W8A8 (static, symmetric per-tensor activations): weight int8 [n,k], out_scales fp32 [n] =
+  weight_scale * input_scale, in_scales [k] (the input scale repeated). quant_method w8a8; the
+  GCU loader inverts in_scales at load and computes y = (round(x / in_scale) @ W^T) * out_scales.
+- INT8 KV cache: int8_kv_cache.json in the `--quantization-param-path` schema
+  (kv_cache.dtype "int8", scaling_factor[tp_rank][layer]); separate k/v scales and zero points
+  ride along in the same json, and as `<attn>.k_scale|v_scale|k_zero|v_zero` tensors for the
+  w8a8 loader, which maps exactly those names.
+config.json gets the `quantization_config`; quantize_config.json repeats it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gcupipe.formats.base import (
+    FormatWriter,
+    QuantizedCheckpoint,
+    ShardWriter,
+    TensorSelector,
+    copy_side_files,
+    read_tensors,
+    strip_quantization_config,
+)
+from gcupipe.formats.modeldir import QUANTIZE_CONFIG, ModelDir
+from gcupipe.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
+from gcupipe.quant.scheme import ActivationScheme, KVCacheScale, QuantizedLinear, QuantType
+
+if TYPE_CHECKING:
+    import torch
+
+KV_FILE = "int8_kv_cache.json"
+METHODS = ("gptq", "awq", "w8a8")
+"""quant_method values of the gcu layouts, as the vLLM-GCU loaders name them."""
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class GcuWriter(FormatWriter):
+    name = "gcu"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.shards = ShardWriter(
+            self.out_dir, "model", "model.safetensors.index.json", self.max_shard_bytes
+        )
+        self.kinds: set[tuple[str, int, int, bool]] = set()
+        self.float_linears: list[str] = []
+        self.kv: list[KVCacheScale] = []
+        self.dtype = str(
+            self.source_config.get("torch_dtype") or self.source_config.get("dtype") or "float16"
+        )
+
+    def add_float(self, name: str, tensor: torch.Tensor) -> None:
+        if (
+            name.endswith(".weight")
+            and tensor.ndim == 2
+            and ".layers." in name
+            and not name.endswith("norm.weight")
+            and not name.endswith(".mlp.gate.weight")
+        ):
+            self.float_linears.append(name[: -len(".weight")])
+        self.shards.add(name, tensor)
+
+    def add_linear(self, prefix: str, layer: QuantizedLinear) -> None:
+        import torch
+
+        kind = layer.quant_type
+        if kind is QuantType.W8A8_DYNAMIC:
+            raise ValueError("the gcu format has no dynamic W8A8 layout (lint catches this)")
+        if kind is QuantType.W8A8:
+            assert layer.input_scale is not None and layer.input_offset is not None
+            if float(layer.input_offset.abs().max()) != 0:
+                raise ValueError(f"{prefix}: gcu w8a8 needs symmetric activations")
+            if layer.group_size:
+                raise ValueError(f"{prefix}: gcu w8a8 needs per-channel weights")
+            self.kinds.add(("w8a8", 8, 0, True))
+            self.shards.add(f"{prefix}.weight", layer.weight.to(torch.int8))
+            self.shards.add(f"{prefix}.out_scales", layer.deq_scale().float())
+            model_dtype = getattr(torch, self.dtype, torch.float16)
+            in_scales = layer.input_scale.float().reshape(1).repeat(layer.in_features)
+            self.shards.add(f"{prefix}.in_scales", in_scales.to(model_dtype))
+        else:
+            layout = "awq" if (self.method == "awq" and layer.bits == 4) else "gptq"
+            self.kinds.add((layout, layer.bits, layer.group_size, layer.symmetric))
+            if layout == "awq":
+                tensors = pack_awq(layer.weight, layer.weight_offset, layer.weight_scale)
+            else:
+                tensors = pack_gptq(
+                    layer.weight,
+                    layer.weight_offset,
+                    layer.weight_scale,
+                    layer.bits,
+                    layer.group_size,
+                )
+            for leaf, tensor in tensors.items():
+                self.shards.add(f"{prefix}.{leaf}", tensor)
+        if layer.bias is not None:
+            self.shards.add(
+                f"{prefix}.bias",
+                layer.bias.to(torch.float16 if "16" in self.dtype else torch.float32),
+            )
+
+    def add_kv_cache(self, attn_prefix: str, scale: KVCacheScale, kv_channels: int) -> None:
+        import torch
+
+        self.kv.append(scale)
+        if any(k[0] == "w8a8" for k in self.kinds):
+            for leaf, value in (
+                ("k_scale", scale.k_scale),
+                ("v_scale", scale.v_scale),
+                ("k_zero", scale.k_offset),
+                ("v_zero", scale.v_offset),
+            ):
+                self.shards.add(f"{attn_prefix}.{leaf}", torch.tensor(value, dtype=torch.float32))
+
+    def end_layer(self) -> None:
+        self.shards.maybe_flush()
+
+    def _quantization_config(self) -> dict[str, Any]:
+        layouts = {k[0] for k in self.kinds}
+        if len(layouts) != 1 or len({k[1:] for k in self.kinds}) != 1:
+            raise ValueError(f"the gcu format needs one scheme for all layers, got {self.kinds}")
+        layout, bits, group_size, symmetric = next(iter(self.kinds))
+        skipped = sorted(self.float_linears)
+        if layout == "w8a8":
+            return {"quant_method": "w8a8", "group_size": -1, "ignore": skipped}
+        if layout == "awq":
+            return {
+                "quant_method": "awq",
+                "bits": bits,
+                "w_bit": bits,
+                "group_size": group_size,
+                "q_group_size": group_size,
+                "zero_point": True,
+                "version": "gemm",
+            }
+        config: dict[str, Any] = {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group_size or -1,
+            "desc_act": False,
+            "static_groups": False,
+            "sym": symmetric,
+            "lm_head": False,
+            "checkpoint_format": "gptq",
+        }
+        if skipped:  # vLLM GPTQ "dynamic": a "-:" regex keeps matching modules unquantized
+            config["dynamic"] = {f"-:{re.escape(p)}$": {} for p in skipped}
+        return config
+
+    def finish(self) -> list[str]:
+        files = self.shards.finish()
+        qconfig = self._quantization_config()
+        config = strip_quantization_config(self.source_config)
+        config["quantization_config"] = qconfig
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        (self.out_dir / QUANTIZE_CONFIG).write_text(json.dumps(qconfig, indent=2))
+        if self.kv:
+            (self.out_dir / KV_FILE).write_text(
+                json.dumps(
+                    kv_cache_json(self.kv, str(self.source_config.get("model_type", ""))), indent=2
+                )
+            )
+        copy_side_files(self.source_dir, self.out_dir)
+        return files
+
+
+def kv_cache_json(scales: list[KVCacheScale], model_type: str) -> dict[str, Any]:
+    """vLLM's --quantization-param-path schema (one TP rank), with k/v scales and zeros."""
+
+    def per_layer(values: dict[int, float]) -> dict[str, dict[str, float]]:
+        return {"0": {str(i): v for i, v in sorted(values.items())}}
+
+    return {
+        "model_type": model_type,
+        "kv_cache": {
+            "dtype": "int8",
+            "scaling_factor": per_layer({s.layer_index: max(s.k_scale, s.v_scale) for s in scales}),
+            "k_scale": per_layer({s.layer_index: s.k_scale for s in scales}),
+            "v_scale": per_layer({s.layer_index: s.v_scale for s in scales}),
+            "k_zero_point": per_layer({s.layer_index: s.k_offset for s in scales}),
+            "v_zero_point": per_layer({s.layer_index: s.v_offset for s in scales}),
+        },
+    }
+
+
+def read_kv_cache_json(path: Path) -> list[KVCacheScale]:
+    kv = json.loads(path.read_text())["kv_cache"]
+    shared = kv["scaling_factor"]["0"]
+    out = []
+    for layer in sorted(shared, key=int):
+
+        def get(key: str, default: float, layer: str = layer) -> float:
+            return float(kv.get(key, {}).get("0", {}).get(layer, default))
+
+        out.append(
+            KVCacheScale(
+                int(layer),
+                get("k_scale", shared[layer]),
+                get("k_zero_point", 0.0),
+                get("v_scale", shared[layer]),
+                get("v_zero_point", 0.0),
+            )
+        )
+    return out
+
+
+def gcu_settings(md: ModelDir) -> dict[str, Any]:
+    """The layout's settings as the loaders see them: quantize_config.json, overridden by
+    config.json's quantization_config."""
+    settings = dict(md.json_file(QUANTIZE_CONFIG) or {})
+    settings.update(md.quantization_config or {})
+    return settings
+
+
+def bits_and_group_size(settings: dict[str, Any]) -> tuple[int, int]:
+    """(bits, group size; 0 = per channel), under either GPTQ's or AWQ's key names."""
+    bits = int(settings.get("bits", settings.get("w_bit", 8)))
+    return bits, max(int(settings.get("group_size", settings.get("q_group_size", -1))), 0)
+
+
+def read_gcu(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
+    """A gcu directory -> QuantizedCheckpoint; only the tensors `select` accepts when given
+    (the KV-cache json is always read: it is small and not per tensor)."""
+    md = ModelDir(path)
+    qc = gcu_settings(md)
+    config = md.config or {}
+    tensors = read_tensors(md.safetensors_files, select)
+    method = qc["quant_method"]
+    bits, group_size = bits_and_group_size(qc)
+    label = "w8a16" if method == "gptq" and bits == 8 else method
+    ckpt = QuantizedCheckpoint(
+        format="gcu", method=label, config=config, quantization=method, group_size=group_size
+    )
+    used: set[str] = set()
+    for name in tensors:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "qweight":
+            if method == "awq":
+                q, offset, scale = unpack_awq(
+                    tensors[name], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"]
+                )
+            else:
+                q, offset, scale = unpack_gptq(
+                    tensors[name], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"], bits
+                )
+            ckpt.linears[prefix] = QuantizedLinear(
+                weight=q,
+                weight_scale=scale,
+                weight_offset=offset,
+                bits=bits,
+                group_size=group_size,
+                symmetric=bool((offset == 0).all()),
+                method=method,
+            )
+            used |= {name, f"{prefix}.qzeros", f"{prefix}.scales", f"{prefix}.g_idx"}
+        elif leaf == "out_scales":
+            input_scale = tensors[f"{prefix}.in_scales"].float().reshape(-1)[:1]
+            ckpt.linears[prefix] = QuantizedLinear(
+                weight=tensors[f"{prefix}.weight"],
+                weight_scale=(tensors[name].float() / input_scale).reshape(-1, 1),
+                weight_offset=tensors[name].new_zeros(tensors[name].shape[0], 1).float(),
+                activation=ActivationScheme.STATIC,
+                input_scale=input_scale,
+                input_offset=input_scale.new_zeros(1),
+                method="w8a8",
+            )
+            used |= {name, f"{prefix}.in_scales", f"{prefix}.weight"}
+        elif leaf in ("k_scale", "v_scale", "k_zero", "v_zero"):
+            used.add(name)
+    for prefix, layer in ckpt.linears.items():
+        bias = tensors.get(f"{prefix}.bias")
+        if bias is not None:
+            layer.bias = bias.float()
+            used.add(f"{prefix}.bias")
+    ckpt.float_tensors = {n: t for n, t in tensors.items() if n not in used}
+    if (path / KV_FILE).is_file():
+        ckpt.kv_scales = read_kv_cache_json(path / KV_FILE)
+    return ckpt

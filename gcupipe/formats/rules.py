@@ -1,0 +1,350 @@
+"""The structural rules: each one is a mistake that otherwise surfaces only at serving time.
+
+A rule is a stable name, a one-line summary and a function of a `ModelDir` (and the check
+options) returning findings that say what is wrong, naming the file or tensor, and how to fix
+it. `check_structure` runs them in one fixed order, the order a person would fix things: the
+files, then the rules of the directory's own format (its `Format.rules()`), then the rules every
+format shares, the serve flag last. Only header bytes are read, except by the few rules that
+need tensor values.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gcupipe.formats.format import QuantizationFlag
+from gcupipe.formats.layout import expected_weight_names, fused_groups, moe_expert_names
+from gcupipe.formats.modeldir import ModelDir
+from gcupipe.formats.registry import format_name, format_of
+from gcupipe.formats.results import Finding, RuleResult, outcome, skipped
+from gcupipe.formats.tokenizer import TOKENIZER_FILES
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What the caller knows beyond the files: the serve `quantization` value to check (only
+    when `check_quantization`; None then means "no flag"), whether an int8 KV cache is expected,
+    and the float source model."""
+
+    quantization: str | None = None
+    check_quantization: bool = False
+    kv_cache_int8: bool | None = None
+    reference_dir: Path | None = None  # the float source model, when known
+
+
+RuleFn = Callable[[ModelDir, CheckOptions], list[Finding]]
+FLOAT_FLAG = QuantizationFlag(None, frozenset({None}), "an unquantized model")
+
+
+class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a rule that does not apply to this directory, with the reason."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    summary: str
+    check: RuleFn
+
+    def run(self, md: ModelDir, opts: CheckOptions) -> RuleResult:
+        """The rule's result; a rule that crashes is reported as that rule failing (a damaged
+        directory must still give a report, not a traceback)."""
+        try:
+            return outcome(self.name, self.summary, self.check(md, opts))
+        except Skip as reason:
+            return skipped(self.name, self.summary, str(reason))
+        except Exception as exc:  # noqa: BLE001
+            message = f"could not check: {exc.__class__.__name__}: {exc}".splitlines()[0]
+            fix = "fix the problems the other rules report, then re-run"
+            return RuleResult(self.name, self.summary, "fail", [Finding(message, fix)])
+
+
+def check_structure(md: ModelDir, opts: CheckOptions | None = None) -> list[RuleResult]:
+    """Every rule that applies to `md`, in order: files, the format's own, shared, serve flag."""
+    opts = opts or CheckOptions()
+    fmt = format_of(md)
+    own = fmt.rules() if fmt is not None else ()
+    shared = [rule for rule in SHARED if rule.name not in {r.name for r in own}]
+    return [rule.run(md, opts) for rule in (*FIRST, *own, *shared, QUANTIZATION_FLAG)]
+
+
+# -- the rules every directory gets ----------------------------------------------------------
+
+
+def _required_files(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    findings: list[Finding] = []
+    if md.config is None:
+        findings.append(
+            Finding(
+                f"{md.path}/config.json is missing or not valid JSON",
+                "copy config.json from the source model",
+            )
+        )
+    if not md.safetensors_files:
+        findings.append(
+            Finding(
+                f"{md.path} has no .safetensors weight files",
+                "re-run the quantize stage; a model directory needs weights",
+            )
+        )
+    fmt = format_of(md)
+    for pattern, fix in fmt.required_files if fmt is not None else ():
+        if not list(md.path.glob(pattern)):
+            findings.append(Finding(f"no {pattern} ({fmt.name} layout)", fix))  # type: ignore[union-attr]
+    if opts.reference_dir is not None:  # only the source tells whether a tokenizer exists
+        lost = [
+            f
+            for f in TOKENIZER_FILES
+            if (opts.reference_dir / f).is_file() and not (md.path / f).is_file()
+        ]
+        if lost:
+            findings.append(
+                Finding(
+                    f"the source model has {lost[0]} but this directory does "
+                    "not (vLLM needs the tokenizer to serve)",
+                    "copy the source model's tokenizer files unchanged",
+                )
+            )
+    return findings
+
+
+def _safetensors_integrity(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    _ = md.tensors  # reading the headers records the problems
+    findings = [
+        Finding(
+            p.message,
+            "re-copy or re-write the shard (an interrupted copy or download truncates files)",
+        )
+        for p in md.header_problems
+    ]
+    for index_name, weight_map in md.indexes.items():
+        missing_files = sorted({f for f in weight_map.values() if not (md.path / f).is_file()})
+        if missing_files:
+            findings.append(
+                Finding(
+                    f"{index_name} points at {missing_files[0]}, which is missing",
+                    "copy the missing shard or rewrite the index",
+                )
+            )
+        ghosts = sorted(
+            t for t, f in weight_map.items() if t not in md.tensors and f not in missing_files
+        )
+        if ghosts:
+            findings.append(
+                Finding(
+                    f"{index_name} lists {ghosts[0]}, which no shard holds",
+                    "rewrite the index from the shards' headers",
+                )
+            )
+        indexed_files = set(weight_map.values())
+        unlisted = sorted(
+            n
+            for n, info in md.tensors.items()
+            if info.file in indexed_files and n not in weight_map
+        )
+        if unlisted:
+            findings.append(
+                Finding(
+                    f"{index_name} does not list {unlisted[0]}",
+                    "rewrite the index from the shards' headers",
+                )
+            )
+    return findings
+
+
+def _weights_complete(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    if md.config is None:
+        raise Skip("no config.json")
+    expected = expected_weight_names(md)
+    if expected is None:
+        raise Skip(f"architecture {md.config.get('model_type')!r} unknown to transformers")
+    missing = []
+    for tensor in expected:
+        prefix = tensor.removesuffix(".weight")
+        if not any(
+            a in md.tensors for a in (tensor, f"{prefix}.qweight", f"{prefix}.weight_packed")
+        ):
+            missing.append(tensor)
+    if not missing:
+        return []
+    return [
+        Finding(
+            f"{len(missing)} tensor(s) the model loads are missing, e.g. {missing[0]} "
+            f"(vLLM fails with KeyError: '{missing[0]}')",
+            "write every layer of the source model; check the `ignore:` patterns",
+        )
+    ]
+
+
+def _module_types(md: ModelDir) -> dict[str, str]:
+    fmt = format_of(md)
+    return fmt.module_types(md) if fmt is not None else _float_module_types(md)
+
+
+def _float_module_types(md: ModelDir) -> dict[str, str]:
+    return {
+        name.removesuffix(".weight"): "FLOAT"
+        for name, info in md.tensors.items()
+        if name.endswith(".weight") and len(info.shape) == 2
+    }
+
+
+def _fused_share_type(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    types = _module_types(md)
+    groups = fused_groups(md, types)
+    if groups is None:
+        raise Skip("architecture without a module map")
+    findings = []
+    for key, members in sorted(groups.items()):
+        kinds = {types.get(p, "MISSING") for p in members}
+        if len(kinds) > 1:
+            by_type: dict[str, set[str]] = defaultdict(set)
+            for p in members:
+                by_type[types.get(p, "MISSING")].add(p.rsplit(".", 1)[-1])
+            detail = "; ".join(f"{t}: {', '.join(sorted(v))}" for t, v in sorted(by_type.items()))
+            findings.append(
+                Finding(
+                    f"{key} mixes quant types ({detail})",
+                    "quantize every part of a fused module the same way "
+                    "(one `overrides:` regex covering the whole group)",
+                )
+            )
+    return findings
+
+
+def _experts_quantized(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    experts = moe_expert_names(md)
+    if not experts:
+        raise Skip("no MoE layers")
+    if format_of(md) is None:
+        raise Skip("float model")
+    types = _module_types(md)
+    findings = []
+    absent = [p for p in experts if p not in types]
+    if absent:
+        findings.append(
+            Finding(
+                f"{len(absent)} expert projection(s) are missing, e.g. {absent[0]}",
+                "write every expert of every MoE layer",
+            )
+        )
+    floating = [p for p in experts if types.get(p) == "FLOAT"]
+    if floating:
+        findings.append(
+            Finding(
+                f"{len(floating)} expert projection(s) stayed FLOAT, e.g. {floating[0]}",
+                "quantize every expert (one that saw no calibration tokens "
+                "falls back to RTN); never `ignore:` experts",
+            )
+        )
+    return findings
+
+
+def _no_int8_kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    """For formats without their own KV-cache rule: they carry no int8 KV cache at all."""
+    if not opts.kv_cache_int8:
+        raise Skip("no int8 KV cache")
+    name = format_name(md)
+    return [
+        Finding(
+            f"an int8 KV cache was asked for, but the {name} layout carries no int8 "
+            "KV-cache scales",
+            "use format modelslim or gcu for an int8 KV cache",
+        )
+    ]
+
+
+def quantization_flag_findings(md: ModelDir, quantization: str | None) -> list[Finding]:
+    """Does the serve `quantization` value fit the files? (The seed guide serves a W8A8 model
+    with quantization="w4a16".) vLLM takes config.json's quantization_config when present and
+    raises if it disagrees with the flag; a layout without one (modelslim) is trusted to the
+    flag, and a wrong one loads int8 tensors as something they are not."""
+    fmt = format_of(md)
+    expected = fmt.quantization_flag(md) if fmt is not None else FLOAT_FLAG
+    asked = _normalise(quantization)
+    if asked in expected.accepted:
+        return []
+    right = (
+        "leave quantization unset"
+        if expected.value is None
+        else (f"serve with quantization={expected.value!r}")
+    )
+    if asked is None:
+        return [
+            Finding(
+                f"no quantization value given, but the files are {expected.what}; "
+                f"vLLM would load them as float weights",
+                right,
+            )
+        ]
+    return [
+        Finding(
+            f"quantization={quantization!r} does not match the files: they are "
+            f"{expected.what}; the right value is {expected.value!r}",
+            right,
+        )
+    ]
+
+
+def _normalise(value: str | None) -> str | None:
+    if value is None or str(value).strip().lower() in ("", "none", "null", "auto"):
+        return None
+    return str(value).strip().lower()
+
+
+def _quantization_flag(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    if not opts.check_quantization:
+        raise Skip("no serve `quantization` value given to check")
+    return quantization_flag_findings(md, opts.quantization)
+
+
+def check_quantization_flag(model_dir: Path | str, quantization: str | None) -> RuleResult:
+    """The serve stage's check before vLLM starts: fails, naming the right value, when
+    `quantization` is not what the files in `model_dir` need."""
+    md = ModelDir(Path(model_dir))
+    return outcome(
+        QUANTIZATION_FLAG.name,
+        QUANTIZATION_FLAG.summary,
+        quantization_flag_findings(md, quantization),
+    )
+
+
+REQUIRED_FILES = Rule(
+    "required-files",
+    "config.json, weights, tokenizer and the layout's own files exist",
+    _required_files,
+)
+SAFETENSORS_INTEGRITY = Rule(
+    "safetensors-integrity",
+    "every shard has an intact header and all its data; the index matches the shards",
+    _safetensors_integrity,
+)
+FIRST = (REQUIRED_FILES, SAFETENSORS_INTEGRITY)
+SHARED = (
+    Rule(
+        "weights-complete",
+        "every weight the architecture loads is present (no serving KeyError)",
+        _weights_complete,
+    ),
+    Rule(
+        "fused-modules-share-type",
+        "modules a serving engine fuses (qkv, gate_up, q_a_proj + "
+        "kv_a_proj_with_mqa, experts) share one quant type",
+        _fused_share_type,
+    ),
+    Rule(
+        "experts-quantized", "every routed MoE expert is present and quantized", _experts_quantized
+    ),
+    Rule(
+        "kv-cache-scales",
+        "int8 KV cache: scales (and offsets) for every attention layer",
+        _no_int8_kv_cache,
+    ),
+)
+"""Rules every format gets; a format's own rule of the same name takes the shared one's place."""
+QUANTIZATION_FLAG = Rule(
+    "quantization-flag", "the serve `quantization` value matches the files", _quantization_flag
+)
