@@ -32,7 +32,7 @@ def export(source: Path, out: Path, fmt: str, method: str) -> Path:
     """RTN per-channel export of every decoder linear through gcupipe's format writers."""
     from safetensors.torch import load_file
 
-    from gcupipe.formats.registry import writer_for
+    from gcupipe.formats.registry import FORMATS
     from gcupipe.quant.methods import LayerSpec
     from gcupipe.quant.rtn import rtn_linear
     from gcupipe.quant.scheme import ActivationScheme
@@ -40,7 +40,7 @@ def export(source: Path, out: Path, fmt: str, method: str) -> Path:
     activation = ActivationScheme.DYNAMIC if method == "w8a8_dynamic" else ActivationScheme.NONE
     spec = LayerSpec(bits=8, activation=activation)
     out.mkdir(parents=True)
-    writer = writer_for(fmt)(out, source, json.loads((source / "config.json").read_text()), method)
+    writer = FORMATS.get(fmt).writer()(out, source, json.loads((source / "config.json").read_text()), method)
     for file in sorted(source.glob("*.safetensors")):
         for name, tensor in load_file(str(file)).items():
             if ".layers." in name and name.endswith("proj.weight"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -243,6 +243,8 @@ class FormatWriter:
     def end_layer(self) -> None:
         """Called after each decoder layer: a chance to flush a full shard."""
 
-    def finish(self) -> list[str]:
-        """Write what is still buffered and the layout's JSON files; the weight file names."""
+    def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
+        """Write what is still buffered and the layout's JSON files; the weight file names.
+        `float_linears`: the linear layers the quantizer kept in float (the stage's report), for
+        layouts whose config lists them (a skip list)."""
         raise NotImplementedError

@@ -10,8 +10,7 @@ from gcupipe.formats.base import QuantizedCheckpoint, TensorSelector
 from gcupipe.formats.compressed_tensors_io import QUANTIZATION, read_compressed_tensors
 from gcupipe.formats.format import Combination, Description, Format, QuantizationFlag
 from gcupipe.formats.modeldir import ModelDir
-from gcupipe.formats.results import Finding
-from gcupipe.formats.rules import CheckOptions, Rule
+from gcupipe.formats.results import CheckOptions, Finding, Rule
 
 
 def _module_types(md: ModelDir) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,17 +70,8 @@ class CompressedTensorsWriter(FormatWriter):
         )
         self.groups: dict[str, tuple[Any, list[str]]] = {}  # scheme json -> (scheme, modules)
         self.formats: set[str] = set()
-        self.float_linears: list[str] = []
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        if (
-            name.endswith(".weight")
-            and tensor.ndim == 2
-            and not name.endswith("norm.weight")
-            and "embed_tokens" not in name
-            and not name.endswith(".mlp.gate.weight")
-        ):
-            self.float_linears.append(name[: -len(".weight")])
         self.shards.add(name, tensor)
 
     def add_linear(self, prefix: str, layer: QuantizedLinear) -> None:
@@ -115,7 +107,7 @@ class CompressedTensorsWriter(FormatWriter):
     def end_layer(self) -> None:
         self.shards.maybe_flush()
 
-    def finish(self) -> list[str]:
+    def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
         files = self.shards.finish()
@@ -130,7 +122,7 @@ class CompressedTensorsWriter(FormatWriter):
             config_groups=groups,
             format=next(iter(self.formats), "pack-quantized"),
             quantization_status=QuantizationStatus.COMPRESSED,
-            ignore=sorted({"lm_head", *self.float_linears}),
+            ignore=sorted({"lm_head", *float_linears}),
         )
         config = strip_quantization_config(self.source_config)
         config["quantization_config"] = qconfig.model_dump(exclude_none=True, mode="json")

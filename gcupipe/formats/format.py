@@ -19,7 +19,7 @@ from gcupipe.errors import StageError
 if TYPE_CHECKING:
     from gcupipe.formats.base import FormatWriter, QuantizedCheckpoint, TensorSelector
     from gcupipe.formats.modeldir import ModelDir
-    from gcupipe.formats.rules import Rule
+    from gcupipe.formats.results import Rule
     from gcupipe.platform import Platform
     from gcupipe.quant.scheme import ActivationScheme
 
@@ -62,7 +62,8 @@ class Format:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    writer_class: ClassVar[str] = ""  # "module:Class", imported when a model is written
+    writer_class: ClassVar[str | type[FormatWriter]] = ""
+    """The writer, or "module:Class" to import it only when a model is written."""
     detect_order: ClassVar[int] = 100
     """Formats are asked in this order (then by name): one whose evidence is a file of its own
     goes before those that read config.json's quantization_config."""
@@ -79,6 +80,8 @@ class Format:
     def writer(self) -> type[FormatWriter]:
         from gcupipe.plugins import import_target
 
+        if not isinstance(self.writer_class, str):
+            return self.writer_class
         cls: type[FormatWriter] = import_target(self.writer_class, "format", self.name)
         return cls
 

@@ -21,8 +21,7 @@ from gcupipe.formats.format import (
 from gcupipe.formats.gcu_io import KV_FILE, METHODS, bits_and_group_size, gcu_settings, read_gcu
 from gcupipe.formats.layout import want
 from gcupipe.formats.modeldir import QUANTIZE_CONFIG, ModelDir
-from gcupipe.formats.results import Finding
-from gcupipe.formats.rules import CheckOptions, Rule, Skip
+from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
 from gcupipe.platform import Platform
 from gcupipe.quant.scheme import ActivationScheme
 
@@ -309,9 +308,11 @@ class GcuFormat(Format):
         return problems
 
     def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
+        """On a GCU pass the method (vLLM-GCU names its loaders so); unset also loads it,
+        since vLLM then reads config.json's quantization_config itself."""
         method = str(md.quant_method)
         what = f"{method} in the vLLM-GCU layout (config.json quantization_config)"
-        return QuantizationFlag(method, frozenset({method, f"{method}_gcu"}), what)
+        return QuantizationFlag(method, frozenset({method, f"{method}_gcu", None}), what)
 
     def serve_quantization(self, md: ModelDir, platform: Platform) -> str | None:
         if platform is Platform.GCU:

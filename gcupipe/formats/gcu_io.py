@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,21 +51,12 @@ class GcuWriter(FormatWriter):
             self.out_dir, "model", "model.safetensors.index.json", self.max_shard_bytes
         )
         self.kinds: set[tuple[str, int, int, bool]] = set()
-        self.float_linears: list[str] = []
         self.kv: list[KVCacheScale] = []
         self.dtype = str(
             self.source_config.get("torch_dtype") or self.source_config.get("dtype") or "float16"
         )
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
-        if (
-            name.endswith(".weight")
-            and tensor.ndim == 2
-            and ".layers." in name
-            and not name.endswith("norm.weight")
-            and not name.endswith(".mlp.gate.weight")
-        ):
-            self.float_linears.append(name[: -len(".weight")])
         self.shards.add(name, tensor)
 
     def add_linear(self, prefix: str, layer: QuantizedLinear) -> None:
@@ -122,12 +114,12 @@ class GcuWriter(FormatWriter):
     def end_layer(self) -> None:
         self.shards.maybe_flush()
 
-    def _quantization_config(self) -> dict[str, Any]:
+    def _quantization_config(self, float_linears: Sequence[str]) -> dict[str, Any]:
         layouts = {k[0] for k in self.kinds}
         if len(layouts) != 1 or len({k[1:] for k in self.kinds}) != 1:
             raise ValueError(f"the gcu format needs one scheme for all layers, got {self.kinds}")
         layout, bits, group_size, symmetric = next(iter(self.kinds))
-        skipped = sorted(self.float_linears)
+        skipped = sorted(float_linears)
         if layout == "w8a8":
             return {"quant_method": "w8a8", "group_size": -1, "ignore": skipped}
         if layout == "awq":
@@ -154,9 +146,9 @@ class GcuWriter(FormatWriter):
             config["dynamic"] = {f"-:{re.escape(p)}$": {} for p in skipped}
         return config
 
-    def finish(self) -> list[str]:
+    def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
         files = self.shards.finish()
-        qconfig = self._quantization_config()
+        qconfig = self._quantization_config(float_linears)
         config = strip_quantization_config(self.source_config)
         config["quantization_config"] = qconfig
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -14,8 +14,7 @@ from gcupipe.formats.format import Description, Format, QuantizationFlag
 from gcupipe.formats.layout import FLOAT_DTYPES, want
 from gcupipe.formats.modeldir import ModelDir
 from gcupipe.formats.modelslim_io import DESCRIPTION, QUANTIZATION, read_modelslim
-from gcupipe.formats.results import Finding
-from gcupipe.formats.rules import CheckOptions, Rule, Skip
+from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
 from gcupipe.quant.scheme import QuantType
 
 

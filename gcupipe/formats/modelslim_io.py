@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +103,8 @@ class ModelslimWriter(FormatWriter):
     def end_layer(self) -> None:
         self.shards.maybe_flush()
 
-    def finish(self) -> list[str]:
+    def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
+        # every tensor is listed with its type in the description: float linears need no list
         strongest = max(self.types, key=TYPE_STRENGTH.index, default=QuantType.FLOAT)
         stem = f"quant_model_weight_{strongest.value.lower()}"
         self.shards.stem = stem

@@ -1,9 +1,15 @@
-"""Outcomes of named rules (structure here, numeric gates in validation/), one shape for reports."""
+"""What a rule is and what it finds: the vocabulary of the structural rules (formats/rules.py and
+each format's own) and of the numeric gates (validation/), one shape for every report."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from gcupipe.formats.modeldir import ModelDir
 
 Status = Literal["pass", "fail", "skip"]
 
@@ -61,3 +67,41 @@ def outcome(rule: str, summary: str, findings: list[Finding], **metrics: Any) ->
     return RuleResult(
         rule, summary, "fail" if findings else "pass", list(findings), metrics=dict(metrics)
     )
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What the caller knows beyond the files: the serve `quantization` value to check (only
+    when `check_quantization`; None then means "no flag"), whether an int8 KV cache is expected,
+    and the float source model."""
+
+    quantization: str | None = None
+    check_quantization: bool = False
+    kv_cache_int8: bool | None = None
+    reference_dir: Path | None = None  # the float source model, when known
+
+
+RuleFn = Callable[["ModelDir", CheckOptions], list[Finding]]
+
+
+class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a rule that does not apply to this directory, with the reason."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    summary: str
+    check: RuleFn
+
+    def run(self, md: ModelDir, opts: CheckOptions) -> RuleResult:
+        """The rule's result; a rule that crashes is reported as that rule failing (a damaged
+        directory must still give a report, not a traceback)."""
+        try:
+            return outcome(self.name, self.summary, self.check(md, opts))
+        except Skip as reason:
+            return skipped(self.name, self.summary, str(reason))
+        except Exception as exc:  # noqa: BLE001
+            message = f"could not check: {exc.__class__.__name__}: {exc}".splitlines()[0]
+            fix = "fix the problems the other rules report, then re-run"
+            return RuleResult(self.name, self.summary, "fail", [Finding(message, fix)])

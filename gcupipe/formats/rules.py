@@ -11,55 +11,16 @@ need tensor values.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from gcupipe.formats.format import QuantizationFlag
 from gcupipe.formats.layout import expected_weight_names, fused_groups, moe_expert_names
 from gcupipe.formats.modeldir import ModelDir
 from gcupipe.formats.registry import format_name, format_of
-from gcupipe.formats.results import Finding, RuleResult, outcome, skipped
+from gcupipe.formats.results import CheckOptions, Finding, Rule, RuleResult, Skip, outcome
 from gcupipe.formats.tokenizer import TOKENIZER_FILES
 
-
-@dataclass(frozen=True)
-class CheckOptions:
-    """What the caller knows beyond the files: the serve `quantization` value to check (only
-    when `check_quantization`; None then means "no flag"), whether an int8 KV cache is expected,
-    and the float source model."""
-
-    quantization: str | None = None
-    check_quantization: bool = False
-    kv_cache_int8: bool | None = None
-    reference_dir: Path | None = None  # the float source model, when known
-
-
-RuleFn = Callable[[ModelDir, CheckOptions], list[Finding]]
 FLOAT_FLAG = QuantizationFlag(None, frozenset({None}), "an unquantized model")
-
-
-class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by a rule that does not apply to this directory, with the reason."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    summary: str
-    check: RuleFn
-
-    def run(self, md: ModelDir, opts: CheckOptions) -> RuleResult:
-        """The rule's result; a rule that crashes is reported as that rule failing (a damaged
-        directory must still give a report, not a traceback)."""
-        try:
-            return outcome(self.name, self.summary, self.check(md, opts))
-        except Skip as reason:
-            return skipped(self.name, self.summary, str(reason))
-        except Exception as exc:  # noqa: BLE001
-            message = f"could not check: {exc.__class__.__name__}: {exc}".splitlines()[0]
-            fix = "fix the problems the other rules report, then re-run"
-            return RuleResult(self.name, self.summary, "fail", [Finding(message, fix)])
 
 
 def check_structure(md: ModelDir, opts: CheckOptions | None = None) -> list[RuleResult]:

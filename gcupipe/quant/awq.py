@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from gcupipe.quant.folding import fold_scale
 from gcupipe.quant.gptq import fallback_reason, rtn_fallback
 from gcupipe.quant.methods import (
     LayerCalibration,
@@ -267,15 +268,9 @@ class AWQMethod(QuantMethod):
                 continue  # plain RTN was best: leave the weights alone
             scale = scale.cpu()
             producer = module.get_submodule(group.producer)
-            shape = (-1,) if producer.weight.ndim == 1 else (-1, 1)
-            producer.weight.data = (producer.weight.data.float() / scale.reshape(shape)).to(
-                producer.weight.dtype
-            )
-            if getattr(producer, "bias", None) is not None:
-                producer.bias.data = (producer.bias.data.float() / scale).to(producer.bias.dtype)
+            fold_scale(producer, [module.get_submodule(n) for n in group.readers + group.passive],
+                       scale)  # fmt: skip
             for name in group.readers + group.passive:
-                reader = module.get_submodule(name)
-                reader.weight.data = (reader.weight.data.float() * scale).to(reader.weight.dtype)
                 self._scales[name] = scale
 
     def _relative(self, name: str) -> str | None:

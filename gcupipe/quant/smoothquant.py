@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from gcupipe.quant.folding import fold_scale
 from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
 from gcupipe.quant.observers import make_observer, observed_range, scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
@@ -56,10 +57,7 @@ def apply_smoothing(view: LayerView, calib: LayerCalibration, alpha: float) -> l
             [modules[r].weight.detach().abs().amax(dim=0) for r in readers]
         ).amax(dim=0)
         factors = smoothing_factors(act_absmax, weight_absmax, alpha)
-        norm.weight.data = (norm.weight.data.float() / factors).to(norm.weight.dtype)
-        for reader in readers:
-            w = modules[reader].weight
-            w.data = (w.data.float() * factors).to(w.dtype)
+        fold_scale(norm, [modules[r] for r in readers], factors)
         seen: set[int] = set()
         for reader in readers:  # readers share one input tensor: scale it once
             x = calib.inputs.get(reader)
@@ -80,13 +78,7 @@ def apply_smoothing(view: LayerView, calib: LayerCalibration, alpha: float) -> l
             factors = smoothing_factors(
                 x.abs().amax(dim=0), consumer.weight.detach().abs().amax(dim=0), alpha
             )
-            producer.weight.data = (producer.weight.data.float() / factors[:, None]).to(
-                producer.weight.dtype
-            )
-            if getattr(producer, "bias", None) is not None:
-                producer.bias.data = (producer.bias.data.float() / factors).to(producer.bias.dtype)
-            weight = consumer.weight
-            weight.data = (weight.data.float() * factors).to(weight.dtype)
+            fold_scale(producer, [consumer], factors)
             x.div_(factors)
             moved.append(name)
     return moved

@@ -271,7 +271,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 log=ctx.log,
                 device=config.device,
             )
-        writer.finish()
+        writer.finish(report.float_linears)
         return QuantizeOutputs(
             model_dir=ctx.output_dir,
             source_model_dir=config.model,

@@ -138,9 +138,7 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         artifact = inspect_artifact(model_dir)
         platform = detect_platform()
         quantization = self._quantization(config, artifact, platform)
-        if config.quantization is not None or platform is Platform.GCU or artifact.format != "gcu":
-            # (off GCU, GPTQ/AWQ in the gcu layout are left to vLLM's own config detection)
-            _check_flag(model_dir, quantization)
+        _check_flag(model_dir, quantization)
         args = self._vllm_args(config, str(model_dir), quantization, platform, artifact)
         if artifact.int8_kv_cache is not None and platform is not Platform.GCU:
             ctx.log(f"int8 KV cache scales are used on GCU only; {platform.value} serves "

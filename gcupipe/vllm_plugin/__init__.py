@@ -7,11 +7,7 @@ imported.
 
 from __future__ import annotations
 
-QUANTIZATION_NAME = "gcu"
-
-LOW_MEMORY_ENV = "GCUPIPE_VLLM_LOW_MEMORY"
-"""Set to 1 to keep W8A16/W4A16 weights as integers and dequantize at every call (4x less weight
-memory, several times slower on CPU). Default: dequantize once at load; the numbers are equal."""
+from gcupipe.vllm_plugin.settings import LOW_MEMORY_ENV, QUANTIZATION_NAME
 
 __all__ = ["LOW_MEMORY_ENV", "QUANTIZATION_NAME", "register"]
 

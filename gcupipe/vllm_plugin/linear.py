@@ -28,8 +28,8 @@ from gcupipe.quant.intmath import (
     quantize_per_tensor,
     quantize_per_token,
 )
-from gcupipe.vllm_plugin import LOW_MEMORY_ENV
 from gcupipe.vllm_plugin.description import DescriptionError
+from gcupipe.vllm_plugin.settings import LOW_MEMORY_ENV
 
 
 def frozen_parameter(tensor: torch.Tensor) -> Parameter:

@@ -12,13 +12,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from gcupipe.formats.format import Format  # noqa: E402
+from gcupipe.formats.modeldir import ModelDir  # noqa: E402
 from gcupipe.formats.registry import read_quantized  # noqa: E402
+from gcupipe.formats.results import CheckOptions  # noqa: E402
+from gcupipe.formats.rules import check_structure  # noqa: E402
 from gcupipe.runtime.linear import ReferenceLinear  # noqa: E402
 from gcupipe.runtime.model import build_model, load_config  # noqa: E402
 from gcupipe.stages.base import StageContext  # noqa: E402
 from gcupipe.testing.tiny_models import tiny_model  # noqa: E402
-from gcupipe.formats.modeldir import ModelDir  # noqa: E402
-from gcupipe.formats.rules import CheckOptions, check_structure  # noqa: E402
 
 METHODS = {
     "w8a16": {"method": "w8a16"},

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from gcupipe.formats.rules import check_quantization_flag  # noqa: E402
 from gcupipe.formats.modeldir import ModelDir  # noqa: E402
-from gcupipe.formats.rules import CheckOptions, check_structure  # noqa: E402
+from gcupipe.formats.results import CheckOptions  # noqa: E402
+from gcupipe.formats.rules import check_quantization_flag, check_structure  # noqa: E402
 
 from .conftest import write_gptq  # noqa: E402
 

@@ -89,14 +89,14 @@ def write_modelslim(
     """Quantize every decoder linear of `source` by RTN and write it with the real writer."""
     from safetensors.torch import load_file
 
-    from gcupipe.formats.registry import writer_for
+    from gcupipe.formats.registry import FORMATS
 
     spec = SPECS[kind]
     state = load_file(str(source / "model.safetensors"))
     ranges = _calibrate(source) if spec.activation is ActivationScheme.STATIC else {}
     config = json.loads((source / "config.json").read_text())
     out.mkdir(parents=True)
-    writer = writer_for(fmt)(out, source, config, kind.lower())
+    writer = FORMATS.get(fmt).writer()(out, source, config, kind.lower())
     written = set()
     for name, tensor in state.items():
         prefix, _, leaf = name.rpartition(".")
@@ -224,11 +224,11 @@ def deepseek_modelslim(source: Path, out: Path, kind: str) -> Path:
     experts included; only the router (`mlp.gate`) stays FLOAT, as in the seed's artifacts."""
     from safetensors.torch import load_file
 
-    from gcupipe.formats.registry import writer_for
+    from gcupipe.formats.registry import FORMATS
 
     out.mkdir()
     config = json.loads((source / "config.json").read_text())
-    writer = writer_for("modelslim")(out, source, config, kind.lower())
+    writer = FORMATS.get("modelslim").writer()(out, source, config, kind.lower())
     for name, tensor in load_file(str(source / "model.safetensors")).items():
         quantize = ".layers." in name and tensor.ndim == 2 and not name.endswith("mlp.gate.weight")
         if quantize:
