@@ -57,8 +57,11 @@ schema: $(STAMP)
 	$(VENV)/bin/gcupipe schema -o gcupipe.schema.json
 	$(PY) -c 'from tests.test_readme import write; write()'
 
+# ruff's lint rules and its formatting, and mypy strict over the package (pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gcupipe tests benchmarks examples
+	$(VENV)/bin/ruff format --check gcupipe tests benchmarks examples
+	$(VENV)/bin/mypy gcupipe
 
 clean:
 	rm -rf runs .cache

@@ -82,8 +82,13 @@ def _recipe(preset: str) -> Any:
         return QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-               "group_size": 64}  # fmt: skip
+    weights = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": 64,
+    }
     return GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"]
     )
@@ -106,13 +111,21 @@ def _worker(request_path: str, answer_path: str) -> None:
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     oneshot(
-        model=model, dataset=dataset, recipe=_recipe(request["preset"]),
-        num_calibration_samples=int(tokens.shape[0]), max_seq_length=int(tokens.shape[1]),
-    )  # fmt: skip
+        model=model,
+        dataset=dataset,
+        recipe=_recipe(request["preset"]),
+        num_calibration_samples=int(tokens.shape[0]),
+        max_seq_length=int(tokens.shape[1]),
+    )
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     result = perplexity(model.eval(), request["eval_ids"])
-    answer = {"ppl": result.ppl, "quantize_s": seconds, "quantize_cpu_s": cpu_seconds,
-              "eval_s": result.seconds, "scored_tokens": result.scored_tokens}  # fmt: skip
+    answer = {
+        "ppl": result.ppl,
+        "quantize_s": seconds,
+        "quantize_cpu_s": cpu_seconds,
+        "eval_s": result.seconds,
+        "scored_tokens": result.scored_tokens,
+    }
     Path(answer_path).write_text(json.dumps(answer))
 
 

@@ -40,8 +40,11 @@ NEW_TOKENS = 16
 NOISE = 1e-6
 SEEDS = (0, 1, 2)
 AGREEMENT_MARGIN = 1.0
-METHODS = {"w8a16": {"method": "w8a16"}, "w8a8_dynamic": {"method": "w8a8_dynamic"},
-           "w4a16_g64": {"method": "w4a16", "group_size": 64}}  # fmt: skip
+METHODS = {
+    "w8a16": {"method": "w8a16"},
+    "w8a8_dynamic": {"method": "w8a8_dynamic"},
+    "w4a16_g64": {"method": "w4a16", "group_size": 64},
+}
 
 
 def perturbed(model: Any, seed: int) -> Any:
@@ -62,8 +65,10 @@ def perturbed(model: Any, seed: int) -> Any:
 def draws(model_dir: Path) -> dict[str, Any]:
     from gcupipe.runtime.load import load_model
 
-    models = {"float32": load_model(model_dir).model,
-              "float64": load_model(model_dir, dtype="float64").model}  # fmt: skip
+    models = {
+        "float32": load_model(model_dir).model,
+        "float64": load_model(model_dir, dtype="float64").model,
+    }
     for seed in SEEDS:
         models[f"noise seed {seed}"] = perturbed(load_model(model_dir).model, seed)
     return models
@@ -114,10 +119,15 @@ def main() -> None:
             models = draws(dirs[name])
             for draw, model in models.items():
                 metrics = compare_scores(float_scores, perplexity(model, ids), AGREEMENT_MARGIN)
-                eval_rows.append({"method": name, "draw": draw,
-                                  "ppl_increase": metrics.ppl_increase,
-                                  "token_agreement": metrics.token_agreement,
-                                  "confident_positions": metrics.confident_positions})  # fmt: skip
+                eval_rows.append(
+                    {
+                        "method": name,
+                        "draw": draw,
+                        "ppl_increase": metrics.ppl_increase,
+                        "token_agreement": metrics.token_agreement,
+                        "confident_positions": metrics.confident_positions,
+                    }
+                )
                 print(eval_rows[-1], flush=True)
             baseline = models.pop("float32")
             sequences = [(p, greedy_generate(baseline, p, NEW_TOKENS)) for p in prompts]
@@ -127,14 +137,24 @@ def main() -> None:
                 others["w4a16 g64 (another method)"] = load_model(dirs["w4a16_g64"]).model
             for draw, model in others.items():
                 delta = (token_logprobs(model, sequences) - want).abs()
-                position_rows.append({"method": name, "against": draw,
-                                      "mean_abs_logprob_delta": float(delta.mean()),
-                                      "max_abs_logprob_delta": float(delta.max())})  # fmt: skip
+                position_rows.append(
+                    {
+                        "method": name,
+                        "against": draw,
+                        "mean_abs_logprob_delta": float(delta.mean()),
+                        "max_abs_logprob_delta": float(delta.max()),
+                    }
+                )
                 print(position_rows[-1], flush=True)
     markdown = render(eval_rows, position_rows, float_scores.ppl)
-    figures = {"eval_tokens": EVAL_TOKENS, "noise": NOISE, "agreement_margin": AGREEMENT_MARGIN,
-               "float_ppl": float_scores.ppl, "eval": eval_rows,
-               "positions": position_rows}  # fmt: skip
+    figures = {
+        "eval_tokens": EVAL_TOKENS,
+        "noise": NOISE,
+        "agreement_margin": AGREEMENT_MARGIN,
+        "float_ppl": float_scores.ppl,
+        "eval": eval_rows,
+        "positions": position_rows,
+    }
     print(write_results("greedy_stability", figures, markdown))
 
 
@@ -147,8 +167,9 @@ def spread(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
     return min(values), max(values)
 
 
-def render(eval_rows: list[dict[str, Any]], position_rows: list[dict[str, Any]],
-           float_ppl: float) -> str:  # fmt: skip
+def render(
+    eval_rows: list[dict[str, Any]], position_rows: list[dict[str, Any]], float_ppl: float
+) -> str:
     lines = [
         "# Float-rounding noise of quantized SmolLM2-135M",
         "",
@@ -164,19 +185,22 @@ def render(eval_rows: list[dict[str, Any]], position_rows: list[dict[str, Any]],
     ]
     for r in eval_rows:
         agreement = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.2%}"
-        lines.append(f"| {r['method']} | {r['draw']} | {r['ppl_increase']:+.2%} | {agreement} "
-                     f"| {r['confident_positions']} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['draw']} | {r['ppl_increase']:+.2%} | {agreement} "
+            f"| {r['confident_positions']} |"
+        )
     lines += ["", "Spread over the draws (the noise a gate threshold must stay outside of):", ""]
     for method in dict.fromkeys(r["method"] for r in eval_rows):
         rows = [r for r in eval_rows if r["method"] == method]
         low, high = spread(rows, "ppl_increase")
         a_low, a_high = spread(rows, "token_agreement")
-        lines.append(f"- {method}: ppl increase {low:+.2%} .. {high:+.2%}; "
-                     f"agreement {a_low:.2%} .. {a_high:.2%}")  # fmt: skip
+        lines.append(
+            f"- {method}: ppl increase {low:+.2%} .. {high:+.2%}; "
+            f"agreement {a_low:.2%} .. {a_high:.2%}"
+        )
     lines += [
         "",
-        f"## B. Log-prob of {NEW_TOKENS} greedy tokens x 8 prompts, against the float32 "
-        "baseline",
+        f"## B. Log-prob of {NEW_TOKENS} greedy tokens x 8 prompts, against the float32 baseline",
         "",
         "| method | against | mean abs delta log-prob | max |",
         "|---|---|---|---|",

@@ -36,9 +36,13 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice; 1 is faster when other "
-                        "processes keep the cores busy)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice; 1 is faster when other "
+        "processes keep the cores busy)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,8 +57,10 @@ def main() -> None:
     load_s = time.perf_counter() - started
     result = perplexity(model, ids)
     rows.append(("float, whole model", result.ppl, result.seconds, result.scored_tokens))
-    print(f"float:   ppl {result.ppl:.4f} on {result.scored_tokens} tokens in "
-          f"{result.seconds:.1f} s (+{load_s:.1f} s load)")
+    print(
+        f"float:   ppl {result.ppl:.4f} on {result.scored_tokens} tokens in "
+        f"{result.seconds:.1f} s (+{load_s:.1f} s load)"
+    )
     del model
 
     result = layered_perplexity(source, ids)
@@ -64,37 +70,49 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "w8a8_dynamic"
         out.mkdir()
-        ctx = StageContext(stage_id="q", output_dir=out, scratch_dir=Path(folder),
-                           cache_dir=Path(folder), run_dir=Path(folder), log=lambda m: None)
-        QuantizeStage().run(QuantizeConfig(model=source, method="w8a8_dynamic",
-                                           format="modelslim"), ctx)
+        ctx = StageContext(
+            stage_id="q",
+            output_dir=out,
+            scratch_dir=Path(folder),
+            cache_dir=Path(folder),
+            run_dir=Path(folder),
+            log=lambda m: None,
+        )
+        QuantizeStage().run(
+            QuantizeConfig(model=source, method="w8a8_dynamic", format="modelslim"), ctx
+        )
         result = perplexity(load_model(out).model, ids)
-    rows.append(("w8a8_dynamic modelslim, int8 kernels", result.ppl, result.seconds,
-                 result.scored_tokens))
+    rows.append(
+        ("w8a8_dynamic modelslim, int8 kernels", result.ppl, result.seconds, result.scored_tokens)
+    )
     print(f"w8a8d:   ppl {result.ppl:.4f} in {result.seconds:.1f} s")
 
     load_after = os.getloadavg()[0]
     float_s = rows[0][2]
     verdict = "meets" if float_s < TARGET_S else "misses"
-    print(f"8k-token float eval: {float_s:.1f} s ({verdict} the {TARGET_S:.0f} s target); "
-          f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores, "
-          f"{threads} torch threads")
+    print(
+        f"8k-token float eval: {float_s:.1f} s ({verdict} the {TARGET_S:.0f} s target); "
+        f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores, "
+        f"{threads} torch threads"
+    )
     figures = {
         "tokens": TOKENS,
         "target_s": TARGET_S,
         "float_eval_s": float_s,
         "load_average": [load_before, load_after],
         "torch_threads": threads,
-        "rows": [{"model": m, "ppl": p, "seconds": s, "scored_tokens": n}
-                 for m, p, s, n in rows],
+        "rows": [{"model": m, "ppl": p, "seconds": s, "scored_tokens": n} for m, p, s, n in rows],
     }
     table = ["| model | ppl | seconds |", "|---|---|---|"]
     table += [f"| {m} | {p:.4f} | {s:.1f} |" for m, p, s, _ in rows]
-    markdown = (f"# Reference runtime: SmolLM2-135M, {rows[0][3]} scored tokens "
-                f"(first {TOKENS} of the Botchan eval text)\n\n" + "\n".join(table)
-                + f"\n\nTarget: float eval under {TARGET_S:.0f} s. Load average during the run: "
-                f"{load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores; "
-                f"{threads} torch threads.\n")
+    markdown = (
+        f"# Reference runtime: SmolLM2-135M, {rows[0][3]} scored tokens "
+        f"(first {TOKENS} of the Botchan eval text)\n\n"
+        + "\n".join(table)
+        + f"\n\nTarget: float eval under {TARGET_S:.0f} s. Load average during the run: "
+        f"{load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores; "
+        f"{threads} torch threads.\n"
+    )
     print(write_results("runtime_eval", figures, markdown))
 
 

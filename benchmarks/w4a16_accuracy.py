@@ -40,9 +40,14 @@ def resolver(symmetric: bool) -> Any:
 
 
 def run_gcupipe(
-    method_name: str, options: dict[str, Any], symmetric: bool, model_dir: Path, tokens: Any,
-    eval_ids: list[int], work: Path,
-) -> dict[str, Any]:  # fmt: skip
+    method_name: str,
+    options: dict[str, Any],
+    symmetric: bool,
+    model_dir: Path,
+    tokens: Any,
+    eval_ids: list[int],
+    work: Path,
+) -> dict[str, Any]:
     """Quantize with the streaming core into modelslim files, read back, score."""
     from gcupipe.formats.modelslim_io import ModelslimWriter
     from gcupipe.formats.registry import read_quantized
@@ -59,9 +64,13 @@ def run_gcupipe(
     writer = ModelslimWriter(out, model_dir, raw, method_name)
     started, cpu_started = time.perf_counter(), time.process_time()
     report = quantize_model(
-        model_dir, writer, method, resolver(symmetric),
-        tokens if method.needs_calibration else None, log=lambda _m: None,
-    )  # fmt: skip
+        model_dir,
+        writer,
+        method,
+        resolver(symmetric),
+        tokens if method.needs_calibration else None,
+        log=lambda _m: None,
+    )
     writer.finish()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     checkpoint = read_quantized(out)
@@ -82,8 +91,13 @@ def run_float(model_dir: Path, eval_ids: list[int]) -> dict[str, Any]:
     from gcupipe.runtime.perplexity import perplexity
 
     result = perplexity(load_float_model(model_dir), eval_ids)
-    return {"ppl": result.ppl, "quantize_s": 0.0, "quantize_cpu_s": 0.0, "eval_s": result.seconds,
-            "scored_tokens": result.scored_tokens}  # fmt: skip
+    return {
+        "ppl": result.ppl,
+        "quantize_s": 0.0,
+        "quantize_cpu_s": 0.0,
+        "eval_s": result.seconds,
+        "scored_tokens": result.scored_tokens,
+    }
 
 
 # (row label, gcupipe method, options, symmetric), in the order they run: the comparisons
@@ -182,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         for index, (label, method, options, symmetric) in enumerate(GCUPIPE_ROWS):
             if wanted(label):
                 slug = label.replace(" ", "_")
-                record(label, run_gcupipe(method, options, symmetric, model_dir, tokens,
-                                          eval_ids, work / slug))  # fmt: skip
+                record(
+                    label,
+                    run_gcupipe(
+                        method, options, symmetric, model_dir, tokens, eval_ids, work / slug
+                    ),
+                )
             if index == 0 and not args.no_peer and wanted(PEER):
                 try:
                     record(PEER, run_peer("gptq-w4-g64-sym", model_dir, tokens, eval_ids, work))

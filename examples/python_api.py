@@ -1,6 +1,6 @@
 """gcupipe from Python: run a whole recipe, then one stage on its own, without the CLI.
 
-    python examples/python_api.py
+python examples/python_api.py
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ def run_one_stage(work: Path) -> None:
     out, scratch = work / "one" / "out", work / "one" / "scratch"
     out.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage_id="echo", output_dir=out, scratch_dir=scratch,
-                       cache_dir=scratch, run_dir=work / "one")
+    ctx = StageContext(
+        stage_id="echo",
+        output_dir=out,
+        scratch_dir=scratch,
+        cache_dir=scratch,
+        run_dir=work / "one",
+    )
     outputs = CommandStage().run(CommandConfig(run="echo hi > hi.txt"), ctx)
     print((outputs.output_dir / "hi.txt").read_text().strip())
 

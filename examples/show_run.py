@@ -23,9 +23,11 @@ def main(run_dir: Path) -> int:
     if validate:
         print(f"validation report: {validate.get('report_markdown')}")
         agreement = validate.get("token_agreement")
-        print(f"  perplexity {(validate.get('ppl_increase') or 0):+.2%}, top-1 agreement "
-              + ("-" if agreement is None else f"{agreement:.1%}")
-              + " where the float model is confident")
+        print(
+            f"  perplexity {(validate.get('ppl_increase') or 0):+.2%}, top-1 agreement "
+            + ("-" if agreement is None else f"{agreement:.1%}")
+            + " where the float model is confident"
+        )
     print(f"run record: {run_dir / 'gcupipe.lock.json'}")
     return 0 if lock.get("outcome") == "ok" else 1
 

@@ -124,11 +124,12 @@ def run(
     """Run a recipe. Exit codes: 0 ok, 1 stage failed, 2 recipe/usage error, 3 validation gate
     failed, 130 interrupted."""
     from gcupipe.engine import Events, JsonLinesSink, JUnitSink, default_run_dir, run_recipe
+    from gcupipe.engine.events import Sink
     from gcupipe.engine.view import RichView
 
     try:
         loaded = _load(recipe, overrides)
-        sinks: list = [JsonLinesSink() if json_lines else RichView(console)]
+        sinks: list[Sink] = [JsonLinesSink() if json_lines else RichView(console)]
         if junit:
             sinks.append(JUnitSink(junit, loaded.name))
         events = Events(sinks)
@@ -317,13 +318,20 @@ def validate(
             check_quantization=quantization is not None,
             layered=layered,
         )
-        outcome = validate_model_dir(directory, reference, settings, report,
-                                     log=lambda line: errors.print(line, highlight=False))
+        outcome = validate_model_dir(
+            directory,
+            reference,
+            settings,
+            report,
+            log=lambda line: errors.print(line, highlight=False),
+        )
         if report is not None:
             console.print(f"report: {outcome.paths.get('markdown')}", highlight=False)
         enforce(outcome)
-        console.print(f"[green]passed[/]: {len(outcome.report.rules)} rules, "
-                      f"{len(outcome.report.gates)} gates")
+        console.print(
+            f"[green]passed[/]: {len(outcome.report.rules)} rules, "
+            f"{len(outcome.report.gates)} gates"
+        )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -37,8 +37,12 @@ def write() -> None:
 
 def _shell_lines() -> list[str]:
     blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
-    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
-            if line.strip().startswith("gcupipe ")]
+    return [
+        line.split("#")[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip().startswith("gcupipe ")
+    ]
 
 
 @pytest.mark.parametrize("line", [c for c in _shell_lines() if c.split()[1] in ("lint", "plan")])
@@ -55,8 +59,9 @@ def test_readme_lint_and_plan_commands_work(line: str, tmp_path: Path, monkeypat
 
 
 def test_readme_python_api_snippet_runs(tmp_path: Path, monkeypatch) -> None:
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-                   if "run_recipe" in b)
+    snippet = next(
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "run_recipe" in b
+    )
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     exec(snippet.replace('"runs/x"', repr(str(tmp_path / "x"))), namespace)  # noqa: S102

@@ -21,9 +21,9 @@ class CacheKey:
 
 def cache_key(
     stage: PlannedStage,
-    instance: Stage,
+    instance: Stage,  # type: ignore[type-arg]
     config: StageConfig,
-    upstream: dict[str, str],  # type: ignore[type-arg]
+    upstream: dict[str, str],
 ) -> CacheKey:
     """stage type + plugin version + resolved config + upstream output digests + input stats."""
     config_json = config.model_dump(mode="json")

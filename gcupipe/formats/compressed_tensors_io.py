@@ -163,7 +163,7 @@ def read_compressed_tensors(
         prefix, _, leaf = name.rpartition(".")
         if leaf != "weight_scale":
             continue
-        scheme = _scheme_of(prefix, qconfig.config_groups)  # type: ignore[arg-type]
+        scheme = _scheme_of(prefix, qconfig.config_groups)
         args = scheme.weights
         scale = tensors[name].float()
         if f"{prefix}.weight_packed" in tensors:

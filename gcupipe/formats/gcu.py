@@ -258,9 +258,12 @@ class GcuFormat(Format):
     writer_class = "gcupipe.formats.gcu_io:GcuWriter"
     symmetric_activations = True  # in_scales only: the w8a8 loader has no zero point
     required_files = (
-        (QUANTIZE_CONFIG, f"write {QUANTIZE_CONFIG} (quant_method, bits, group_size) as the "
-         "vLLM-GCU loaders expect"),
-    )  # fmt: skip
+        (
+            QUANTIZE_CONFIG,
+            f"write {QUANTIZE_CONFIG} (quant_method, bits, group_size) as the "
+            "vLLM-GCU loaders expect",
+        ),
+    )
 
     def detect(self, md: ModelDir) -> bool:
         return md.quant_method in METHODS
@@ -319,9 +322,11 @@ class GcuFormat(Format):
             return md.quant_method
         if md.quant_method == "w8a8":
             raise unsupported_platform(
-                md, "gcu format's w8a8", platform, "serve the modelslim or compressed-tensors "
-                "export here"
-            )  # fmt: skip
+                md,
+                "gcu format's w8a8",
+                platform,
+                "serve the modelslim or compressed-tensors export here",
+            )
         return None  # GPTQ / AWQ: vLLM reads quantization_config itself
 
     def int8_kv_cache_file(self, md: ModelDir) -> Path | None:

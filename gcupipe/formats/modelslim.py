@@ -46,10 +46,15 @@ DESCRIPTION_META = {
 
 def _no_quantization_config(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     config = md.config or {}
-    holders = (("quantization_config", config), ("text_config.quantization_config",
-                                                  config.get("text_config")))  # fmt: skip
-    keys = [key for key, holder in holders
-            if isinstance(holder, dict) and "quantization_config" in holder]  # fmt: skip
+    holders = (
+        ("quantization_config", config),
+        ("text_config.quantization_config", config.get("text_config")),
+    )
+    keys = [
+        key
+        for key, holder in holders
+        if isinstance(holder, dict) and "quantization_config" in holder
+    ]
     return [
         Finding(
             f"config.json has {key} (quant_method {md.quant_method!r}) next to {DESCRIPTION}: "
@@ -220,17 +225,33 @@ def _kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
 
 
 RULES = (
-    Rule("no-quantization-config", "a modelslim config.json carries no quantization_config",
-         _no_quantization_config),
-    Rule("description-matches-tensors", "quant_model_description.json lists every saved "
-         "tensor, with a known type, and nothing else", _description_matches),
-    Rule("tensor-dtypes-shapes", "each quantized layer's tensors have the dtypes and shapes of "
-         "its type", _shapes),
-    Rule("group-size", "per-group scales divide every layer's input size as the description "
-         "says", _group_size),
-    Rule("kv-cache-scales", "int8 KV cache: C8 scales and offsets for every attention layer",
-         _kv_cache),
-)  # fmt: skip
+    Rule(
+        "no-quantization-config",
+        "a modelslim config.json carries no quantization_config",
+        _no_quantization_config,
+    ),
+    Rule(
+        "description-matches-tensors",
+        "quant_model_description.json lists every saved "
+        "tensor, with a known type, and nothing else",
+        _description_matches,
+    ),
+    Rule(
+        "tensor-dtypes-shapes",
+        "each quantized layer's tensors have the dtypes and shapes of its type",
+        _shapes,
+    ),
+    Rule(
+        "group-size",
+        "per-group scales divide every layer's input size as the description says",
+        _group_size,
+    ),
+    Rule(
+        "kv-cache-scales",
+        "int8 KV cache: C8 scales and offsets for every attention layer",
+        _kv_cache,
+    ),
+)
 
 
 class ModelslimFormat(Format):

@@ -19,8 +19,9 @@ FORMATS: Registry[Format] = Registry(
 def format_of(md: ModelDir | Path) -> Format | None:
     """The format of a directory, or None for a plain (float) checkpoint."""
     md = md if isinstance(md, ModelDir) else ModelDir(Path(md))
-    formats = sorted((FORMATS.get(name) for name in FORMATS.names()),
-                     key=lambda f: (f.detect_order, f.name))  # fmt: skip
+    formats = sorted(
+        (FORMATS.get(name) for name in FORMATS.names()), key=lambda f: (f.detect_order, f.name)
+    )
     return next((fmt for fmt in formats if fmt.detect(md)), None)
 
 

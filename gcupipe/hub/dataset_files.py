@@ -31,8 +31,9 @@ def read_texts(path: Path, label: str, text_field: str) -> list[str]:
         except json.JSONDecodeError:
             return json_lines_texts(text, label, text_field)  # JSON lines named .json
         rows = _rows_of(document, label)
-        return [_field(row, f"{label}: row {index}", text_field)
-                for index, row in enumerate(rows, 1)]  # fmt: skip
+        return [
+            _field(row, f"{label}: row {index}", text_field) for index, row in enumerate(rows, 1)
+        ]
     return json_lines_texts(text, label, text_field)
 
 
@@ -88,4 +89,4 @@ def _parquet(path: Path, label: str, text_field: str) -> list[str]:
     for index, value in enumerate(values, 1):
         if not isinstance(value, str):
             raise StageError(f"{label}: row {index}: '{text_field}' is not a string")
-    return values
+    return [str(value) for value in values]

@@ -127,21 +127,31 @@ def _fetch(
 
     def fetch_once() -> tuple[Path, bool]:
         attempts[0] += 1
-        return hub.fetch(request, ProgressSink(_NoBar()))  # a sink keeps client bars quiet
+        fetched: tuple[Path, bool] = hub.fetch(request, ProgressSink(_NoBar()))  # quiet bars
+        return fetched
 
     def error(exc: BaseException) -> StageError:
         return hub_stage_error(
-            exc, hub=parsed.source, repo_id=request.repo_id, revision=request.revision,
-            endpoint=hub.describe_endpoint(None), token_env=hub.TOKEN_ENV,
-            offline=request.offline, cache_dir=str(request.cache_dir), attempts=attempts[0],
+            exc,
+            hub=parsed.source,
+            repo_id=request.repo_id,
+            revision=request.revision,
+            endpoint=hub.describe_endpoint(None),
+            token_env=hub.TOKEN_ENV,
+            offline=request.offline,
+            cache_dir=str(request.cache_dir),
+            attempts=attempts[0],
             kind="dataset",
-        )  # fmt: skip
+        )
 
     try:
         snapshot, _ = retry_call(
-            fetch_once, retries=0 if request.offline else retries, backoff_s=retry_backoff_s,
-            log=log, what=f"{parsed.source} dataset {request.repo_id}",
-        )  # fmt: skip
+            fetch_once,
+            retries=0 if request.offline else retries,
+            backoff_s=retry_backoff_s,
+            log=log,
+            what=f"{parsed.source} dataset {request.repo_id}",
+        )
     except Exception as exc:
         raise error(exc) from exc
     if hub is huggingface and snapshot.is_dir():
@@ -158,8 +168,9 @@ def _no_split_error(
 ) -> StageError:
     """Say which files the dataset has, so the right split name is one look away."""
     if request.offline:
-        found = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
-                       if p.is_file())  # fmt: skip
+        found = sorted(
+            p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()
+        )
         where = "in the cache"
     else:
         try:

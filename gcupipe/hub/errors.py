@@ -50,11 +50,25 @@ def hub_stage_error(
         )
     not_found = next((link for link in _chain(exc) if isinstance(link, NotFound)), None)
     if not_found is not None:
-        names.add({"model": "RepositoryNotFoundError", "dataset": "RepositoryNotFoundError",
-                   "revision": "RevisionNotFoundError",
-                   "file": "EntryNotFoundError"}.get(not_found.what, "NotFound"))  # fmt: skip
-    if code == 404 or not_found or names & {"RepositoryNotFoundError", "RevisionNotFoundError",
-                                            "EntryNotFoundError", "NotExistError"}:  # fmt: skip
+        names.add(
+            {
+                "model": "RepositoryNotFoundError",
+                "dataset": "RepositoryNotFoundError",
+                "revision": "RevisionNotFoundError",
+                "file": "EntryNotFoundError",
+            }.get(not_found.what, "NotFound")
+        )
+    if (
+        code == 404
+        or not_found
+        or names
+        & {
+            "RepositoryNotFoundError",
+            "RevisionNotFoundError",
+            "EntryNotFoundError",
+            "NotExistError",
+        }
+    ):
         return StageError(_not_found(where, repo_id, revision, endpoint, names, kind))
     if unresolvable(exc):
         return StageError(

@@ -141,6 +141,7 @@ def _tqdm_class(sink: ProgressSink) -> type:
             if self._bytes and n:
                 sink.set_total(int(self.total or 0))
                 sink.advance(n)
-            return super().update(n)
+            updated: bool | None = super().update(n)
+            return updated
 
     return _ToGcupipe

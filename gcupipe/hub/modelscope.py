@@ -107,11 +107,11 @@ def _quiet_bars(quiet: bool) -> Iterator[None]:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
-    client_download.tqdm = _Silent
+    setattr(client_download, "tqdm", _Silent)  # noqa: B010 - not an exported name
     try:
         yield
     finally:
-        client_download.tqdm = original
+        setattr(client_download, "tqdm", original)  # noqa: B010
 
 
 def _status(exc: BaseException) -> int | None:

@@ -10,11 +10,24 @@ T = TypeVar("T")
 
 _TRANSIENT_NAMES = {
     # requests / urllib3 / httpx / modelscope-hub exception class names for network trouble
-    "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "TimeoutException",
-    "ConnectError", "ReadError", "RemoteProtocolError", "ChunkedEncodingError",
-    "ProtocolError", "IncompleteRead", "NetworkError", "RequestTimeoutError",
-    "ServerError", "ProxyError", "WriteError", "PoolTimeout",
-}  # fmt: skip
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "TimeoutException",
+    "ConnectError",
+    "ReadError",
+    "RemoteProtocolError",
+    "ChunkedEncodingError",
+    "ProtocolError",
+    "IncompleteRead",
+    "NetworkError",
+    "RequestTimeoutError",
+    "ServerError",
+    "ProxyError",
+    "WriteError",
+    "PoolTimeout",
+}
 
 
 def status_code(exc: BaseException) -> int | None:

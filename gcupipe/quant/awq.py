@@ -268,8 +268,9 @@ class AWQMethod(QuantMethod):
                 continue  # plain RTN was best: leave the weights alone
             scale = scale.cpu()
             producer = module.get_submodule(group.producer)
-            fold_scale(producer, [module.get_submodule(n) for n in group.readers + group.passive],
-                       scale)  # fmt: skip
+            fold_scale(
+                producer, [module.get_submodule(n) for n in group.readers + group.passive], scale
+            )
             for name in group.readers + group.passive:
                 self._scales[name] = scale
 

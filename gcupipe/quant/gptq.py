@@ -165,7 +165,8 @@ def _cholesky_inverse_upper(hessian: torch.Tensor, damp_percent: float) -> torch
             inverse = torch.cholesky_inverse(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
-                return upper
+                result: torch.Tensor = upper
+                return result
         damp *= 10
     raise ValueError("the GPTQ Hessian is not positive definite even with 10x more dampening")
 
@@ -253,9 +254,14 @@ def _gptq(
         importance = torch.diag(h).reshape(groups, group)
         for g in range(groups):
             s, o = _range_qparams(
-                grouped[:, g].amin(1, keepdim=True), grouped[:, g].amax(1, keepdim=True),
-                grouped[:, g], importance[g], bits, symmetric, options,
-            )  # fmt: skip
+                grouped[:, g].amin(1, keepdim=True),
+                grouped[:, g].amax(1, keepdim=True),
+                grouped[:, g],
+                importance[g],
+                bits,
+                symmetric,
+                options,
+            )
             scale[:, g : g + 1], offset[:, g : g + 1] = s, o
 
     perm = None
@@ -285,9 +291,14 @@ def _gptq(
             if not static and col % group == 0:
                 part = w1[i : i + group].t()
                 s, o = _range_qparams(
-                    part.amin(1, keepdim=True), part.amax(1, keepdim=True), part,
-                    diag_h[col : col + group], bits, symmetric, options,
-                )  # fmt: skip
+                    part.amin(1, keepdim=True),
+                    part.amax(1, keepdim=True),
+                    part,
+                    diag_h[col : col + group],
+                    bits,
+                    symmetric,
+                    options,
+                )
                 scale_t[col // group], offset_t[col // group] = s[:, 0], o[:, 0]
             g = column_group[col]
             s, o = scale_t[g], offset_t[g]

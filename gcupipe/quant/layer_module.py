@@ -56,7 +56,8 @@ def _experts_module() -> type:
             self.act_fn = act_fn
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            out: torch.Tensor = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return out
 
     class UnfusedExperts(nn.ModuleList):
         """Drop-in for transformers' fused experts: same forward signature, one Linear each."""

@@ -92,7 +92,9 @@ def _path_of_expression(at: KeyPath, value: Any, expression: str) -> KeyPath:
     return at
 
 
-def _mark_of_expression(positions: Positions, at: KeyPath, value: Any, expression: str) -> Mark:
+def _mark_of_expression(
+    positions: Positions, at: KeyPath, value: Any, expression: str
+) -> Mark | None:
     return positions.value_mark(_path_of_expression(at, value, expression))
 
 

@@ -143,7 +143,7 @@ class _Builder:
     def _interpolate_static(self, stage_id: str) -> dict[str, Any]:
         spec = self.model.stages[stage_id]
         try:
-            return interpolate(
+            interpolated: dict[str, Any] = interpolate(
                 spec.with_,
                 self._static_lookup,
                 self.positions,
@@ -153,6 +153,7 @@ class _Builder:
         except RecipeError as exc:
             self.errors.append(exc)
             return spec.with_
+        return interpolated
 
     def _stage_classes(self) -> dict[str, type[Stage]]:  # type: ignore[type-arg]
         classes = {}
@@ -173,5 +174,3 @@ class _Builder:
 
 def _valid_id(stage_id: str) -> bool:
     return re.match(STAGE_ID_PATTERN, stage_id) is not None
-
-

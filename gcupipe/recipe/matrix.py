@@ -86,7 +86,9 @@ def _matches(combo: dict[str, Any], entry: dict[str, Any]) -> bool:
     return all(key in combo and combo[key] == value for key, value in entry.items())
 
 
-def _entries(spec: dict[str, Any], key: str, positions: Positions, path: KeyPath) -> list[dict]:
+def _entries(
+    spec: dict[str, Any], key: str, positions: Positions, path: KeyPath
+) -> list[dict[str, Any]]:
     entries = spec.get(key, [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
         raise RecipeError(
@@ -176,9 +178,10 @@ def _apply_matrix(
         raise Deferred
 
     try:
-        return interpolate(
+        applied: dict[str, Any] = interpolate(
             config, lookup, positions, ("stages", stage_id, "with"), unescape=False
         )
+        return applied
     except RecipeError as exc:
         errors.append(exc)
         return config

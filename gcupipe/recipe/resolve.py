@@ -62,7 +62,7 @@ def check_stage(
         return
     if deferred:
         return  # stage.check() needs the final values; it runs again at run time
-    problems = stage.stage_class().check(config)  # type: ignore[arg-type]
+    problems = stage.stage_class().check(config)
     errors.extend(problem_errors(problems, prefix, positions))
 
 
@@ -83,8 +83,9 @@ def resolve_stage_config(
 ) -> StageConfig:
     """The final config of a stage whose upstream stages have finished."""
     prefix: KeyPath = ("stages", stage.base_id, "with")
-    config = validate_model(stage.stage_class.Config, _interpolated(stage, outputs, positions),
-                            positions, prefix)  # fmt: skip
+    config = validate_model(
+        stage.stage_class.Config, _interpolated(stage, outputs, positions), positions, prefix
+    )
     assert isinstance(config, StageConfig)
     problems = stage.stage_class().check(config)
     if problems:

@@ -27,18 +27,18 @@ def recipe_schema(on_broken: Callable[[str], None] = lambda message: None) -> di
             on_broken(str(exc))
             continue
         variants.append(
-            create_model(  # type: ignore[call-overload]
+            create_model(
                 f"Stage_{name}",
                 __base__=StageSpec,
                 __doc__=(stage_class.__doc__ or name).strip().splitlines()[0],
-                uses=(Literal[name], Field(description=f"Stage type '{name}'.")),
+                uses=(Literal[name], Field(description=f"Stage type '{name}'.")),  # type: ignore[arg-type]
                 with_=(
                     stage_class.Config,
                     Field(default_factory=dict, alias="with", description="Stage configuration."),
                 ),
             )
         )
-    stage_union = Annotated[Union[tuple(variants)], Field(discriminator="uses")]  # noqa: UP007
+    stage_union: Any = Annotated[Union[tuple(variants)], Field(discriminator="uses")]  # noqa: UP007
     recipe = create_model(  # type: ignore[call-overload]
         "Recipe",
         __config__=ConfigDict(extra="forbid"),

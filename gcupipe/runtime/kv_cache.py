@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gcupipe.errors import require
-
 if TYPE_CHECKING:
     import torch
 
@@ -25,7 +23,8 @@ def kv_fake_quant(x: torch.Tensor, scale: Any, offset: Any) -> torch.Tensor:
 
     `scale`/`offset` are floats (per tensor) or tensors with one value per KV channel
     (kv_heads * head_dim, the modelslim C8 layout)."""
-    torch = require("torch", "quant")
+    import torch
+
     scale_t = torch.as_tensor(scale, dtype=torch.float32)
     offset_t = torch.as_tensor(offset, dtype=torch.float32)
     if scale_t.numel() > 1:
@@ -36,8 +35,9 @@ def kv_fake_quant(x: torch.Tensor, scale: Any, offset: Any) -> torch.Tensor:
     return ((q - offset_t) * scale_t).to(x.dtype)
 
 
-def _int8_kv_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                       **kwargs: Any) -> Any:
+def _int8_kv_attention(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+) -> Any:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     params = getattr(module, _KV_ATTR, None)

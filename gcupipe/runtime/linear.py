@@ -56,18 +56,23 @@ class RuntimeLinear(_module_base()):  # type: ignore[misc]
             if bool((layer.weight_offset != 0).any()):
                 raise ValueError(f"{name}: int8 activations need symmetric weights (offset 0)")
             self.register_buffer("weight_t", q.t().contiguous(), persistent=False)
-            self.register_buffer("weight_scale", layer.weight_scale.float().reshape(1, -1),
-                                 persistent=False)
+            self.register_buffer(
+                "weight_scale", layer.weight_scale.float().reshape(1, -1), persistent=False
+            )
         if layer.activation is ActivationScheme.STATIC:
             assert layer.input_scale is not None and layer.input_offset is not None
-            self.register_buffer("input_scale", layer.input_scale.float().reshape(()),
-                                 persistent=False)
-            self.register_buffer("input_offset", layer.input_offset.float().reshape(()),
-                                 persistent=False)
-            self.register_buffer("deq_scale", layer.deq_scale().float().reshape(1, -1),
-                                 persistent=False)
-            self.register_buffer("quant_bias", layer.quant_bias().to(torch.int32).reshape(1, -1),
-                                 persistent=False)
+            self.register_buffer(
+                "input_scale", layer.input_scale.float().reshape(()), persistent=False
+            )
+            self.register_buffer(
+                "input_offset", layer.input_offset.float().reshape(()), persistent=False
+            )
+            self.register_buffer(
+                "deq_scale", layer.deq_scale().float().reshape(1, -1), persistent=False
+            )
+            self.register_buffer(
+                "quant_bias", layer.quant_bias().to(torch.int32).reshape(1, -1), persistent=False
+            )
             self.bias = None
         else:
             bias = layer.bias.float() if layer.bias is not None else None
@@ -84,12 +89,14 @@ class RuntimeLinear(_module_base()):  # type: ignore[misc]
 
         wide = compute_dtype(x)
         if self.activation is ActivationScheme.NONE:
-            torch = require("torch", "quant")
-            weight = ((self.weight_q.to(wide) - self.offset.to(wide)) * self.scale.to(wide))
+            import torch.nn.functional as functional
+
+            weight = (self.weight_q.to(wide) - self.offset.to(wide)) * self.scale.to(wide)
             bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+            return functional.linear(x, weight.to(x.dtype), bias)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        y: torch.Tensor
         if self.activation is ActivationScheme.DYNAMIC:
             x_q, x_scale = quantize_per_token(flat)
             acc = int8_matmul(x_q, self.weight_t)

@@ -44,7 +44,13 @@ def load_model(model_dir: Path | str, dtype: str = "float32") -> LoadedModel:
 
     checkpoint = read_quantized(model_dir)
     config = load_config(model_dir)
-    model = build_model(config, checkpoint.float_tensors, checkpoint.linears,
-                        checkpoint.kv_scales, dtype=dtype)
-    return LoadedModel(model, checkpoint.format, len(checkpoint.linears),
-                       len(checkpoint.kv_scales), int(config.vocab_size))
+    model = build_model(
+        config, checkpoint.float_tensors, checkpoint.linears, checkpoint.kv_scales, dtype=dtype
+    )
+    return LoadedModel(
+        model,
+        checkpoint.format,
+        len(checkpoint.linears),
+        len(checkpoint.kv_scales),
+        int(config.vocab_size),
+    )

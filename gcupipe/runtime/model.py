@@ -137,12 +137,20 @@ def build_model(
     model.eval()
     expert_linears = {p: q for p, q in linears.items() if _EXPERT.match(p)}
     plain_linears = {p: q for p, q in linears.items() if p not in expert_linears}
-    state = _fuse_float_experts({n: t.to(getattr(torch, dtype)) if t.is_floating_point() else t
-                                 for n, t in float_tensors.items()})
+    state = _fuse_float_experts(
+        {
+            n: t.to(getattr(torch, dtype)) if t.is_floating_point() else t
+            for n, t in float_tensors.items()
+        }
+    )
     missing, unexpected = model.load_state_dict(state, strict=False)
     covered = {f"{p}.weight" for p in plain_linears} | {f"{p}.bias" for p in plain_linears}
-    covered |= {f"{m['experts']}.{part}" for p in expert_linears if (m := _EXPERT.match(p))
-                for part in ("gate_up_proj", "down_proj")}
+    covered |= {
+        f"{m['experts']}.{part}"
+        for p in expert_linears
+        if (m := _EXPERT.match(p))
+        for part in ("gate_up_proj", "down_proj")
+    }
     if getattr(config, "tie_word_embeddings", False):
         covered.add("lm_head.weight")
     really_missing = sorted(set(missing) - covered)
@@ -152,8 +160,10 @@ def build_model(
             f"{really_missing[0]} (a serving engine fails with KeyError on these)"
         )
     if unexpected:
-        raise StageError(f"the checkpoint has {len(unexpected)} tensor(s) the model does not "
-                         f"use, e.g. {sorted(unexpected)[0]}")
+        raise StageError(
+            f"the checkpoint has {len(unexpected)} tensor(s) the model does not "
+            f"use, e.g. {sorted(unexpected)[0]}"
+        )
     for prefix, layer in plain_linears.items():
         bias = float_tensors.get(f"{prefix}.bias")
         if layer.bias is None and bias is not None:  # formats may keep the bias as a FLOAT tensor
@@ -169,13 +179,18 @@ def build_model(
     if kv_scales:
         from gcupipe.runtime.kv_cache import install_int8_kv
 
-        install_int8_kv(model, {s.layer_index: (s.k_scale, s.k_offset, s.v_scale, s.v_offset)
-                                for s in kv_scales})
+        install_int8_kv(
+            model,
+            {s.layer_index: (s.k_scale, s.k_offset, s.v_scale, s.v_offset) for s in kv_scales},
+        )
     return model
 
 
-def _install_experts(model: Any, expert_linears: Mapping[str, QuantizedLinear],
-                     factory: Callable[[QuantizedLinear, str], Any]) -> None:
+def _install_experts(
+    model: Any,
+    expert_linears: Mapping[str, QuantizedLinear],
+    factory: Callable[[QuantizedLinear, str], Any],
+) -> None:
     groups: dict[str, dict[str, dict[int, Any]]] = {}
     for prefix, layer in expert_linears.items():
         match = _EXPERT.match(prefix)
@@ -191,11 +206,16 @@ def _install_experts(model: Any, expert_linears: Mapping[str, QuantizedLinear],
             have = parts.get(proj, {})
             if sorted(have) != list(range(count)):
                 absent = sorted(set(range(count)) - set(have))
-                raise StageError(f"{experts_prefix}: {proj} of experts {absent} are not "
-                                 f"quantized while others are (every expert must share one type)")
-        model.set_submodule(experts_prefix, experts_cls(
-            [parts["gate_proj"][e] for e in range(count)],
-            [parts["up_proj"][e] for e in range(count)],
-            [parts["down_proj"][e] for e in range(count)],
-            original.act_fn,
-        ))
+                raise StageError(
+                    f"{experts_prefix}: {proj} of experts {absent} are not "
+                    f"quantized while others are (every expert must share one type)"
+                )
+        model.set_submodule(
+            experts_prefix,
+            experts_cls(
+                [parts["gate_proj"][e] for e in range(count)],
+                [parts["up_proj"][e] for e in range(count)],
+                [parts["down_proj"][e] for e in range(count)],
+                original.act_fn,
+            ),
+        )

@@ -163,8 +163,9 @@ def perplexity(
     return scorer.result()
 
 
-def greedy_generate(model: Any, prompt_ids: Sequence[int], max_new_tokens: int = 16,
-                    eos_token_id: int | None = None) -> list[int]:
+def greedy_generate(
+    model: Any, prompt_ids: Sequence[int], max_new_tokens: int = 16, eos_token_id: int | None = None
+) -> list[int]:
     """The new tokens a greedy decoder emits after `prompt_ids` (full re-forward per step: the
     runtime models are stateless, which keeps float and quantized decoding strictly comparable)."""
     torch = require("torch", "quant")

@@ -43,8 +43,11 @@ def _timed(endpoint: str, call: Any) -> CheckResult:
     try:
         body = call()
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        detail = exc.read().decode(errors="replace")[:300] if isinstance(
-            exc, urllib.error.HTTPError) else str(exc)
+        detail = (
+            exc.read().decode(errors="replace")[:300]
+            if isinstance(exc, urllib.error.HTTPError)
+            else str(exc)
+        )
         return CheckResult(endpoint, False, time.perf_counter() - started, error=detail)
     latency = time.perf_counter() - started
     usage = body.get("usage") or {}
@@ -61,20 +64,36 @@ def _timed(endpoint: str, call: Any) -> CheckResult:
     )
 
 
-def run_checks(base_url: str, model_name: str, prompt: str, max_tokens: int, chat: bool,
-               timeout_s: float) -> list[CheckResult]:
+def run_checks(
+    base_url: str, model_name: str, prompt: str, max_tokens: int, chat: bool, timeout_s: float
+) -> list[CheckResult]:
     """GET /v1/models, POST /v1/completions and, when the model has a chat template,
     /v1/chat/completions. Greedy, so a check is reproducible."""
     results = [_timed("/v1/models", lambda: _request(base_url + "/v1/models", None, timeout_s))]
-    completion = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens,
-                  "temperature": 0.0}
-    results.append(_timed("/v1/completions", lambda: _request(
-        base_url + "/v1/completions", completion, timeout_s)))
+    completion = {
+        "model": model_name,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
+    results.append(
+        _timed(
+            "/v1/completions", lambda: _request(base_url + "/v1/completions", completion, timeout_s)
+        )
+    )
     if chat:
-        message = {"model": model_name, "max_tokens": max_tokens, "temperature": 0.0,
-                   "messages": [{"role": "user", "content": prompt}]}
-        results.append(_timed("/v1/chat/completions", lambda: _request(
-            base_url + "/v1/chat/completions", message, timeout_s)))
+        message = {
+            "model": model_name,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        results.append(
+            _timed(
+                "/v1/chat/completions",
+                lambda: _request(base_url + "/v1/chat/completions", message, timeout_s),
+            )
+        )
     return results
 
 

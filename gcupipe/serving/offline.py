@@ -71,7 +71,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         ignore_eos=bool(job.get("ignore_eos", False)),
     )
     prompts = list(job["prompts"])  # text, or token ids (a list) to bypass the tokenizer
-    inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    inputs: Any = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
     warmup_s = 0.0
     if job.get("warmup"):  # first batches pay one-time costs; benchmarks time the steady state
         began = time.perf_counter()

@@ -53,13 +53,21 @@ class ServeResult:
     pid: int | None = None
 
 
-def run_child(command: list[str], env: dict[str, str], log_path: Path, cwd: Path,
-              timeout_s: float) -> int | None:
+def run_child(
+    command: list[str], env: dict[str, str], log_path: Path, cwd: Path, timeout_s: float
+) -> int | None:
     """Run a child in its own process group; kill the whole group on timeout (returns None)
     or when gcupipe itself is interrupted."""
     with log_path.open("ab") as log:
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             return process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -76,8 +84,9 @@ def offline_spec(jobs: list[dict[str, Any]], summary: Path) -> dict[str, Any]:
     return {"jobs": jobs, "summary": str(summary)}
 
 
-def run_offline_spec(spec: dict[str, Any], work_dir: Path, env: dict[str, str], log_path: Path,
-                     timeout_s: float) -> list[dict[str, Any]]:
+def run_offline_spec(
+    spec: dict[str, Any], work_dir: Path, env: dict[str, str], log_path: Path, timeout_s: float
+) -> list[dict[str, Any]]:
     """Run `gcupipe.serving.offline` on a spec; raise a StageError with the log tail on failure."""
     spec_path = work_dir / "offline_spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
@@ -104,12 +113,14 @@ def run_offline(request: ServeRequest, log: Callable[[str], None]) -> ServeResul
     log_path = out / "vllm.log"
     spec = offline_spec([job], out / "summary.json")
     summary = run_offline_spec(spec, out, request.env, log_path, request.timeout_s)[0]
-    log(f"serve offline: {summary['generated_tokens']} tokens at "
-        f"{summary['tokens_per_s']} tokens/s -> {job['output']}")  # fmt: skip
+    log(
+        f"serve offline: {summary['generated_tokens']} tokens at "
+        f"{summary['tokens_per_s']} tokens/s -> {job['output']}"
+    )
     return ServeResult(
         command=f"vllm.LLM(**{request.args.llm_kwargs()!r})",
         log_file=log_path,
-        outputs_file=Path(job["output"]),
+        outputs_file=out / "outputs.jsonl",
         tokens_per_s=summary["tokens_per_s"],
     )
 
@@ -133,8 +144,14 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
     try:
         server.wait_healthy(base_url, request.timeout_s)
         name = request.args.served_model_name or request.args.model
-        results = run_checks(base_url, name, request.prompts[0], request.max_tokens,
-                             request.chat_template, request.request_timeout_s)  # fmt: skip
+        results = run_checks(
+            base_url,
+            name,
+            request.prompts[0],
+            request.max_tokens,
+            request.chat_template,
+            request.request_timeout_s,
+        )
         checks_path = out / "checks.json"
         checks_path.write_text(json.dumps([r.as_dict() for r in results], indent=2))
         raise_on_failed(results, f"see {log_path}")
@@ -145,11 +162,15 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
         else:
             server.stop(request.stop_grace_s)
     completion = next(r for r in results if r.endpoint == "/v1/completions")
-    log(f"serve online: /v1/completions {completion.latency_s:.3f} s, "
-        f"{completion.tokens_per_s} tokens/s: {completion.text!r}")  # fmt: skip
+    log(
+        f"serve online: /v1/completions {completion.latency_s:.3f} s, "
+        f"{completion.tokens_per_s} tokens/s: {completion.text!r}"
+    )
     if keep:
-        log(f"serve online: server left running at {base_url} (pid {server.pid}); stop it "
-            f"with: kill -TERM -{server.pid}")  # fmt: skip
+        log(
+            f"serve online: server left running at {base_url} (pid {server.pid}); stop it "
+            f"with: kill -TERM -{server.pid}"
+        )
     else:
         log_copy = out / "vllm-server.log"
         if log_path != log_copy:
@@ -164,4 +185,3 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
         latency_s=round(completion.latency_s, 4),
         tokens_per_s=completion.tokens_per_s,
     )
-

@@ -23,13 +23,19 @@ LOG_TAIL_LINES = 15
 
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
     (
-        re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|"
-                   r"insufficient memory|not enough memory|KV cache.*(larger|exceed)", re.I),
+        re.compile(
+            r"out of memory|OutOfMemoryError|Cannot allocate memory|"
+            r"insufficient memory|not enough memory|KV cache.*(larger|exceed)",
+            re.I,
+        ),
         "out of memory: lower max_model_len or kv_cache_space_gib, or use a bigger machine",
     ),
     (
-        re.compile(r"Invalid quantization method|Unknown quantization|quantization method .* not"
-                   r" supported", re.I),
+        re.compile(
+            r"Invalid quantization method|Unknown quantization|quantization method .* not"
+            r" supported",
+            re.I,
+        ),
         "unknown quantization: the vLLM here does not know this --quantization "
         "(for 'gcu', install gcupipe into the server's Python so its vLLM plugin loads)",
     ),
@@ -105,8 +111,13 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait_healthy(self, base_url: str, timeout_s: float, poll_s: float = 0.5,
-                     clock: Callable[[], float] = time.monotonic) -> None:
+    def wait_healthy(
+        self,
+        base_url: str,
+        timeout_s: float,
+        poll_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """Poll /health until it answers 200; fail early if the process exits."""
         deadline = clock() + timeout_s
         while True:

@@ -238,23 +238,32 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
 
         def fetch_once() -> tuple[Path, bool]:
             attempts[0] += 1
-            return hub.fetch(request, sink)
+            fetched: tuple[Path, bool] = hub.fetch(request, sink)
+            return fetched
 
         def error(exc: BaseException) -> StageError:
             return hub_stage_error(
-                exc, hub=config.source, repo_id=request.repo_id, revision=request.revision,
-                endpoint=shown_endpoint, token_env=token_env, offline=request.offline,
-                cache_dir=str(request.cache_dir), attempts=attempts[0],
-            )  # fmt: skip
+                exc,
+                hub=config.source,
+                repo_id=request.repo_id,
+                revision=request.revision,
+                endpoint=shown_endpoint,
+                token_env=token_env,
+                offline=request.offline,
+                cache_dir=str(request.cache_dir),
+                attempts=attempts[0],
+            )
 
         with ctx.progress(f"download {request.repo_id}", None, "B") as bar:
             sink = ProgressSink(bar)
             try:
                 snapshot, hub_verified = retry_call(
-                    fetch_once, retries=0 if request.offline else config.retries,
-                    backoff_s=config.retry_backoff_s, log=ctx.log,
+                    fetch_once,
+                    retries=0 if request.offline else config.retries,
+                    backoff_s=config.retry_backoff_s,
+                    log=ctx.log,
                     what=f"{config.source} {request.repo_id}",
-                )  # fmt: skip
+                )
             except Exception as exc:
                 raise error(exc) from exc
         files = _selected(config, model_files(snapshot), ignore)
@@ -296,15 +305,18 @@ def _finish(
             "unless allow_pickle: true (only for models you trust)."
         )
     manifest_path = ctx.output_dir / "manifest.json"
-    write_manifest(manifest_path, entries, source=origin, model_dir=model_dir,
-                   hub_checked=hub_checked)  # fmt: skip
+    write_manifest(
+        manifest_path, entries, source=origin, model_dir=model_dir, hub_checked=hub_checked
+    )
     remote_code = [n for n in names if n.endswith(".py")]
     needs_code = bool(remote_code) or _has_auto_map(model_dir / "config.json")
     size_mb = sum(entry.size for entry in entries) / 1e6
     ctx.log(f"{origin}: {len(entries)} files, {size_mb:.1f} MB, {hub_checked} checked by hub hash")
     if needs_code:
-        ctx.log(f"model ships remote code ({', '.join(remote_code) or 'auto_map'}): later stages "
-                "run it only with trust_remote_code: true")  # fmt: skip
+        ctx.log(
+            f"model ships remote code ({', '.join(remote_code) or 'auto_map'}): later stages "
+            "run it only with trust_remote_code: true"
+        )
     return DownloadOutputs(
         model_dir=model_dir,
         manifest=manifest_path,

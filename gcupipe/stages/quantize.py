@@ -208,9 +208,10 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             f"groups of {config.weight_group_size}" if config.weight_group_size else ("per channel")
         )
         symmetry = "symmetric" if config.symmetric else "asymmetric"
-        activations = {"w8a8_dynamic": "int8 activations per token at run time",
-                       "w8a8": "int8 activations per tensor from calibration"}.get(
-            config.method, "float activations")  # fmt: skip
+        activations = {
+            "w8a8_dynamic": "int8 activations per token at run time",
+            "w8a8": "int8 activations per tensor from calibration",
+        }.get(config.method, "float activations")
         parts = [
             f"{config.method} -> {config.format}: int{config.weight_bits} weights {group} "
             f"({symmetry}), {activations}" + (", int8 KV cache" if config.kv_cache else "")
@@ -218,8 +219,9 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         calibration = config.calibration
         source = calibration.text_file or calibration.jsonl or calibration.dataset
         if source is not None:
-            parts.append(f"calibration {calibration.samples} x {calibration.seq_len} tokens "
-                         f"from {source}")  # fmt: skip
+            parts.append(
+                f"calibration {calibration.samples} x {calibration.seq_len} tokens from {source}"
+            )
         elif config.method_class.needs_calibration or config.kv_cache is not None:
             parts.append("calibration: none given")
         else:

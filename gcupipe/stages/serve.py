@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from gcupipe.errors import StageError
+from gcupipe.platform import Platform
 from gcupipe.serving.args import (
     Artifact,
     VllmArgs,
@@ -18,7 +19,7 @@ from gcupipe.serving.args import (
     render_command,
     server_command,
 )
-from gcupipe.serving.platform import Platform, detect_platform, platform_env
+from gcupipe.serving.platform import detect_platform, platform_env
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
 
 DEFAULT_PROMPTS = ["The capital of France is", "Quantization makes a language model"]
@@ -141,12 +142,19 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         _check_flag(model_dir, quantization)
         args = self._vllm_args(config, str(model_dir), quantization, platform, artifact)
         if artifact.int8_kv_cache is not None and platform is not Platform.GCU:
-            ctx.log(f"int8 KV cache scales are used on GCU only; {platform.value} serves "
-                    "with its default KV cache")
-        env = {**os.environ, **platform_env(platform, ctx.run_dir, config.kv_cache_space_gib),
-               **config.env}
-        ctx.log(f"serve: {artifact.format} model {model_dir} on {platform.value}, "
-                f"quantization={quantization}")
+            ctx.log(
+                f"int8 KV cache scales are used on GCU only; {platform.value} serves "
+                "with its default KV cache"
+            )
+        env = {
+            **os.environ,
+            **platform_env(platform, ctx.run_dir, config.kv_cache_space_gib),
+            **config.env,
+        }
+        ctx.log(
+            f"serve: {artifact.format} model {model_dir} on {platform.value}, "
+            f"quantization={quantization}"
+        )
         from gcupipe.serving.runner import ServeRequest, run_offline, run_online
 
         offline = config.mode == "offline"
@@ -192,14 +200,21 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             raise StageError(f"serve: several upstream models ({names}): set `model:` to pick one")
         return next(iter(found))
 
-    def _quantization(self, config: ServeConfig, artifact: Artifact | None,
-                      platform: Platform) -> str | None:
+    def _quantization(
+        self, config: ServeConfig, artifact: Artifact | None, platform: Platform
+    ) -> str | None:
         if config.quantization is not None:
             return None if config.quantization.lower() == "none" else config.quantization
         return derive_quantization(artifact, platform) if artifact is not None else None
 
-    def _vllm_args(self, config: ServeConfig, model: str, quantization: str | None,
-                   platform: Platform, artifact: Artifact | None = None) -> VllmArgs:
+    def _vllm_args(
+        self,
+        config: ServeConfig,
+        model: str,
+        quantization: str | None,
+        platform: Platform,
+        artifact: Artifact | None = None,
+    ) -> VllmArgs:
         eager = config.enforce_eager
         kv_file = artifact.int8_kv_cache if artifact is not None else None
         on_gcu_with_kv = platform is Platform.GCU and kv_file is not None

@@ -145,8 +145,11 @@ class LoopbackHub:
 def _files(files: dict[str, bytes] | Path) -> dict[str, bytes]:
     if isinstance(files, dict):
         return dict(files)
-    return {p.relative_to(files).as_posix(): p.read_bytes()
-            for p in sorted(files.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(files).as_posix(): p.read_bytes()
+        for p in sorted(files.rglob("*"))
+        if p.is_file()
+    }
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -252,16 +255,30 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if action == "revision":
             siblings = [{"rfilename": path} for path in sorted(repo.files)]
-            self._json({"id": repo_id, "modelId": repo_id, "sha": repo.commit,
-                        "siblings": siblings, "private": False})  # fmt: skip
+            self._json(
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": repo.commit,
+                    "siblings": siblings,
+                    "private": False,
+                }
+            )
         elif action == "tree":
             entries = []
             for path, data in sorted(repo.files.items()):
-                entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data),
-                                         "oid": git_blob_sha1(data)}  # fmt: skip
+                entry: dict[str, Any] = {
+                    "type": "file",
+                    "path": path,
+                    "size": len(data),
+                    "oid": git_blob_sha1(data),
+                }
                 if path.endswith(LFS_SUFFIXES):
-                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                    "pointerSize": 134}  # fmt: skip
+                    entry["lfs"] = {
+                        "oid": hashlib.sha256(data).hexdigest(),
+                        "size": len(data),
+                        "pointerSize": 134,
+                    }
                 entries.append(entry)
             self._json(entries)
         else:
@@ -345,6 +362,14 @@ def isolate_hub_clients(monkeypatch: Any) -> None:
 
     monkeypatch.setattr(ms_download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01, raising=False)
     monkeypatch.setattr(ms_legacy, "REPO_TREE_PAGE_RETRY_MAX_DELAY_SECONDS", 0, raising=False)
-    for name in ("MODELSCOPE_ENDPOINT", "MODELSCOPE_CACHE", "MODELSCOPE_API_TOKEN", "HF_ENDPOINT",
-                 "HF_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"):  # fmt: skip
+    for name in (
+        "MODELSCOPE_ENDPOINT",
+        "MODELSCOPE_CACHE",
+        "MODELSCOPE_API_TOKEN",
+        "HF_ENDPOINT",
+        "HF_HUB_CACHE",
+        "HF_HOME",
+        "HF_TOKEN",
+        "HF_HUB_OFFLINE",
+    ):
         monkeypatch.delenv(name, raising=False)

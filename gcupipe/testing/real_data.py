@@ -104,10 +104,21 @@ def _sentencepiece_sdist() -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".sdist.", dir=cache_root()))
         try:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                 "--no-binary", ":all:", "--dest", str(staging), SENTENCEPIECE_SDIST],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--dest",
+                    str(staging),
+                    SENTENCEPIECE_SDIST,
+                ],
                 check=True,
-            )  # fmt: skip
+            )
             tarball = next(staging.glob("sentencepiece-*.tar.gz"))
             tarball.rename(directory / tarball.name)
         finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 from gcupipe.errors import GateFailed
 from gcupipe.formats.modeldir import ModelDir, read_safetensors_header
 from gcupipe.formats.registry import format_name
-from gcupipe.formats.results import Finding, RuleResult, outcome, skipped
-from gcupipe.formats.rules import CheckOptions, check_structure
+from gcupipe.formats.results import CheckOptions, Finding, RuleResult, outcome, skipped
+from gcupipe.formats.rules import check_structure
 from gcupipe.validation.numeric import NumericMetrics
 from gcupipe.validation.report import ValidationReport, write_reports
 

@@ -110,9 +110,7 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
             f"| scored tokens | {metrics.get('scored_tokens', 0)} |",
         ]
         if metrics.get("mean_abs_logprob_delta") is not None:
-            lines.append(
-                f"| mean abs log-prob change | {metrics['mean_abs_logprob_delta']:.4f} |"
-            )
+            lines.append(f"| mean abs log-prob change | {metrics['mean_abs_logprob_delta']:.4f} |")
         if metrics.get("token_agreement") is not None:
             lines.append(
                 f"| top-1 agreement, {metrics['confident_positions']} positions where float "
@@ -154,7 +152,8 @@ def junit_xml(report: ValidationReport) -> bytes:
             failure.text = "\n".join(f"{f.message}\nfix: {f.fix}" for f in result.findings)
         elif result.status == "skip":
             ET.SubElement(case, "skipped", message=result.skip_reason)
-    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    data: bytes = ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    return data
 
 
 def plot_sqnr(

@@ -27,7 +27,7 @@ class GcuQuantConfig(QuantizationConfig):
     )
 
     def __init__(self, description: QuantDescription):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.description = description
 
     def __repr__(self) -> str:

@@ -77,8 +77,10 @@ class QuantDescription:
 
     def has_kv_cache_scales(self, prefix: str, packed_modules: Mapping[str, list[str]]) -> bool:
         """Whether C8 KV-cache tensors are stored under this layer (k_proj / v_proj parts)."""
-        return any(f"{part}.kv_cache_scale" in self.tensor_types
-                   for part in self.part_names(prefix, packed_modules))
+        return any(
+            f"{part}.kv_cache_scale" in self.tensor_types
+            for part in self.part_names(prefix, packed_modules)
+        )
 
     def layer_type(self, prefix: str, packed_modules: Mapping[str, list[str]]) -> str:
         """The one type of a (possibly fused) vLLM linear layer named `prefix`.

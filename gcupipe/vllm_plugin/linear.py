@@ -70,7 +70,7 @@ class _ModelslimLinearMethod(LinearMethodBase):
                     weight_loader=loader,
                 )
             else:
-                param = ChannelQuantScaleParameter(
+                param = ChannelQuantScaleParameter(  # type: ignore[assignment]
                     data=torch.empty(n, 1, dtype=torch.float32), output_dim=0, weight_loader=loader
                 )
             layer.register_parameter(name, param)
@@ -89,8 +89,14 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
         self.low_memory = os.environ.get(LOW_MEMORY_ENV, "0") not in ("", "0", "false")
 
     def create_weights(  # type: ignore[no-untyped-def]
-        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-        params_dtype, **extra_weight_attrs,
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
     ):
         loader = extra_weight_attrs["weight_loader"]
         n, k = sum(output_partition_sizes), input_size_per_partition
@@ -139,8 +145,14 @@ class GcuW8A8DynamicLinearMethod(_ModelslimLinearMethod):
     quant_type = "W8A8_DYNAMIC"
 
     def create_weights(  # type: ignore[no-untyped-def]
-        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-        params_dtype, **extra_weight_attrs,
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
     ):
         loader = extra_weight_attrs["weight_loader"]
         n, k = sum(output_partition_sizes), input_size_per_partition
@@ -163,7 +175,8 @@ class GcuW8A8DynamicLinearMethod(_ModelslimLinearMethod):
         y = (acc * token_scale * layer.weight_scale).to(x.dtype)
         if bias is not None:
             y = y + bias
-        return y.reshape(*shape[:-1], -1)
+        out: torch.Tensor = y.reshape(*shape[:-1], -1)
+        return out
 
 
 @register_weight_loader_v2_supported_method
@@ -176,8 +189,14 @@ class GcuW8A8StaticLinearMethod(_ModelslimLinearMethod):
     quant_type = "W8A8"
 
     def create_weights(  # type: ignore[no-untyped-def]
-        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-        params_dtype, **extra_weight_attrs,
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
     ):
         loader = extra_weight_attrs["weight_loader"]
         n, k = sum(output_partition_sizes), input_size_per_partition
@@ -225,7 +244,8 @@ class GcuW8A8StaticLinearMethod(_ModelslimLinearMethod):
                 start += size
             acc = torch.cat(pieces, dim=-1)
         y = ((acc + layer.quant_bias).float() * layer.deq_scale).to(x.dtype)
-        return y.reshape(*shape[:-1], -1)
+        out: torch.Tensor = y.reshape(*shape[:-1], -1)
+        return out
 
 
 def linear_method(quant_type: str, group_size: int, prefix: str) -> LinearMethodBase:
@@ -255,16 +275,34 @@ class GcuKVCacheScalesMethod(LinearMethodBase):
         self.inner = inner
 
     def create_weights(  # type: ignore[no-untyped-def]
-        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-        params_dtype, **extra_weight_attrs,
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
     ):
-        self.inner.create_weights(layer, input_size_per_partition, output_partition_sizes,
-                                  input_size, output_size, params_dtype, **extra_weight_attrs)
+        self.inner.create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            params_dtype,
+            **extra_weight_attrs,
+        )
         n = sum(output_partition_sizes)
         for name in ("kv_cache_scale", "kv_cache_offset"):
-            layer.register_parameter(name, ChannelQuantScaleParameter(
-                data=torch.zeros(n, dtype=torch.float32), output_dim=0,
-                weight_loader=extra_weight_attrs["weight_loader"]))
+            layer.register_parameter(
+                name,
+                ChannelQuantScaleParameter(
+                    data=torch.zeros(n, dtype=torch.float32),
+                    output_dim=0,
+                    weight_loader=extra_weight_attrs["weight_loader"],
+                ),
+            )
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
         self.inner.process_weights_after_loading(layer)

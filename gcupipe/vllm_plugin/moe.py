@@ -116,7 +116,8 @@ class GcuFusedMoEMethod(UnquantizedFusedMoEMethod):
         k = weight.shape[-1]  # per group: one value per input feature
         scale = expand_groups(getattr(layer, f"{stem}_weight_scale").data, k)
         offset = expand_groups(getattr(layer, f"{stem}_weight_offset").data, k)
-        return ((weight.float() - offset) * scale).to(layer.gcu_params_dtype).contiguous()
+        dequantized: torch.Tensor = (weight.float() - offset) * scale
+        return dequantized.to(layer.gcu_params_dtype).contiguous()
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
         for stem in ("w13", "w2"):

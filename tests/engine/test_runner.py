@@ -244,9 +244,14 @@ def test_secrets_never_reach_records_or_events(tmp_path: Path) -> None:
     import io
 
     stream = io.StringIO()
-    recipe = load_recipe(EXAMPLE, ["stages.report.with.env.AUTH=${env:HUB_TOKEN}",
-                                   "stages.report.with.run=echo $AUTH; exit 1"],
-                         environ={"HUB_TOKEN": "hf_supersecret123"})
+    recipe = load_recipe(
+        EXAMPLE,
+        [
+            "stages.report.with.env.AUTH=${env:HUB_TOKEN}",
+            "stages.report.with.run=echo $AUTH; exit 1",
+        ],
+        environ={"HUB_TOKEN": "hf_supersecret123"},
+    )
     result = run_recipe(recipe, tmp_path, events=Events([JsonLinesSink(stream)]))
     assert result.outcome == "failed"
     assert "hf_supersecret123" in str(result.error)  # the stage itself saw the real value

@@ -44,12 +44,18 @@ def test_piped_run_prints_progress_lines_and_never_wraps(tmp_path: Path) -> None
     env["GCUPIPE_PROGRESS_EVERY_S"] = "0.4"
     result = subprocess.run(
         [sys.executable, "-m", "gcupipe", "run", str(recipe), "--workdir", str(workdir)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    progress = [line for line in lines if re.fullmatch(
-        r"  quantize: quantize layers \d+/8 layers, \d+ s", line)]  # fmt: skip
+    progress = [
+        line
+        for line in lines
+        if re.fullmatch(r"  quantize: quantize layers \d+/8 layers, \d+ s", line)
+    ]
     assert len(progress) >= 2, result.stdout
     assert progress[-1].startswith("  quantize: quantize layers 8/8 layers")
     assert any(re.fullmatch(r"  wait: still running, \d+ s", line) for line in lines), lines

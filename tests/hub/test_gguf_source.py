@@ -41,11 +41,18 @@ def _write_tiny_llama_gguf(path: Path):  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     heads, kv_heads = 4, 2
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, max_position_embeddings=128,
-                         rope_theta=10000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
 
     def interleave_rope_rows(weight, n_head):  # type: ignore[no-untyped-def]
@@ -65,13 +72,22 @@ def _write_tiny_llama_gguf(path: Path):  # type: ignore[no-untyped-def]
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(32 // heads)
     writer.add_vocab_size(64)
-    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
-           "lm_head.weight": "output"}  # fmt: skip
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-                 "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    top = {
+        "model.embed_tokens.weight": "token_embd",
+        "model.norm.weight": "output_norm",
+        "lm_head.weight": "output",
+    }
+    per_layer = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for name, tensor in model.state_dict().items():
         array = tensor.detach().float().numpy()
         if name in top:

@@ -70,8 +70,10 @@ def test_split_texts_come_through_the_real_client(prefix, hub, tmp_path):
 
 def test_huggingface_prefix_and_json_txt_files(hub, tmp_path):
     rows = json.dumps({"rows": [{"text": "from json"}, {"text": "second row"}]}).encode()
-    hub.add_dataset("org/mixed", {"train.json": rows, "train/notes.txt": b"plain text\n",
-                                  "test.txt": b"not train"})  # fmt: skip
+    hub.add_dataset(
+        "org/mixed",
+        {"train.json": rows, "train/notes.txt": b"plain text\n", "test.txt": b"not train"},
+    )
     texts = fetch("huggingface:org/mixed", tmp_path)
     assert texts == ["from json", "second row", "plain text\n"]
 
@@ -212,16 +214,23 @@ def test_quantize_with_a_hub_dataset_uses_the_same_tokens_as_its_text(hub, tmp_p
 
     monkeypatch.setattr(calibration_module, "calibration_batches", recording)
     outputs = {}
-    for name, source in (("hub", {"dataset": "hf:org/calib"}),
-                         ("file", {"text_file": tmp_path / "calib.txt"})):  # fmt: skip
+    for name, source in (
+        ("hub", {"dataset": "hf:org/calib"}),
+        ("file", {"text_file": tmp_path / "calib.txt"}),
+    ):
         out = tmp_path / f"out-{name}"
         out.mkdir()
-        ctx = StageContext("quantize", out, tmp_path / f"scratch-{name}", tmp_path / "cache",
-                           tmp_path)  # fmt: skip
-        config = QuantizeConfig.model_validate({
-            "model": model, "method": "w8a8", "format": "modelslim",
-            "calibration": {**source, "samples": 4, "seq_len": 32},
-        })  # fmt: skip
+        ctx = StageContext(
+            "quantize", out, tmp_path / f"scratch-{name}", tmp_path / "cache", tmp_path
+        )
+        config = QuantizeConfig.model_validate(
+            {
+                "model": model,
+                "method": "w8a8",
+                "format": "modelslim",
+                "calibration": {**source, "samples": 4, "seq_len": 32},
+            }
+        )
         assert QuantizeStage().check(config) == []
         QuantizeStage().run(config, ctx)
         outputs[name] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}

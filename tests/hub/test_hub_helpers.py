@@ -43,27 +43,47 @@ def test_transient_errors_are_retried_with_doubling_backoff():
             raise ConnectError("refused")
         return "ok"
 
-    result = retry_call(flaky, retries=3, backoff_s=0.5, log=logs.append, what="hf x",
-                        sleep=waits.append)  # fmt: skip
+    result = retry_call(
+        flaky, retries=3, backoff_s=0.5, log=logs.append, what="hf x", sleep=waits.append
+    )
     assert result == "ok" and waits == [0.5, 1.0] and len(logs) == 2
 
 
 def test_permanent_errors_are_not_retried_and_retries_run_out():
     waits: list[float] = []
     with pytest.raises(_HTTPError):
-        retry_call(lambda: (_ for _ in ()).throw(_HTTPError(404)), retries=3, backoff_s=1,
-                   log=print, what="x", sleep=waits.append)  # fmt: skip
+        retry_call(
+            lambda: (_ for _ in ()).throw(_HTTPError(404)),
+            retries=3,
+            backoff_s=1,
+            log=print,
+            what="x",
+            sleep=waits.append,
+        )
     assert waits == []
     with pytest.raises(ConnectError):
-        retry_call(lambda: (_ for _ in ()).throw(ConnectError()), retries=2, backoff_s=1,
-                   log=print, what="x", sleep=waits.append)  # fmt: skip
+        retry_call(
+            lambda: (_ for _ in ()).throw(ConnectError()),
+            retries=2,
+            backoff_s=1,
+            log=print,
+            what="x",
+            sleep=waits.append,
+        )
     assert waits == [1, 2]
 
 
-@pytest.mark.parametrize(("error", "transient"), [
-    (_HTTPError(503), True), (_HTTPError(429), True), (_HTTPError(401), False),
-    (_HTTPError(404), False), (ConnectError(), True), (ValueError(), False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (_HTTPError(503), True),
+        (_HTTPError(429), True),
+        (_HTTPError(401), False),
+        (_HTTPError(404), False),
+        (ConnectError(), True),
+        (ValueError(), False),
+    ],
+)
 def test_is_transient(error, transient):
     assert is_transient(error) is transient
 
@@ -94,11 +114,19 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     (tmp_path / "m" / "d" / "b.bin").write_bytes(b"")
     assert model_files(tmp_path / "m") == ["a.txt", "d/b.bin"]
     entries = build_manifest(tmp_path / "m")
-    write_manifest(tmp_path / "manifest.json", entries, source="local:x",
-                   model_dir=tmp_path / "m", hub_checked=0)  # fmt: skip
+    write_manifest(
+        tmp_path / "manifest.json",
+        entries,
+        source="local:x",
+        model_dir=tmp_path / "m",
+        hub_checked=0,
+    )
     data = json.loads((tmp_path / "manifest.json").read_text())
-    assert data["files"][0] == {"path": "a.txt", "size": 3,
-                                "sha256": hashlib.sha256(b"abc").hexdigest()}  # fmt: skip
+    assert data["files"][0] == {
+        "path": "a.txt",
+        "size": 3,
+        "sha256": hashlib.sha256(b"abc").hexdigest(),
+    }
     assert data["total_bytes"] == 3 and data["source"] == "local:x"
     # what `printf abc | git hash-object --stdin` prints
     assert git_blob_sha1_file(tmp_path / "m" / "a.txt") == (
@@ -107,9 +135,16 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
 
 
 def _line(exc: BaseException, **overrides):  # type: ignore[no-untyped-def]
-    fields = dict(hub="modelscope", repo_id="org/m", revision="master",
-                  endpoint="http://hub", token_env="MS_TOKEN", offline=False,
-                  cache_dir="/c", attempts=1)  # fmt: skip
+    fields = dict(
+        hub="modelscope",
+        repo_id="org/m",
+        revision="master",
+        endpoint="http://hub",
+        token_env="MS_TOKEN",
+        offline=False,
+        cache_dir="/c",
+        attempts=1,
+    )
     return str(hub_stage_error(exc, **{**fields, **overrides}))
 
 

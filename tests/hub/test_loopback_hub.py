@@ -43,8 +43,10 @@ def test_listings_files_and_knobs():
             _get(f"{hub.url}/api/v1/models/org/m/repo?Revision=master&FilePath=w.safetensors")
         assert _get(f"{hub.url}/org/m/resolve/main/w.safetensors") == b"0123456789"
 
-        for url in (f"{hub.url}/api/models/org/none/revision/main",
-                    f"{hub.url}/api/models/org/m/revision/nobranch"):  # fmt: skip
+        for url in (
+            f"{hub.url}/api/models/org/none/revision/main",
+            f"{hub.url}/api/models/org/m/revision/nobranch",
+        ):
             with pytest.raises(urllib.error.HTTPError) as err:
                 _get(url)
             assert err.value.code == 404

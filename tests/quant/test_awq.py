@@ -149,13 +149,24 @@ def capture_layer(arch: str, tmp_path: Path, **overrides: object):
 @pytest.mark.parametrize(
     ("arch", "overrides", "expected_producers"),
     [
-        ("llama", {"num_key_value_heads": 4},
-         {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"}),
+        (
+            "llama",
+            {"num_key_value_heads": 4},
+            {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"},
+        ),
         ("qwen2", {}, {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}),
-        ("deepseek_v2", {}, {"input_layernorm", "post_attention_layernorm",
-                             "mlp.shared_experts.up_proj", "mlp.experts.0.up_proj"}),
+        (
+            "deepseek_v2",
+            {},
+            {
+                "input_layernorm",
+                "post_attention_layernorm",
+                "mlp.shared_experts.up_proj",
+                "mlp.experts.0.up_proj",
+            },
+        ),
     ],
-)  # fmt: skip
+)
 def test_folded_scales_leave_the_float_layer_unchanged(
     arch, overrides, expected_producers, tmp_path
 ):
@@ -253,8 +264,9 @@ def test_gcu_awq_layout_round_trips_and_matches_an_independent_unpacking(tmp_pat
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         from_gcu = build_model(load_config(out), checkpoint.float_tensors, checkpoint.linears)
-        from_modelslim = build_model(load_config(tmp_path / "modelslim"),
-                                     modelslim.float_tensors, modelslim.linears)  # fmt: skip
+        from_modelslim = build_model(
+            load_config(tmp_path / "modelslim"), modelslim.float_tensors, modelslim.linears
+        )
         got, want = from_gcu(ids).logits, from_modelslim(ids).logits
     assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
 
@@ -294,8 +306,9 @@ def test_rarely_routed_experts_fall_back_to_rtn_and_are_reported(tmp_path):
     model = tiny_model("deepseek_v2", tmp_path / "ds")
     # 8 x 64 = 512 calibration tokens: every non-expert linear sees all 512, a routed expert
     # (top-2 of 4) far fewer, so min_tokens 500 sends exactly the routed experts to RTN.
-    outputs = quantize(model, tmp_path / "out", tmp_path, format="modelslim",
-                       options={"min_tokens": 500})  # fmt: skip
+    outputs = quantize(
+        model, tmp_path / "out", tmp_path, format="modelslim", options={"min_tokens": 500}
+    )
     assert outputs.fallbacks, "no expert fell back"
     assert all(".mlp.experts." in name for name in outputs.fallbacks)
     assert set(outputs.fallbacks.values()) == {"rtn"}

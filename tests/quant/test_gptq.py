@@ -36,9 +36,13 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) ->
 
 def as_linear(result, bits: int, group: int, symmetric: bool) -> QuantizedLinear:
     return QuantizedLinear(
-        weight=result.weight, weight_scale=result.scale, weight_offset=result.offset,
-        bits=bits, group_size=group, symmetric=symmetric,
-    )  # fmt: skip
+        weight=result.weight,
+        weight_scale=result.scale,
+        weight_offset=result.offset,
+        bits=bits,
+        group_size=group,
+        symmetric=symmetric,
+    )
 
 
 def test_hessian_accumulated_in_batches_equals_one_pass():
@@ -52,9 +56,14 @@ def test_hessian_accumulated_in_batches_equals_one_pass():
 
 @pytest.mark.parametrize(
     ("bits", "group", "symmetric", "act_order"),
-    [(4, GROUP, True, True), (4, GROUP, False, True), (4, GROUP, True, False),
-     (4, 0, True, True), (8, GROUP, True, False)],
-)  # fmt: skip
+    [
+        (4, GROUP, True, True),
+        (4, GROUP, False, True),
+        (4, GROUP, True, False),
+        (4, 0, True, True),
+        (8, GROUP, True, False),
+    ],
+)
 def test_gptq_output_error_is_below_rtn(bits, group, symmetric, act_order):
     g = torch.Generator().manual_seed(1)
     weight = 0.02 * torch.randn(96, 256, generator=g)
@@ -279,8 +288,9 @@ def test_one_gptq_run_reads_back_the_same_from_every_format(tiny_llama, tmp_path
             assert torch.equal(a.weight, b.weight), (fmt, name)
             # gcu stores fp16 scales: the same numbers within fp16 precision
             torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=1e-3, atol=1e-5)
-        model = build_model(load_config(tmp_path / fmt), checkpoint.float_tensors,
-                            checkpoint.linears)  # fmt: skip
+        model = build_model(
+            load_config(tmp_path / fmt), checkpoint.float_tensors, checkpoint.linears
+        )
         with torch.no_grad():
             logits[fmt] = model(ids).logits
     for fmt in ("gcu", "compressed-tensors"):

@@ -51,12 +51,16 @@ def _tiny_run(recipe: str, arch: str, tmp_path: Path, extra: list[str] = ()) -> 
         "stages.validate.with.sqnr_tokens=64",
         *extra,
     ]
-    loaded = load_recipe(ROOT / "recipes" / recipe, overrides,
-                         environ={"CALIBRATION_TEXT": str(calibration)})
+    loaded = load_recipe(
+        ROOT / "recipes" / recipe, overrides, environ={"CALIBRATION_TEXT": str(calibration)}
+    )
     result = run_recipe(loaded, tmp_path / "run", Selection(to_stage="validate"))
     assert result.outcome == "ok", result.error
     assert [s.id for s in result.stages if s.outcome == "ran"] == [
-        "download", "quantize", "validate"]
+        "download",
+        "quantize",
+        "validate",
+    ]
     return result.outputs("validate")
 
 
@@ -64,8 +68,11 @@ def test_deepseek_recipe_quantizes_and_validates_moe_mla(tmp_path: Path) -> None
     validate = _tiny_run("deepseek-w8a8.yaml", "deepseek_v2", tmp_path)
     assert validate["format"] == "modelslim"
     assert validate["quantization"] == "gcu"
-    structural = [f for f in validate["failures"]
-                  if f not in ("ppl-increase", "token-agreement", "layer-sqnr")]
+    structural = [
+        f
+        for f in validate["failures"]
+        if f not in ("ppl-increase", "token-agreement", "layer-sqnr")
+    ]
     assert structural == []
     assert validate["ppl_increase"] is not None
 
@@ -79,14 +86,20 @@ def test_deepseek_recipe_quantizes_and_validates_moe_mla(tmp_path: Path) -> None
         ("qwen2-awq-w4a16.yaml", "qwen2", "gcu"),
     ],
 )
-def test_heavy_recipe_runs_on_a_tiny_model(recipe: str, arch: str, layout: str,
-                                           tmp_path: Path) -> None:
-    extra = ["stages.quantize.with.calibration.samples=4",
-             "stages.quantize.with.calibration.seq_len=32"]
+def test_heavy_recipe_runs_on_a_tiny_model(
+    recipe: str, arch: str, layout: str, tmp_path: Path
+) -> None:
+    extra = [
+        "stages.quantize.with.calibration.samples=4",
+        "stages.quantize.with.calibration.seq_len=32",
+    ]
     if "w8a16" in recipe:
         extra = []  # no calibration stage settings in an uncalibrated method
     validate = _tiny_run(recipe, arch, tmp_path, extra)
     assert validate["format"] == layout
-    structural = [f for f in validate["failures"]
-                  if f not in ("ppl-increase", "token-agreement", "layer-sqnr")]
+    structural = [
+        f
+        for f in validate["failures"]
+        if f not in ("ppl-increase", "token-agreement", "layer-sqnr")
+    ]
     assert structural == []

@@ -73,20 +73,34 @@ def test_format_round_trip_through_the_runtime(source, method, fmt, tmp_path, mo
     written = _record_writes(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
-    ctx = StageContext(stage_id="q", output_dir=out, scratch_dir=tmp_path, cache_dir=tmp_path,
-                       run_dir=tmp_path, log=lambda message: None)
+    ctx = StageContext(
+        stage_id="q",
+        output_dir=out,
+        scratch_dir=tmp_path,
+        cache_dir=tmp_path,
+        run_dir=tmp_path,
+        log=lambda message: None,
+    )
     outputs = stage.run(config, ctx)
 
-    results = check_structure(ModelDir(out), CheckOptions(
-        quantization=outputs.quantization, check_quantization=True,
-        kv_cache_int8=bool(outputs.kv_cache_layers) or None))
+    results = check_structure(
+        ModelDir(out),
+        CheckOptions(
+            quantization=outputs.quantization,
+            check_quantization=True,
+            kv_cache_int8=bool(outputs.kv_cache_layers) or None,
+        ),
+    )
     assert [r.message for r in results if r.failed] == []
 
     # the reader gives back what the quantizer handed the writer
     checkpoint = read_quantized(out)
     assert set(checkpoint.linears) == set(written["linears"]) != set()
-    tolerance = {"rtol": 1e-3, "atol": 1e-6} if (method, fmt) in FP16_SCALES else {
-        "rtol": 1e-6, "atol": 1e-9}  # fmt: skip
+    tolerance = (
+        {"rtol": 1e-3, "atol": 1e-6}
+        if (method, fmt) in FP16_SCALES
+        else {"rtol": 1e-6, "atol": 1e-9}
+    )
     for prefix, layer in written["linears"].items():
         back = checkpoint.linears[prefix]
         assert back.activation is layer.activation, prefix
@@ -94,8 +108,9 @@ def test_format_round_trip_through_the_runtime(source, method, fmt, tmp_path, mo
         if layer.input_scale is not None:
             torch.testing.assert_close(back.input_scale.float(), layer.input_scale.float())
     for name, tensor in written["floats"].items():
-        torch.testing.assert_close(checkpoint.float_tensors[name].float(), tensor.float(),
-                                   **tolerance)  # fmt: skip
+        torch.testing.assert_close(
+            checkpoint.float_tensors[name].float(), tensor.float(), **tolerance
+        )
     assert len(checkpoint.kv_scales) == len(written["kv"])
 
     # the runtime's integer kernels compute the dequantize-then-float forward: in float64 on
@@ -105,11 +120,21 @@ def test_format_round_trip_through_the_runtime(source, method, fmt, tmp_path, mo
     model_config = load_config(out)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        got = build_model(model_config, checkpoint.float_tensors, checkpoint.linears,
-                          checkpoint.kv_scales, dtype="float64")(ids).logits
-        want = build_model(model_config, checkpoint.float_tensors, checkpoint.linears,
-                           checkpoint.kv_scales, dtype="float64",
-                           linear_factory=lambda layer, name: ReferenceLinear(layer))(ids).logits
+        got = build_model(
+            model_config,
+            checkpoint.float_tensors,
+            checkpoint.linears,
+            checkpoint.kv_scales,
+            dtype="float64",
+        )(ids).logits
+        want = build_model(
+            model_config,
+            checkpoint.float_tensors,
+            checkpoint.linears,
+            checkpoint.kv_scales,
+            dtype="float64",
+            linear_factory=lambda layer, name: ReferenceLinear(layer),
+        )(ids).logits
     static = METHODS[method]["method"] == "w8a8"
     atol = 1e-5 * float(want.abs().max()) if static else 1e-9
     torch.testing.assert_close(got, want, rtol=0, atol=atol)

@@ -37,8 +37,13 @@ def test_uniform_model_has_perplexity_equal_to_vocab():
 
 def _tiny_llama():
     config = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()

@@ -45,8 +45,9 @@ def split_checkpoint(state: dict, spec: LayerSpec) -> tuple[dict, dict]:
             layer = rtn_linear(tensor, state.get(f"{prefix}.bias"), weight_spec)
             layer = dataclasses.replace(layer, activation=spec.activation)
             if spec.activation is ActivationScheme.STATIC:
-                layer = dataclasses.replace(layer, input_scale=torch.tensor([0.03]),
-                                            input_offset=torch.tensor([4.0]))
+                layer = dataclasses.replace(
+                    layer, input_scale=torch.tensor([0.03]), input_offset=torch.tensor([4.0])
+                )
             linears[prefix] = layer
     for name, tensor in state.items():
         if name.removesuffix(".weight").removesuffix(".bias") not in linears:
@@ -73,8 +74,9 @@ def test_each_linear_matches_its_fake_quant_forward_on_the_same_input(scheme):
     layer = rtn_linear(weight, bias, dataclasses.replace(spec, activation=ActivationScheme.NONE))
     layer = dataclasses.replace(layer, activation=spec.activation)
     if spec.activation is ActivationScheme.STATIC:
-        layer = dataclasses.replace(layer, input_scale=torch.tensor([0.02]),
-                                    input_offset=torch.tensor([-5.0]))
+        layer = dataclasses.replace(
+            layer, input_scale=torch.tensor([0.02]), input_offset=torch.tensor([-5.0])
+        )
     x = torch.randn(3, 17, 128, generator=gen)
     got, want = RuntimeLinear(layer)(x), layer.forward(x)
     assert got.shape == want.shape == (3, 17, 96)
@@ -86,8 +88,9 @@ def tiny(request, tmp_path_factory):
     path = tiny_model(request.param, tmp_path_factory.mktemp(request.param))
     state = load_file(str(path / "model.safetensors"))
     # non-zero biases (Qwen2 has q/k/v biases) so quant_bias is really exercised
-    state = {n: t + 0.05 * torch.randn_like(t) if n.endswith(".bias") else t
-             for n, t in state.items()}
+    state = {
+        n: t + 0.05 * torch.randn_like(t) if n.endswith(".bias") else t for n, t in state.items()
+    }
     return path, state
 
 
@@ -98,8 +101,13 @@ def test_runtime_logits_match_dequantize_then_float(tiny, scheme):
     config = load_config(path)
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(3))
     runtime = build_model(config, floats, linears, dtype="float64")
-    reference = build_model(config, floats, linears, dtype="float64",
-                            linear_factory=lambda layer, name: ReferenceLinear(layer))
+    reference = build_model(
+        config,
+        floats,
+        linears,
+        dtype="float64",
+        linear_factory=lambda layer, name: ReferenceLinear(layer),
+    )
     with torch.no_grad():
         got, want = runtime(ids).logits, reference(ids).logits
         floating = build_model(config, state, {})(ids).logits.double()  # fused MoE: no fp64
@@ -118,8 +126,9 @@ def test_int8_kv_cache_changes_logits_like_the_reference(tiny):
     ref = lambda layer, name: ReferenceLinear(layer)  # noqa: E731
     with torch.no_grad():
         with_kv = build_model(config, floats, linears, kv, dtype="float64")(ids).logits
-        with_kv_ref = build_model(config, floats, linears, kv, dtype="float64",
-                                  linear_factory=ref)(ids).logits
+        with_kv_ref = build_model(config, floats, linears, kv, dtype="float64", linear_factory=ref)(
+            ids
+        ).logits
         without = build_model(config, floats, linears, dtype="float64")(ids).logits
     assert_same_math(with_kv, with_kv_ref)
     assert not torch.allclose(with_kv, without, atol=1e-6)
@@ -140,7 +149,7 @@ def test_int8_matmul_is_exact_where_fp32_is_not():
     a = torch.full((2, 2048), 127, dtype=torch.int8)
     b = torch.full((2048, 3), -128, dtype=torch.int8)
     b[0, 0] = -127
-    exact = (a.to(torch.int64) @ b.to(torch.int64))
+    exact = a.to(torch.int64) @ b.to(torch.int64)
     assert torch.equal(int8_matmul(a, b).to(torch.int64), exact)
 
 

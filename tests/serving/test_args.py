@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gcupipe.errors import StageError
+from gcupipe.platform import Platform
 from gcupipe.serving.args import (
     VllmArgs,
     derive_quantization,
@@ -15,7 +16,7 @@ from gcupipe.serving.args import (
     inspect_artifact,
     server_command,
 )
-from gcupipe.serving.platform import Platform, detect_platform, platform_env
+from gcupipe.serving.platform import detect_platform, platform_env
 
 
 def _model(tmp_path: Path, quant_config: dict | None = None, *files: str) -> Path:
@@ -71,16 +72,38 @@ def test_not_a_model_dir(tmp_path: Path) -> None:
 
 
 def test_cli_and_llm_keywords_agree() -> None:
-    args = VllmArgs(model="/m", quantization="gcu", served_model_name="tiny", max_model_len=2048,
-                    tensor_parallel_size=2, trust_remote_code=True, enforce_eager=True,
-                    kv_cache_dtype="int8", quantization_param_path="/m/int8_kv_cache.json",
-                    extra_args=["--gpu-memory-utilization", "0.5", "--disable-log-stats"])
+    args = VllmArgs(
+        model="/m",
+        quantization="gcu",
+        served_model_name="tiny",
+        max_model_len=2048,
+        tensor_parallel_size=2,
+        trust_remote_code=True,
+        enforce_eager=True,
+        kv_cache_dtype="int8",
+        quantization_param_path="/m/int8_kv_cache.json",
+        extra_args=["--gpu-memory-utilization", "0.5", "--disable-log-stats"],
+    )
     assert args.cli() == [
-        "--model", "/m", "--quantization", "gcu", "--served-model-name", "tiny",
-        "--max-model-len", "2048", "--tensor-parallel-size", "2", "--trust-remote-code",
-        "--enforce-eager", "--kv-cache-dtype", "int8",
-        "--quantization-param-path", "/m/int8_kv_cache.json",
-        "--gpu-memory-utilization", "0.5", "--disable-log-stats",
+        "--model",
+        "/m",
+        "--quantization",
+        "gcu",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "2048",
+        "--tensor-parallel-size",
+        "2",
+        "--trust-remote-code",
+        "--enforce-eager",
+        "--kv-cache-dtype",
+        "int8",
+        "--quantization-param-path",
+        "/m/int8_kv_cache.json",
+        "--gpu-memory-utilization",
+        "0.5",
+        "--disable-log-stats",
     ]
     kwargs = args.llm_kwargs()
     assert kwargs["quantization"] == "gcu" and kwargs["max_model_len"] == 2048
@@ -96,7 +119,9 @@ def test_server_command_uses_the_api_server_module() -> None:
 
 def test_extra_args_forms() -> None:
     assert extra_args_as_kwargs(["--seed=3", "--enable-prefix-caching"]) == {
-        "seed": 3, "enable_prefix_caching": True}
+        "seed": 3,
+        "enable_prefix_caching": True,
+    }
     with pytest.raises(StageError, match="expected a --flag"):
         extra_args_as_kwargs(["oops"])
 

@@ -22,9 +22,12 @@ def fake(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     def start(behaviour: str = "ok") -> tuple[ServerProcess, str, list[int]]:
         port = free_port("127.0.0.1")
-        server = ServerProcess([sys.executable, str(script), "--port", str(port)],
-                               env={"PATH": "/usr/bin:/bin", "FAKE_SERVER_BEHAVIOUR": behaviour},
-                               log_path=tmp_path / "server.log", cwd=tmp_path)
+        server = ServerProcess(
+            [sys.executable, str(script), "--port", str(port)],
+            env={"PATH": "/usr/bin:/bin", "FAKE_SERVER_BEHAVIOUR": behaviour},
+            log_path=tmp_path / "server.log",
+            cwd=tmp_path,
+        )
         started.append(server)
         return server, f"http://127.0.0.1:{port}", [server.pid]
 
@@ -39,8 +42,11 @@ def test_healthy_server_checks_and_clean_stop(fake) -> None:  # type: ignore[no-
     children = psutil.Process(server.pid).children(recursive=True)
     assert children, "the fake server should have a grandchild like vLLM's engine"
     results = run_checks(url, "tiny", "The capital of France is", 4, chat=True, timeout_s=10)
-    assert [r.endpoint for r in results] == ["/v1/models", "/v1/completions",
-                                             "/v1/chat/completions"]
+    assert [r.endpoint for r in results] == [
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+    ]
     assert all(r.ok for r in results)
     assert results[1].text == " Paris." and results[1].completion_tokens == 4
     assert results[1].tokens_per_s and results[1].tokens_per_s > 0
@@ -93,13 +99,19 @@ def test_busy_port_is_refused() -> None:
             ensure_port_free("127.0.0.1", port)
 
 
-@pytest.mark.parametrize(("log", "cause"), [
-    ("ValueError: Invalid quantization method: gcu2", "unknown quantization"),
-    ("OSError: [Errno 98] Address already in use", "port busy"),
-    ("ValueError: gcu quantization: quant_model_description.json has no entry for tensor 'x'",
-     "gcu quantization: quant_model_description.json has no entry for tensor 'x'"),
-    ("all fine", None),
-])
+@pytest.mark.parametrize(
+    ("log", "cause"),
+    [
+        ("ValueError: Invalid quantization method: gcu2", "unknown quantization"),
+        ("OSError: [Errno 98] Address already in use", "port busy"),
+        (
+            "ValueError: gcu quantization: quant_model_description.json has no entry for "
+            "tensor 'x'",
+            "gcu quantization: quant_model_description.json has no entry for tensor 'x'",
+        ),
+        ("all fine", None),
+    ],
+)
 def test_diagnose(log: str, cause: str | None) -> None:
     found = diagnose(log)
     assert (found is None) if cause is None else found.startswith(cause)

@@ -19,8 +19,9 @@ def context(tmp_path: Path) -> StageContext:
 
 
 def test_python_is_gcupipes_interpreter(tmp_path: Path) -> None:
-    config = CommandConfig(run='python -c "import sys; print(sys.executable)"',
-                           env={"PATH": "/usr/bin:/bin"})
+    config = CommandConfig(
+        run='python -c "import sys; print(sys.executable)"', env={"PATH": "/usr/bin:/bin"}
+    )
     outputs = CommandStage().run(config, context(tmp_path))
     printed = outputs.stdout_file.read_text().strip()
     assert Path(printed).parent == Path(sys.executable).parent

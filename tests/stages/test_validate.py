@@ -22,9 +22,15 @@ def context(tmp: Path, name: str, upstream: dict | None = None) -> StageContext:
     base = tmp / name
     for sub in ("out", "scratch", "cache", "run"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    return StageContext(stage_id=name, output_dir=base / "out", scratch_dir=base / "scratch",
-                        cache_dir=base / "cache", run_dir=base / "run",
-                        upstream=upstream or {}, log=lambda message: None)
+    return StageContext(
+        stage_id=name,
+        output_dir=base / "out",
+        scratch_dir=base / "scratch",
+        cache_dir=base / "cache",
+        run_dir=base / "run",
+        upstream=upstream or {},
+        log=lambda message: None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +39,19 @@ def quantized(tmp_path_factory) -> tuple[Path, QuantizeOutputs]:
     source = tiny_model("llama", tmp / "source")
     ctx = context(tmp, "quantize")
     outputs = QuantizeStage().run(
-        QuantizeConfig(model=source, method="w8a8_dynamic", format="modelslim"), ctx)
+        QuantizeConfig(model=source, method="w8a8_dynamic", format="modelslim"), ctx
+    )
     return source, outputs
 
 
 def test_passes_and_writes_every_report(quantized, tmp_path):
     source, upstream = quantized
     ctx = context(tmp_path, "validate", {"quantize": upstream})
-    config = ValidateConfig(reference=source, eval={"max_tokens": 600, "window": 128,
-                                                    "stride": 128}, agreement_margin=0.05)
+    config = ValidateConfig(
+        reference=source,
+        eval={"max_tokens": 600, "window": 128, "stride": 128},
+        agreement_margin=0.05,
+    )
     outputs = ValidateStage().run(config, ctx)
     assert outputs.passed and outputs.failures == []
     assert outputs.model_dir == upstream.model_dir
@@ -102,9 +112,15 @@ def test_gates_fail_on_a_numerically_damaged_model(quantized, tmp_path):
             tensors[name] = tensors[name] * 30
     save_file(tensors, str(shard), metadata={"format": "pt"})
     ctx = context(tmp_path, "validate")
-    config = ValidateConfig(model=damaged, reference=source, max_ppl_increase=None,
-                            eval={"max_tokens": 400, "window": 128, "stride": 128},
-                            agreement_margin=0.05, min_sqnr_db=20, fail=False)
+    config = ValidateConfig(
+        model=damaged,
+        reference=source,
+        max_ppl_increase=None,
+        eval={"max_tokens": 400, "window": 128, "stride": 128},
+        agreement_margin=0.05,
+        min_sqnr_db=20,
+        fail=False,
+    )
     outputs = ValidateStage().run(config, ctx)
     assert not outputs.passed
     # (a random tiny model's perplexity is near-uniform either way: the ppl gate is exercised
@@ -186,8 +202,9 @@ def test_recipe_run_through_the_engine(quantized, tmp_path, quantization):
 def test_a_model_that_cannot_run_is_a_failed_check_with_a_report(quantized, tmp_path):
     _, upstream = quantized
     ctx = context(tmp_path, "validate", {"quantize": upstream})
-    wrong_reference = tiny_model("qwen2", tmp_path / "other", hidden_size=64, head_dim=16,
-                                 intermediate_size=128)
+    wrong_reference = tiny_model(
+        "qwen2", tmp_path / "other", hidden_size=64, head_dim=16, intermediate_size=128
+    )
     outputs = ValidateStage().run(ValidateConfig(reference=wrong_reference, fail=False), ctx)
     assert outputs.failures == ["model-runs"]
     assert "could not be run" in outputs.report_markdown.read_text()
@@ -202,19 +219,52 @@ def test_validate_command_outside_a_recipe(quantized, tmp_path, monkeypatch):
     source, upstream = quantized
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    ok = runner.invoke(app, ["validate", str(upstream.model_dir), "--reference", str(source),
-                             "--quantization", "gcu", "--eval-tokens", "300"])
+    ok = runner.invoke(
+        app,
+        [
+            "validate",
+            str(upstream.model_dir),
+            "--reference",
+            str(source),
+            "--quantization",
+            "gcu",
+            "--eval-tokens",
+            "300",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "passed" in ok.stdout and "perplexity: float" in ok.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written unasked
-    layered = runner.invoke(app, ["validate", str(upstream.model_dir), "--reference", str(source),
-                                  "--eval-tokens", "300", "--layered", "--agreement-margin",
-                                  "0.05", "--report", "layered"])
+    layered = runner.invoke(
+        app,
+        [
+            "validate",
+            str(upstream.model_dir),
+            "--reference",
+            str(source),
+            "--eval-tokens",
+            "300",
+            "--layered",
+            "--agreement-margin",
+            "0.05",
+            "--report",
+            "layered",
+        ],
+    )
     assert layered.exit_code == 0, layered.output
     metrics = json.loads((tmp_path / "layered" / "validation.json").read_text())["metrics"]
     assert metrics["layered"] is True and metrics["confident_positions"] > 0
-    wrong = runner.invoke(app, ["validate", str(upstream.model_dir), "--quantization", "w4a16",
-                                "--report", str(tmp_path / "wrong")])
+    wrong = runner.invoke(
+        app,
+        [
+            "validate",
+            str(upstream.model_dir),
+            "--quantization",
+            "w4a16",
+            "--report",
+            str(tmp_path / "wrong"),
+        ],
+    )
     assert wrong.exit_code == 3
     assert "quantization-flag" in wrong.stderr and "'gcu'" in wrong.stderr
     missing = runner.invoke(app, ["validate", str(tmp_path / "nope")])

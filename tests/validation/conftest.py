@@ -23,8 +23,14 @@ def quantize(source: Path, out: Path, **config) -> Path:
     out.mkdir(parents=True)
     scratch = out.parent / f"{out.name}-scratch"
     scratch.mkdir()
-    ctx = StageContext(stage_id="quantize", output_dir=out, scratch_dir=scratch,
-                       cache_dir=scratch, run_dir=scratch, log=lambda message: None)
+    ctx = StageContext(
+        stage_id="quantize",
+        output_dir=out,
+        scratch_dir=scratch,
+        cache_dir=scratch,
+        run_dir=scratch,
+        log=lambda message: None,
+    )
     QuantizeStage().run(QuantizeConfig(model=source, **config), ctx)
     return out
 
@@ -44,8 +50,14 @@ def tiny_llama(tmp_path_factory) -> Path:
 def good_w8a8_kv(tmp_path_factory, tiny_llama) -> Path:
     """Static W8A8 + C8 KV cache in the modelslim layout: the richest tensor set."""
     tmp = tmp_path_factory.mktemp("w8a8kv")
-    return quantize(tiny_llama, tmp / "model", method="w8a8", format="modelslim",
-                    kv_cache={"dtype": "int8"}, calibration=calibration(tmp))
+    return quantize(
+        tiny_llama,
+        tmp / "model",
+        method="w8a8",
+        format="modelslim",
+        kv_cache={"dtype": "int8"},
+        calibration=calibration(tmp),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,12 +70,10 @@ def good_deepseek(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def good_gptq(tmp_path_factory, tiny_llama) -> Path:
     """A GPTQ (gcu layout) directory packed with the shared packing code."""
-    return write_gptq(tiny_llama, tmp_path_factory.mktemp("gptq") / "model", bits=4,
-                      group_size=64)
+    return write_gptq(tiny_llama, tmp_path_factory.mktemp("gptq") / "model", bits=4, group_size=64)
 
 
-def write_gptq(source: Path, out: Path, bits: int, group_size: int,
-               method: str = "gptq") -> Path:
+def write_gptq(source: Path, out: Path, bits: int, group_size: int, method: str = "gptq") -> Path:
     from safetensors.torch import load_file, save_file
 
     from gcupipe.quant.methods import LayerSpec
@@ -76,22 +86,40 @@ def write_gptq(source: Path, out: Path, bits: int, group_size: int,
     for name, tensor in state.items():
         if name.endswith("_proj.weight"):
             prefix = name.removesuffix(".weight")
-            layer = rtn_linear(tensor, None, LayerSpec(bits=bits, group_size=max(group_size, 0),
-                                                       symmetric=bits == 8))
+            layer = rtn_linear(
+                tensor,
+                None,
+                LayerSpec(bits=bits, group_size=max(group_size, 0), symmetric=bits == 8),
+            )
             if method == "gptq":
-                packed = pack_gptq(layer.weight, layer.weight_offset, layer.weight_scale,
-                                   bits=bits, group_size=max(group_size, 0))
+                packed = pack_gptq(
+                    layer.weight,
+                    layer.weight_offset,
+                    layer.weight_scale,
+                    bits=bits,
+                    group_size=max(group_size, 0),
+                )
             else:
                 packed = pack_awq(layer.weight, layer.weight_offset, layer.weight_scale)
             tensors.update({f"{prefix}.{k}": v for k, v in packed.items()})
         else:
             tensors[name] = tensor
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    settings = {"quant_method": method, "bits": bits, "group_size": group_size,
-                "desc_act": False, "sym": bits == 8}
+    settings = {
+        "quant_method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": bits == 8,
+    }
     if method == "awq":
-        settings = {"quant_method": "awq", "bits": bits, "group_size": group_size,
-                    "version": "gemm", "zero_point": True}
+        settings = {
+            "quant_method": "awq",
+            "bits": bits,
+            "group_size": group_size,
+            "version": "gemm",
+            "zero_point": True,
+        }
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = settings
     (out / "config.json").write_text(json.dumps(config))

@@ -16,8 +16,13 @@ from gcupipe.validation.api import (
 
 # tiny random models are never confident in the way a trained LM is: their top-1 logit leads
 # by 0.01-0.3, so agreement counts positions leading by >= 0.05 (about the top 60%)
-SMALL = {"eval_tokens": 300, "window": 96, "stride": 96, "agreement_margin": 0.05,
-         "sqnr_tokens": 128}
+SMALL = {
+    "eval_tokens": 300,
+    "window": 96,
+    "stride": 96,
+    "agreement_margin": 0.05,
+    "sqnr_tokens": 128,
+}
 
 
 def _validate(model, reference, tmp_path, name, **settings):

@@ -59,8 +59,7 @@ def test_float_perplexity_matches_plain_transformers(smollm2, eval_ids):
     # the assembly path quantized models take (config + tensors, no quantized layers) ...
     from safetensors.torch import load_file
 
-    assembled = build_model(load_config(smollm2), load_file(str(smollm2 / "model.safetensors")),
-                            {})
+    assembled = build_model(load_config(smollm2), load_file(str(smollm2 / "model.safetensors")), {})
     assert perplexity(assembled, eval_ids).ppl == pytest.approx(expected, rel=1e-3)
     # ... and the layer-by-layer evaluator for models larger than memory
     assert layered_perplexity(smollm2, eval_ids).ppl == pytest.approx(expected, rel=1e-3)
@@ -79,15 +78,28 @@ def test_w8a8_dynamic_costs_a_few_percent_and_the_ppl_gate_sees_it(smollm2, tmp_
 
     out = tmp_path / "w8a8d"
     out.mkdir()
-    ctx = StageContext(stage_id="q", output_dir=out, scratch_dir=tmp_path, cache_dir=tmp_path,
-                       run_dir=tmp_path, log=lambda message: None)
-    QuantizeStage().run(QuantizeConfig(model=smollm2, method="w8a8_dynamic",
-                                       format="modelslim"), ctx)
+    ctx = StageContext(
+        stage_id="q",
+        output_dir=out,
+        scratch_dir=tmp_path,
+        cache_dir=tmp_path,
+        run_dir=tmp_path,
+        log=lambda message: None,
+    )
+    QuantizeStage().run(
+        QuantizeConfig(model=smollm2, method="w8a8_dynamic", format="modelslim"), ctx
+    )
     text = tmp_path / "eval.txt"
     text.write_text(botchan_text()[1])
-    settings = ValidationSettings(max_ppl_increase=0.001, min_token_agreement=0.97,
-                                  eval_text_file=text, eval_tokens=EVAL_TOKENS, sqnr_tokens=256,
-                                  quantization="gcu", check_quantization=True)
+    settings = ValidationSettings(
+        max_ppl_increase=0.001,
+        min_token_agreement=0.97,
+        eval_text_file=text,
+        eval_tokens=EVAL_TOKENS,
+        sqnr_tokens=256,
+        quantization="gcu",
+        check_quantization=True,
+    )
     result = validate_model_dir(out, smollm2, settings, tmp_path / "report", log=lambda m: None)
     report = result.report
     assert [r.rule for r in report.failures] == ["ppl-increase"]

@@ -51,8 +51,13 @@ def test_good_directories_pass_every_rule(good_w8a8_kv, good_deepseek, good_gptq
     assert failed(good_deepseek) == {}
     assert failed(good_gptq) == {}
     ran = {n for n, r in results(good_w8a8_kv).items() if r.status == "pass"}
-    assert {"description-matches-tensors", "kv-cache-scales", "tensor-dtypes-shapes",
-            "weights-complete", "fused-modules-share-type"} <= ran
+    assert {
+        "description-matches-tensors",
+        "kv-cache-scales",
+        "tensor-dtypes-shapes",
+        "weights-complete",
+        "fused-modules-share-type",
+    } <= ran
     assert results(good_deepseek)["experts-quantized"].status == "pass"
     assert results(good_gptq)["g-idx-contiguous"].status == "pass"
 
@@ -255,8 +260,14 @@ def good_gcu_w8a8_kv(tmp_path_factory, tiny_llama):
     from .conftest import calibration, quantize
 
     tmp = tmp_path_factory.mktemp("gcu-kv")
-    return quantize(tiny_llama, tmp / "model", method="w8a8", format="gcu",
-                    kv_cache={"dtype": "int8"}, calibration=calibration(tmp))
+    return quantize(
+        tiny_llama,
+        tmp / "model",
+        method="w8a8",
+        format="gcu",
+        kv_cache={"dtype": "int8"},
+        calibration=calibration(tmp),
+    )
 
 
 def test_gcu_kv_json_misses_a_layer(good_gcu_w8a8_kv, broken):
@@ -291,8 +302,7 @@ def test_index_points_at_a_missing_shard(good_w8a8_kv, broken):
 def test_modelslim_group_size_disagrees_with_scales(tiny_llama, tmp_path):
     from .conftest import quantize
 
-    path = quantize(tiny_llama, tmp_path / "w4", method="w4a16", group_size=64,
-                    format="modelslim")
+    path = quantize(tiny_llama, tmp_path / "w4", method="w4a16", group_size=64, format="modelslim")
     assert failed(path) == {}
     assert results(path)["group-size"].status == "pass"
     description = json.loads((path / DESCRIPTION).read_text())
@@ -306,8 +316,9 @@ def test_modelslim_group_size_disagrees_with_scales(tiny_llama, tmp_path):
 def test_compressed_tensors_packed_weight_without_its_scale(tiny_llama, tmp_path):
     from .conftest import quantize
 
-    path = quantize(tiny_llama, tmp_path / "ct", method="w4a16", group_size=64,
-                    format="compressed-tensors")
+    path = quantize(
+        tiny_llama, tmp_path / "ct", method="w4a16", group_size=64, format="compressed-tensors"
+    )
     assert failed(path) == {}
     assert results(path)["compressed-tensors-scales"].status == "pass"
     shard = next(path.glob("*.safetensors"))

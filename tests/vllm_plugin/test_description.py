@@ -21,8 +21,14 @@ def _layer(kind: str, prefix: str = "model.layers.0.self_attn") -> dict[str, str
 
 def test_metadata_is_not_a_tensor() -> None:
     description = QuantDescription.from_dict(
-        {"model_quant_type": "W4A16", "version": "1.0.0", "group_size": 64,
-         "kv_cache_type": "C8", "a.weight": "W4A16"})
+        {
+            "model_quant_type": "W4A16",
+            "version": "1.0.0",
+            "group_size": 64,
+            "kv_cache_type": "C8",
+            "a.weight": "W4A16",
+        }
+    )
     assert description.group_size == 64
     assert description.kv_cache_type == "C8"
     assert dict(description.tensor_types) == {"a.weight": "W4A16"}
@@ -65,7 +71,8 @@ def test_kv_cache_type_is_not_a_weight_type() -> None:
 
 
 def test_renamed_modules_are_found_under_their_checkpoint_names() -> None:
-    description = QuantDescription.from_dict({"language_model.model.layers.0.mlp.down_proj.weight":
-                                              "W8A16"})
+    description = QuantDescription.from_dict(
+        {"language_model.model.layers.0.mlp.down_proj.weight": "W8A16"}
+    )
     description.renames["model."] = "language_model.model."
     assert description.layer_type("model.layers.0.mlp.down_proj", {}) == "W8A16"

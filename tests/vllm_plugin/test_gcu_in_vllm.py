@@ -15,12 +15,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
 from gcupipe.formats.registry import read_quantized  # noqa: E402
+from gcupipe.platform import Platform  # noqa: E402
 from gcupipe.quant.methods import LayerSpec  # noqa: E402
 from gcupipe.quant.observers import scale_offset_from_range  # noqa: E402
 from gcupipe.quant.rtn import rtn_linear  # noqa: E402
 from gcupipe.quant.scheme import ActivationScheme, KVCacheScale  # noqa: E402
 from gcupipe.runtime.model import build_model, load_config  # noqa: E402
-from gcupipe.serving.platform import Platform, platform_env  # noqa: E402
+from gcupipe.serving.platform import platform_env  # noqa: E402
 from gcupipe.serving.runner import offline_spec, run_offline_spec  # noqa: E402
 from gcupipe.testing.serving import servable_tiny_model  # noqa: E402
 from gcupipe.vllm_plugin import LOW_MEMORY_ENV  # noqa: E402
@@ -169,8 +170,7 @@ def assert_same_decoding(rows: list[dict], others: list[dict], atol: float) -> N
     their tokens agree; a first divergence is allowed only at a near-tie (the top two tokens
     of that step within `atol`)."""
     for row, other in zip(rows, others, strict=True):
-        for step, (mine, theirs) in enumerate(zip(row["logprobs"], other["logprobs"],
-                                                  strict=True)):  # fmt: skip
+        for step, (mine, theirs) in enumerate(zip(row["logprobs"], other["logprobs"], strict=True)):
             common = set(mine) & set(theirs)
             assert common, step
             for token in common:
@@ -186,8 +186,10 @@ def rolled_scales(linears: dict) -> dict:
     layout slip a loader can make (scales and rows out of step)."""
     import dataclasses
 
-    return {prefix: dataclasses.replace(layer, weight_scale=layer.weight_scale.roll(1, dims=0))
-            for prefix, layer in linears.items()}  # fmt: skip
+    return {
+        prefix: dataclasses.replace(layer, weight_scale=layer.weight_scale.roll(1, dims=0))
+        for prefix, layer in linears.items()
+    }
 
 
 EXPERT_GAIN = 4.0
@@ -357,9 +359,12 @@ def zeroed_experts(linears: dict) -> dict:
     """Every routed expert's output zeroed (scales 0): what dropped experts would give."""
     import dataclasses
 
-    return {prefix: dataclasses.replace(layer, weight_scale=layer.weight_scale * 0)
-            if ".mlp.experts." in prefix else layer
-            for prefix, layer in linears.items()}  # fmt: skip
+    return {
+        prefix: dataclasses.replace(layer, weight_scale=layer.weight_scale * 0)
+        if ".mlp.experts." in prefix
+        else layer
+        for prefix, layer in linears.items()
+    }
 
 
 @pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
@@ -405,8 +410,11 @@ def test_what_vllm_loaded_is_what_the_description_says(served) -> None:  # type:
     assert description["model.layers.0.self_attn.q_proj.weight"] == "W4A16"
     assert description["lm_head.weight"] == "FLOAT"
     loaded = json.loads((model_dir.parent / "llama-w4a16.layers.json").read_text())
-    for layer in ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj",
-                  "model.layers.1.mlp.down_proj"):  # fmt: skip
+    for layer in (
+        "model.layers.0.self_attn.qkv_proj",
+        "model.layers.1.mlp.gate_up_proj",
+        "model.layers.1.mlp.down_proj",
+    ):
         assert loaded[layer]["method"] == "GcuWeightOnlyLinearMethod", layer
     assert loaded["lm_head"]["method"] == "UnquantizedEmbeddingMethod"
     static = json.loads((model_dir.parent / "llama-w8a8.layers.json").read_text())
