@@ -12,7 +12,6 @@ benchmarks/results/compare_commits.{md,json}.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -62,9 +61,13 @@ for label, settings in job["cases"]:
     out = work / label.replace(" ", "_").replace(">", "").replace("+", "")
     out.mkdir(parents=True)
     calibration = {"text_file": job["calibration_text"], **job["calibration"]}
-    config = QuantizeConfig.model_validate({"model": source, "calibration": calibration, **settings})
-    QuantizeStage().run(config, StageContext("q", out, work / "s", work / "c", work, log=lambda m: None))
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+    config = QuantizeConfig.model_validate(
+        {"model": source, "calibration": calibration, **settings}
+    )
+    ctx = StageContext("q", out, work / "s", work / "c", work, log=lambda m: None)
+    QuantizeStage().run(config, ctx)
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(out.iterdir()) if p.is_file()}
     ppl = perplexity(load_model(out).model, ids).ppl
     results[label] = {"files": files, "ppl": ppl}
     print(label, ppl, flush=True)
