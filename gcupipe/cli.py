@@ -187,8 +187,11 @@ def lint(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files.", show_default=False)],
     overrides: SetOpt = None,
 ) -> None:
-    """Check recipes without running anything: YAML, keys, types, references, graph."""
+    """Check recipes without running anything: YAML, keys, types, references, graph, and what
+    each target's loaders accept (a combination the target cannot load is refused here, naming
+    its loader). For each quantize stage it states the target and the exact serve flags."""
     from gcupipe.errors import RecipeError
+    from gcupipe.recipe.resolve import lint_notes
 
     failed = 0
     for recipe in recipes:
@@ -201,8 +204,19 @@ def lint(
         except Exception as exc:  # noqa: BLE001
             _fail(exc)
         console.print(f"[green]ok[/] {recipe} ({len(loaded.stages)} stages)", highlight=False)
+        for stage_id, line in lint_notes(loaded):
+            console.print(f"  {stage_id}: {line}", highlight=False, markup=False)
     if failed:
         raise typer.Exit(2)
+
+
+@app.command()
+def targets() -> None:
+    """What loads where: for every target, method and format, the serve flags or the reason its
+    loaders refuse it (from the target profiles; the README's table is this output)."""
+    from gcupipe.targets.support import support_markdown
+
+    console.print(support_markdown(), highlight=False, markup=False)
 
 
 @app.command()
@@ -263,6 +277,14 @@ def validate(
         str | None,
         typer.Option(help="The --quantization value it will be served with (checked)."),
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Judge the files by this target's loaders: gcu, ascend, cuda, cpu. Default: "
+            "the one the format is made for.",
+            show_default=False,
+        ),
+    ] = None,
     eval_text: Annotated[
         Path | None, typer.Option(help="Text file for the perplexity gate (default: built-in).")
     ] = None,
@@ -304,10 +326,13 @@ def validate(
     gcupipe validate runs/quickstart/stages/quantize/out --reference float/ --quantization gcu
     """
     try:
+        from gcupipe.targets.registry import TARGETS
         from gcupipe.validation.api import ValidationSettings, enforce, validate_model_dir
 
         if not directory.is_dir():
             raise UsageError(f"{directory} is not a directory")
+        if target is not None and target not in TARGETS:
+            raise UsageError(f"--target: {TARGETS.unknown_message(target)}")
         settings = ValidationSettings(
             max_ppl_increase=max_ppl_increase,
             min_token_agreement=min_token_agreement,
@@ -316,6 +341,7 @@ def validate(
             eval_tokens=eval_tokens,
             quantization=quantization,
             check_quantization=quantization is not None,
+            target=target,
             layered=layered,
         )
         outcome = validate_model_dir(

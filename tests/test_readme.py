@@ -11,24 +11,29 @@ from typer.testing import CliRunner
 
 from gcupipe.cli import app
 from gcupipe.stages.docs import stage_reference_markdown
+from gcupipe.targets.support import support_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-START, END = "<!-- stage-reference:start -->", "<!-- stage-reference:end -->"
+GENERATED = {"stage-reference": stage_reference_markdown, "targets": support_markdown}
+"""README blocks between `<!-- NAME:start -->` and `<!-- NAME:end -->`, made from the code."""
 
 
 def current_readme() -> str:
-    """The README with the stage reference regenerated from the code."""
+    """The README with every generated block regenerated from the code."""
     text = README.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{stage_reference_markdown()}{END}{tail}"
+    for name, make in GENERATED.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{make()}{end}{tail}"
+    return text
 
 
-def test_stage_reference_is_current() -> None:
+def test_generated_blocks_are_current() -> None:
     expected = current_readme()
     if README.read_text() != expected:
-        pytest.fail("README stage reference is stale: run `make schema`")
+        pytest.fail("README's stage reference or target table is stale: run `make schema`")
 
 
 def write() -> None:

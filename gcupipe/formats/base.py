@@ -212,6 +212,15 @@ class QuantizedCheckpoint:
     group_size: int = 0
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """What a serving target asks of a writer beyond the layout itself (targets/ decide)."""
+
+    deq_scale_int64: bool = False
+    """modelslim static W8A8: `deq_scale` as int64 holding the fp32 bits (vllm-ascend creates
+    it so for float16 models, methods/w8a8_static.py) instead of float32."""
+
+
 class FormatWriter:
     """Base of the format writers; see the module docstring for the call order."""
 
@@ -224,12 +233,14 @@ class FormatWriter:
         source_config: dict[str, Any],
         method: str,
         max_shard_bytes: int = 2 << 30,
+        options: WriteOptions | None = None,
     ):
         self.out_dir = out_dir
         self.source_dir = source_dir
         self.source_config = source_config
         self.method = method
         self.max_shard_bytes = max_shard_bytes
+        self.options = options or WriteOptions()
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         raise NotImplementedError

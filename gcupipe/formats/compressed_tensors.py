@@ -51,10 +51,18 @@ RULES = (
 )
 
 
+FLAG = QuantizationFlag(
+    None,
+    frozenset({None, QUANTIZATION}),
+    "compressed-tensors (config.json quantization_config; vLLM detects it)",
+)
+
+
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
     summary = "upstream vLLM's layout, written through the compressed-tensors library"
     writer_class = "gcupipe.formats.compressed_tensors_io:CompressedTensorsWriter"
+    native_target = "cuda"
 
     def detect(self, md: ModelDir) -> bool:
         return md.quant_method == QUANTIZATION
@@ -74,8 +82,10 @@ class CompressedTensorsFormat(Format):
         return []
 
     def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
-        what = "compressed-tensors (config.json quantization_config; vLLM detects it)"
-        return QuantizationFlag(None, frozenset({None, QUANTIZATION}), what)
+        return FLAG
+
+    def planned_quantization_flag(self, combo: Combination) -> QuantizationFlag:
+        return FLAG
 
     def module_types(self, md: ModelDir) -> dict[str, str]:
         return _module_types(md)

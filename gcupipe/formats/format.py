@@ -4,8 +4,8 @@ A format module (formats/modelslim.py, gcu.py, compressed_tensors.py, or a plugi
 subclass and registers an instance in the `gcupipe.formats` entry-point group. Everything else
 asks the descriptor, never the format's name: which directory is which (`detect`), how to write
 and read it, which methods and settings it can hold (`problems`, at lint time), what vLLM's
-`--quantization` must be (`quantization_flag`, `serve_quantization`), what `gcupipe inspect`
-says, and the structural rules its loader would enforce (`rules`).
+`--quantization` its own target needs (`quantization_flag`; targets/ knows what each target's
+loaders need beyond that), what `gcupipe inspect` says, and its structural rules (`rules`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from gcupipe.errors import StageError
-
 if TYPE_CHECKING:
     from gcupipe.formats.base import FormatWriter, QuantizedCheckpoint, TensorSelector
     from gcupipe.formats.modeldir import ModelDir
     from gcupipe.formats.results import Rule
-    from gcupipe.platform import Platform
     from gcupipe.quant.scheme import ActivationScheme
 
 
@@ -34,6 +31,7 @@ class Combination:
     symmetric: bool
     activation: ActivationScheme
     kv_cache: bool
+    float_linears: tuple[str, ...] = ()  # decoder linears kept in float (when the model is known)
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,12 @@ class Format:
     """Formats are asked in this order (then by name): one whose evidence is a file of its own
     goes before those that read config.json's quantization_config."""
     symmetric_activations: ClassVar[bool] = False
-    """Static int8 activations must be symmetric (offset 0) for this format's loader."""
+    """Static int8 activations must be symmetric (offset 0) in this layout."""
+    native_target: ClassVar[str] = "gcu"
+    """The target the layout is made for: the one that applies when a recipe names none."""
+    targets: ClassVar[tuple[str, ...]] = ()
+    """Targets that load this format besides those whose profile lists it (for a plugin's own
+    format: the targets know only the built-in ones)."""
     required_files: ClassVar[tuple[tuple[str, str], ...]] = ()
     """(glob, how to fix) pairs: files a directory of this format must have besides config.json
     and weights."""
@@ -95,16 +98,12 @@ class Format:
         return []
 
     def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
+        """vLLM's `--quantization` for the directory on the layout's own target."""
         raise NotImplementedError
 
-    def serve_quantization(self, md: ModelDir, platform: Platform) -> str | None:
-        """The `--quantization` to pass when serving on `platform`; StageError when that
-        platform's vLLM cannot load the files."""
-        return self.quantization_flag(md).value
-
-    def int8_kv_cache_file(self, md: ModelDir) -> Path | None:
-        """The file a server is pointed at for int8 KV-cache scales (`--quantization-param-path`),
-        for formats that keep them outside the weights."""
+    def planned_quantization_flag(self, combo: Combination) -> QuantizationFlag | None:
+        """The same, for what the writer will make of `combo` (lint time); None when only the
+        written files can say."""
         return None
 
     def module_types(self, md: ModelDir) -> dict[str, str]:
@@ -117,10 +116,3 @@ class Format:
     def rules(self) -> tuple[Rule, ...]:
         """This format's own structural rules, in the order a person would fix them."""
         return ()
-
-
-def unsupported_platform(md: ModelDir, layout: str, platform: Platform, serve: str) -> StageError:
-    return StageError(
-        f"{md.path} is in the {layout} layout, which vLLM on {platform.value} does not load: "
-        f"{serve}"
-    )

@@ -1,32 +1,29 @@
-"""`gcu`: the layouts the vLLM-GCU loaders read (GPTQ, AWQ gemm, W8A8 with out/in scales, an
-int8 KV-cache json), served with `--quantization gptq|awq|w8a8` on a GCU. Its descriptor and the
-rules of those loaders: GPTQ's g_idx must be contiguous (no act-order shuffle), the 4-bit kernels
-take groups of 64 or a multiple, the AWQ path groups of 64, the 8-bit GPTQ path symmetric zeros,
-and an int8 KV cache needs a scale for every attention layer. Writing and reading: gcu_io.py.
+"""`gcu`: the layouts the vLLM-GCU loaders read (GPTQ, AWQ gemm, W8A8 with out/in scales, int8
+KV-cache tensors on the attention modules), which upstream vLLM's GPTQ and AWQ loaders read too.
+Its descriptor and structural rules: tensors of the shapes and dtypes the layout has, group sizes
+that divide every input size, a KV-cache scale for every attention layer. What the GCU kernels
+take beyond that (groups of 64, contiguous g_idx, symmetric 8-bit) is the gcu target's
+(targets/gcu.py). Writing and reading: gcu_io.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from gcupipe.formats.base import QuantizedCheckpoint, TensorSelector
-from gcupipe.formats.format import (
-    Combination,
-    Description,
-    Format,
-    QuantizationFlag,
-    unsupported_platform,
+from gcupipe.formats.format import Combination, Description, Format, QuantizationFlag
+from gcupipe.formats.gcu_io import (
+    KV_LEAVES,
+    METHODS,
+    bits_and_group_size,
+    gcu_settings,
+    layout_method,
+    read_gcu,
 )
-from gcupipe.formats.gcu_io import KV_FILE, METHODS, bits_and_group_size, gcu_settings, read_gcu
 from gcupipe.formats.layout import want
 from gcupipe.formats.modeldir import QUANTIZE_CONFIG, ModelDir
 from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
-from gcupipe.platform import Platform
 from gcupipe.quant.scheme import ActivationScheme
-
-GROUP_QUANTUM = 64
-"""The GCU 4-bit kernels take groups of 64 or a multiple; the AWQ path exactly 64."""
 
 
 def _module_types(md: ModelDir) -> dict[str, str]:
@@ -91,135 +88,55 @@ def _group_size(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     method = str(md.quant_method)
     if method not in ("gptq", "awq"):
         raise Skip(f"{method} layout")
-    settings = gcu_settings(md)
-    bits = int(settings.get("bits", settings.get("w_bit", 4)))
-    group = int(settings.get("group_size", settings.get("q_group_size", -1)))
-    findings: list[Finding] = []
-    if method == "awq" and group != GROUP_QUANTUM:
-        findings.append(
-            Finding(
-                f"AWQ group_size is {group}; the vLLM-GCU AWQ kernels take exactly {GROUP_QUANTUM}",
-                "re-quantize with group_size: 64",
-            )
-        )
-    if method == "gptq":
-        if group <= 0 and bits != 8:
-            findings.append(
-                Finding(
-                    f"{bits}-bit GPTQ with group_size {group} (per channel): the GCU 4-bit "
-                    "kernels need groups",
-                    "re-quantize with group_size: 64 (or a multiple)",
-                )
-            )
-        elif group > 0 and group % GROUP_QUANTUM:
-            findings.append(
-                Finding(
-                    f"GPTQ group_size {group} is not 64 or a multiple of 64, which the GCU "
-                    "kernels require",
-                    "re-quantize with group_size: 64, 128, ...",
-                )
-            )
-    if group > 0:
-        for prefix, kind in sorted(_module_types(md).items()):
-            k = _in_features(md, prefix, method, bits) if kind in ("GPTQ", "AWQ") else None
-            if k is not None and k % group:
-                findings.append(
-                    Finding(
-                        f"group_size {group} does not divide {prefix}'s input size {k}",
-                        "pick a group size that divides every layer's input size (e.g. 64), "
-                        "or ignore that layer",
-                    )
-                )
-                break
-    return findings
-
-
-def _g_idx_contiguous(md: ModelDir, opts: CheckOptions) -> list[Finding]:
-    if md.quant_method != "gptq":
-        raise Skip("not a GPTQ layout")
-    import torch
-
-    settings = gcu_settings(md)
-    group = int(settings.get("group_size", -1))
-    findings = []
-    if settings.get("desc_act"):
-        findings.append(
-            Finding(
-                "desc_act is true: the GCU GPTQ loader needs static groups",
-                "re-quantize with desc_act: false",
-            )
-        )
-    for name in sorted(n for n in md.tensors if n.endswith(".g_idx")):
-        g_idx = md.tensor(name).to(torch.int64)
-        size = g_idx.numel()
-        expected = torch.arange(size) // (group if group > 0 else size)
-        if not torch.equal(g_idx, expected):
-            first = int((g_idx != expected).nonzero()[0])
-            findings.append(
-                Finding(
-                    f"{name} is not contiguous: g_idx[{first}] = {int(g_idx[first])}, expected "
-                    f"{int(expected[first])}",
-                    "re-quantize without act-order (desc_act: false) or re-order the weight "
-                    "into static groups",
-                )
-            )
-            break
-    return findings
-
-
-def _gptq_int8_symmetric(md: ModelDir, opts: CheckOptions) -> list[Finding]:
-    if md.quant_method != "gptq" or int(gcu_settings(md).get("bits", 4)) != 8:
-        raise Skip("not an 8-bit GPTQ layout")
-    import torch
-
-    for name in sorted(n for n in md.tensors if n.endswith(".qzeros")):
-        stored = md.tensor(name).view(torch.int8)
-        if not bool((stored == 127).all()):  # v1 convention: zero - 1 = 127
+    bits, group = bits_and_group_size(gcu_settings(md))
+    if not group:
+        raise Skip("per-channel scales")
+    for prefix, kind in sorted(_module_types(md).items()):
+        k = _in_features(md, prefix, method, bits) if kind in ("GPTQ", "AWQ") else None
+        if k is not None and k % group:
             return [
                 Finding(
-                    f"{name} holds asymmetric zero points; the vLLM-GCU 8-bit GPTQ loader "
-                    "asserts every stored zero is 127",
-                    "re-quantize with symmetric: true",
+                    f"group_size {group} does not divide {prefix}'s input size {k}",
+                    "pick a group size that divides every layer's input size (e.g. 64), "
+                    "or ignore that layer",
                 )
             ]
     return []
 
 
+LEGACY_KV_FILE = "int8_kv_cache.json"
+"""Where gcupipe once wrote the scales: read by no vLLM since 0.7 (kv_cache_scales_loader and
+--quantization-param-path are gone; 0.9.2's QuantParamSchema takes float8_e4m3fn only)."""
+
+
 def _kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
-    if not ((md.path / KV_FILE).is_file() or opts.kv_cache_int8):
+    names = [n for n in md.tensors if n.endswith(".self_attn.k_scale")]
+    if (md.path / LEGACY_KV_FILE).is_file() and not names:
+        return [
+            Finding(
+                f"the int8 KV-cache scales are only in {LEGACY_KV_FILE}, which vLLM 0.9.2 (what "
+                "vLLM-GCU runs) never reads: it has no --quantization-param-path, and "
+                "GCUBaseKVCacheMethod loads the scales from the checkpoint",
+                "re-quantize with kv_cache: {dtype: int8} (gcupipe writes the tensors)",
+            )
+        ]
+    if not (names or opts.kv_cache_int8):
         raise Skip("no int8 KV cache")
-    data: Any = md.json_file(KV_FILE)
-    if data is None:
+    leaves = [leaf for leaf in KV_LEAVES if md.quant_method == "w8a8" or "zero" not in leaf]
+    missing = [
+        f"model.layers.{i}.self_attn.{leaf}"
+        for i in range(md.num_layers)
+        for leaf in leaves
+        if f"model.layers.{i}.self_attn.{leaf}" not in md.tensors
+    ]
+    if missing:
         return [
             Finding(
-                f"{KV_FILE} is missing or not JSON",
-                "write the int8 KV-cache scales (served with --kv-cache-dtype int8 "
-                "--quantization-param-path)",
+                f"{len(missing)} KV-cache tensor(s) are missing, e.g. {missing[0]}",
+                "calibrate the KV cache over every attention layer (kv_cache: {dtype: int8})",
             )
         ]
-    kv = data.get("kv_cache") if isinstance(data, dict) else None
-    if not isinstance(kv, dict) or kv.get("dtype") != "int8":
-        return [
-            Finding(
-                f'{KV_FILE} has no kv_cache.dtype "int8"',
-                "write kv_cache: {dtype: int8, scaling_factor: ...}",
-            )
-        ]
-    factors = kv.get("scaling_factor")
-    if not isinstance(factors, dict) or not factors:
-        return [Finding(f"{KV_FILE} has no kv_cache.scaling_factor", "write per-rank scales")]
-    findings = []
-    for rank, layers in sorted(factors.items()):
-        have = {int(k) for k in layers} if isinstance(layers, dict) else set()
-        absent = sorted(set(range(md.num_layers)) - have)
-        if absent:
-            findings.append(
-                Finding(
-                    f"{KV_FILE} rank {rank} has no scale for layer(s) {absent[:5]}",
-                    "calibrate every attention layer",
-                )
-            )
-    return findings
+    return []
 
 
 RULES = (
@@ -228,33 +145,25 @@ RULES = (
         "each quantized layer's tensors have the dtypes and shapes its loader creates",
         _shapes,
     ),
-    Rule(
-        "group-size",
-        "group size fits the GCU kernels (GPTQ: 64 or a multiple; AWQ: exactly 64) and "
-        "divides every layer's input size",
-        _group_size,
-    ),
-    Rule(
-        "g-idx-contiguous",
-        "GPTQ g_idx is i // group_size (no act-order shuffle)",
-        _g_idx_contiguous,
-    ),
-    Rule(
-        "gptq-int8-symmetric",
-        "8-bit GPTQ zero points are all 128 (the GCU 8-bit path is symmetric only)",
-        _gptq_int8_symmetric,
-    ),
+    Rule("group-size", "the group size divides every layer's input size", _group_size),
     Rule(
         "kv-cache-scales",
-        "int8 KV cache: scales (and zero points) for every attention layer",
+        "int8 KV cache: per-tensor scales (w8a8: and zero points) on every attention layer",
         _kv_cache,
     ),
 )
 
 
+def _flag(method: str) -> QuantizationFlag:
+    """On a GCU pass the method (vLLM-GCU names its loaders so); unset also loads it, since
+    vLLM then reads config.json's quantization_config itself."""
+    what = f"{method} in the vLLM-GCU layout (config.json quantization_config)"
+    return QuantizationFlag(method, frozenset({method, f"{method}_gcu", None}), what)
+
+
 class GcuFormat(Format):
     name = "gcu"
-    summary = "what the vLLM-GCU loaders read (GPTQ, AWQ gemm, W8A8, int8 KV-cache json)"
+    summary = "what the vLLM-GCU loaders read (GPTQ, AWQ gemm, W8A8, int8 KV-cache tensors)"
     writer_class = "gcupipe.formats.gcu_io:GcuWriter"
     symmetric_activations = True  # in_scales only: the w8a8 loader has no zero point
     required_files = (
@@ -272,66 +181,22 @@ class GcuFormat(Format):
         return read_gcu(path, select)
 
     def problems(self, combo: Combination) -> list[tuple[str, str]]:
-        problems = []
         if combo.activation is ActivationScheme.DYNAMIC:
-            problems.append(
+            return [
                 (
                     "format",
-                    "the vLLM-GCU `w8a8` loader takes static per-tensor input scales only; use "
-                    "method w8a8, or format modelslim / compressed-tensors for "
-                    f"{combo.method}",
+                    "the gcu layouts have no dynamic W8A8 (their w8a8 takes static per-tensor "
+                    "input scales); use method w8a8, or format modelslim / compressed-tensors "
+                    f"for {combo.method}",
                 )
-            )
-        weight_only = combo.activation is ActivationScheme.NONE
-        if weight_only and combo.bits == 8 and not combo.symmetric:
-            problems.append(
-                (
-                    "symmetric",
-                    "the vLLM-GCU 8-bit GPTQ loader accepts symmetric weights only (every zero "
-                    "point 128); set symmetric: true",
-                )
-            )
-        if combo.bits == 4 and combo.group_size % GROUP_QUANTUM:
-            problems.append(
-                (
-                    "group_size",
-                    "vLLM-GCU 4-bit kernels need a group size that is a multiple of 64, got "
-                    f"{combo.group_size}",
-                )
-            )
-        if combo.bits == 4 and combo.group_size == 0:
-            problems.append(
-                (
-                    "group_size",
-                    "vLLM-GCU 4-bit GPTQ/AWQ needs grouped scales (group_size 64 or a multiple)",
-                )
-            )
-        if combo.method == "awq" and combo.group_size not in (0, GROUP_QUANTUM):
-            problems.append(("group_size", "the vLLM-GCU AWQ path is validated with group size 64"))
-        return problems
+            ]
+        return []
 
     def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
-        """On a GCU pass the method (vLLM-GCU names its loaders so); unset also loads it,
-        since vLLM then reads config.json's quantization_config itself."""
-        method = str(md.quant_method)
-        what = f"{method} in the vLLM-GCU layout (config.json quantization_config)"
-        return QuantizationFlag(method, frozenset({method, f"{method}_gcu", None}), what)
+        return _flag(str(md.quant_method))
 
-    def serve_quantization(self, md: ModelDir, platform: Platform) -> str | None:
-        if platform is Platform.GCU:
-            return md.quant_method
-        if md.quant_method == "w8a8":
-            raise unsupported_platform(
-                md,
-                "gcu format's w8a8",
-                platform,
-                "serve the modelslim or compressed-tensors export here",
-            )
-        return None  # GPTQ / AWQ: vLLM reads quantization_config itself
-
-    def int8_kv_cache_file(self, md: ModelDir) -> Path | None:
-        path = md.path / KV_FILE
-        return path if path.is_file() else None
+    def planned_quantization_flag(self, combo: Combination) -> QuantizationFlag:
+        return _flag(layout_method(combo.method, combo.activation, combo.bits))
 
     def module_types(self, md: ModelDir) -> dict[str, str]:
         return _module_types(md)
@@ -350,7 +215,7 @@ class GcuFormat(Format):
             method="w8a16" if method == "gptq" and bits == 8 else method,
             group_size=group_size,
             layer_types=layer_types,
-            kv_cache="int8" if (md.path / KV_FILE).is_file() else None,
+            kv_cache="int8" if any(n.endswith(".self_attn.k_scale") for n in md.tensors) else None,
         )
 
     def rules(self) -> tuple[Rule, ...]:

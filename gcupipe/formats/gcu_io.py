@@ -5,10 +5,16 @@
 - W8A8 (static, symmetric per-tensor activations): weight int8 [n,k], out_scales fp32 [n] =
   weight_scale * input_scale, in_scales [k] (the input scale repeated). quant_method w8a8; the
   GCU loader inverts in_scales at load and computes y = (round(x / in_scale) @ W^T) * out_scales.
-- INT8 KV cache: int8_kv_cache.json in the `--quantization-param-path` schema
-  (kv_cache.dtype "int8", scaling_factor[tp_rank][layer]); separate k/v scales and zero points
-  ride along in the same json, and as `<attn>.k_scale|v_scale|k_zero|v_zero` tensors for the
-  w8a8 loader, which maps exactly those names.
+- INT8 KV cache: per-tensor checkpoint tensors on each attention module, under the names vLLM
+  0.9.2's loaders land on the parameters the GCU KV methods create: `<attn>.k_scale` and
+  `<attn>.v_scale` (maybe_remap_kv_scale_name maps them to `<attn>.attn.k_scale`), and for
+  w8a8 (whose Int8KVCacheMethod also creates zero points, which no remap rule reaches)
+  `<attn>.attn.k_zero` / `<attn>.attn.v_zero`. GPTQ/AWQ attach vLLM's BaseKVCacheMethod, which
+  has no zero points: their KV cache is symmetric. (No json: vLLM 0.9.2 has no
+  `--quantization-param-path`, and its QuantParamSchema takes float8_e4m3fn only.)
+- Skip lists: AWQ's `modules_to_not_convert` (a substring match, also required by the MoE
+  loader moe_wna16_gcu); GPTQ's `dynamic` "-:" rules (read by upstream vLLM; vLLM-GCU reads no
+  skip list for GPTQ or w8a8, which the gcu target refuses at lint).
 config.json gets the `quantization_config`; quantize_config.json repeats it.
 """
 
@@ -36,10 +42,14 @@ from gcupipe.quant.scheme import ActivationScheme, KVCacheScale, QuantizedLinear
 if TYPE_CHECKING:
     import torch
 
-KV_FILE = "int8_kv_cache.json"
+KV_LEAVES = {"k_scale": "k_scale", "v_scale": "v_scale", "attn.k_zero": "k_offset",
+             "attn.v_zero": "v_offset"}  # fmt: skip
+"""Tensor name under the attention module -> the KVCacheScale field it holds."""
 METHODS = ("gptq", "awq", "w8a8")
 """quant_method values of the gcu layouts, as the vLLM-GCU loaders name them."""
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_KV = re.compile(
+    r"^.*\.layers\.(?P<index>\d+)\.self_attn\.(?P<leaf>k_scale|v_scale|attn\.[kv]_zero)$"
+)
 
 
 class GcuWriter(FormatWriter):
@@ -51,7 +61,7 @@ class GcuWriter(FormatWriter):
             self.out_dir, "model", "model.safetensors.index.json", self.max_shard_bytes
         )
         self.kinds: set[tuple[str, int, int, bool]] = set()
-        self.kv: list[KVCacheScale] = []
+        self.quantized: list[str] = []
         self.dtype = str(
             self.source_config.get("torch_dtype") or self.source_config.get("dtype") or "float16"
         )
@@ -63,6 +73,7 @@ class GcuWriter(FormatWriter):
         import torch
 
         kind = layer.quant_type
+        self.quantized.append(prefix)
         if kind is QuantType.W8A8_DYNAMIC:
             raise ValueError("the gcu format has no dynamic W8A8 layout (lint catches this)")
         if kind is QuantType.W8A8:
@@ -78,7 +89,7 @@ class GcuWriter(FormatWriter):
             in_scales = layer.input_scale.float().reshape(1).repeat(layer.in_features)
             self.shards.add(f"{prefix}.in_scales", in_scales.to(model_dtype))
         else:
-            layout = "awq" if (self.method == "awq" and layer.bits == 4) else "gptq"
+            layout = layout_method(self.method, layer.activation, layer.bits)
             self.kinds.add((layout, layer.bits, layer.group_size, layer.symmetric))
             if layout == "awq":
                 tensors = pack_awq(layer.weight, layer.weight_offset, layer.weight_scale)
@@ -101,15 +112,17 @@ class GcuWriter(FormatWriter):
     def add_kv_cache(self, attn_prefix: str, scale: KVCacheScale, kv_channels: int) -> None:
         import torch
 
-        self.kv.append(scale)
-        if any(k[0] == "w8a8" for k in self.kinds):
-            for leaf, value in (
-                ("k_scale", scale.k_scale),
-                ("v_scale", scale.v_scale),
-                ("k_zero", scale.k_offset),
-                ("v_zero", scale.v_offset),
-            ):
-                self.shards.add(f"{attn_prefix}.{leaf}", torch.tensor(value, dtype=torch.float32))
+        zero_points = any(k[0] == "w8a8" for k in self.kinds)
+        if not zero_points and (scale.k_offset or scale.v_offset):
+            raise ValueError(
+                f"{attn_prefix}: the gcu {self.method} KV cache is symmetric (vLLM's "
+                "BaseKVCacheMethod reads no zero point); calibrate it symmetric"
+            )
+        for leaf, field_name in KV_LEAVES.items():
+            if leaf.endswith("_zero") and not zero_points:
+                continue
+            value = getattr(scale, field_name)
+            self.shards.add(f"{attn_prefix}.{leaf}", torch.tensor(value, dtype=torch.float32))
 
     def end_layer(self) -> None:
         self.shards.maybe_flush()
@@ -120,9 +133,10 @@ class GcuWriter(FormatWriter):
             raise ValueError(f"the gcu format needs one scheme for all layers, got {self.kinds}")
         layout, bits, group_size, symmetric = next(iter(self.kinds))
         skipped = sorted(float_linears)
-        if layout == "w8a8":
-            return {"quant_method": "w8a8", "group_size": -1, "ignore": skipped}
+        if layout == "w8a8":  # W8A8Config.from_config reads group_size only
+            return {"quant_method": "w8a8", "group_size": -1}
         if layout == "awq":
+            _check_substring_skips(skipped, self.quantized)
             return {
                 "quant_method": "awq",
                 "bits": bits,
@@ -131,6 +145,7 @@ class GcuWriter(FormatWriter):
                 "q_group_size": group_size,
                 "zero_point": True,
                 "version": "gemm",
+                "modules_to_not_convert": skipped,
             }
         config: dict[str, Any] = {
             "quant_method": "gptq",
@@ -153,54 +168,28 @@ class GcuWriter(FormatWriter):
         config["quantization_config"] = qconfig
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
         (self.out_dir / QUANTIZE_CONFIG).write_text(json.dumps(qconfig, indent=2))
-        if self.kv:
-            (self.out_dir / KV_FILE).write_text(
-                json.dumps(
-                    kv_cache_json(self.kv, str(self.source_config.get("model_type", ""))), indent=2
-                )
-            )
         copy_side_files(self.source_dir, self.out_dir)
         return files
 
 
-def kv_cache_json(scales: list[KVCacheScale], model_type: str) -> dict[str, Any]:
-    """vLLM's --quantization-param-path schema (one TP rank), with k/v scales and zeros."""
-
-    def per_layer(values: dict[int, float]) -> dict[str, dict[str, float]]:
-        return {"0": {str(i): v for i, v in sorted(values.items())}}
-
-    return {
-        "model_type": model_type,
-        "kv_cache": {
-            "dtype": "int8",
-            "scaling_factor": per_layer({s.layer_index: max(s.k_scale, s.v_scale) for s in scales}),
-            "k_scale": per_layer({s.layer_index: s.k_scale for s in scales}),
-            "v_scale": per_layer({s.layer_index: s.v_scale for s in scales}),
-            "k_zero_point": per_layer({s.layer_index: s.k_offset for s in scales}),
-            "v_zero_point": per_layer({s.layer_index: s.v_offset for s in scales}),
-        },
-    }
+def layout_method(method: str, activation: ActivationScheme, bits: int) -> str:
+    """The quant_method the writer gives a quantize method's output (w8a8, awq or gptq)."""
+    if activation is ActivationScheme.STATIC:
+        return "w8a8"
+    return "awq" if method == "awq" and bits == 4 else "gptq"
 
 
-def read_kv_cache_json(path: Path) -> list[KVCacheScale]:
-    kv = json.loads(path.read_text())["kv_cache"]
-    shared = kv["scaling_factor"]["0"]
-    out = []
-    for layer in sorted(shared, key=int):
-
-        def get(key: str, default: float, layer: str = layer) -> float:
-            return float(kv.get(key, {}).get("0", {}).get(layer, default))
-
-        out.append(
-            KVCacheScale(
-                int(layer),
-                get("k_scale", shared[layer]),
-                get("k_zero_point", 0.0),
-                get("v_scale", shared[layer]),
-                get("v_zero_point", 0.0),
+def _check_substring_skips(skipped: list[str], quantized: list[str]) -> None:
+    """vLLM's is_layer_skipped_awq keeps a module float when any entry is a substring of its
+    name: an entry must not reach a module that was quantized (`mlp.gate` would take
+    `mlp.gate_proj` along)."""
+    for entry in skipped:
+        caught = next((p for p in quantized if entry in p), None)
+        if caught is not None:
+            raise ValueError(
+                f"modules_to_not_convert entry {entry!r} would also keep {caught!r} float "
+                "(vLLM matches substrings); quantize both or neither"
             )
-        )
-    return out
 
 
 def gcu_settings(md: ModelDir) -> dict[str, Any]:
@@ -218,8 +207,7 @@ def bits_and_group_size(settings: dict[str, Any]) -> tuple[int, int]:
 
 
 def read_gcu(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
-    """A gcu directory -> QuantizedCheckpoint; only the tensors `select` accepts when given
-    (the KV-cache json is always read: it is small and not per tensor)."""
+    """A gcu directory -> QuantizedCheckpoint; only the tensors `select` accepts when given."""
     md = ModelDir(path)
     qc = gcu_settings(md)
     config = md.config or {}
@@ -264,7 +252,11 @@ def read_gcu(path: Path, select: TensorSelector | None = None) -> QuantizedCheck
                 method="w8a8",
             )
             used |= {name, f"{prefix}.in_scales", f"{prefix}.weight"}
-        elif leaf in ("k_scale", "v_scale", "k_zero", "v_zero"):
+    kv: dict[int, dict[str, float]] = {}
+    for name, tensor in tensors.items():
+        match = _KV.match(name)
+        if match:
+            kv.setdefault(int(match["index"]), {})[KV_LEAVES[match["leaf"]]] = float(tensor)
             used.add(name)
     for prefix, layer in ckpt.linears.items():
         bias = tensors.get(f"{prefix}.bias")
@@ -272,6 +264,9 @@ def read_gcu(path: Path, select: TensorSelector | None = None) -> QuantizedCheck
             layer.bias = bias.float()
             used.add(f"{prefix}.bias")
     ckpt.float_tensors = {n: t for n, t in tensors.items() if n not in used}
-    if (path / KV_FILE).is_file():
-        ckpt.kv_scales = read_kv_cache_json(path / KV_FILE)
+    ckpt.kv_scales = [  # a selection may hold part of a layer's: only whole layers count
+        KVCacheScale(i, v["k_scale"], v.get("k_offset", 0.0), v["v_scale"], v.get("v_offset", 0.0))
+        for i, v in sorted(kv.items())
+        if {"k_scale", "v_scale"} <= set(v)
+    ]
     return ckpt

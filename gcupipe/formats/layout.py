@@ -31,9 +31,10 @@ def _transformers_config(md: ModelDir) -> Any | None:
         return None
 
 
-def expected_weight_names(md: ModelDir) -> list[str] | None:
-    """Checkpoint tensor names the architecture loads (MoE experts per expert, as released
-    checkpoints name them; lm_head left out when tied)."""
+def expected_weights(md: ModelDir) -> dict[str, tuple[int, ...]] | None:
+    """Checkpoint tensor name -> shape, for every tensor the architecture loads (MoE experts per
+    expert, as released checkpoints name them; lm_head left out when tied). None when
+    transformers does not know the architecture."""
     cached = md.__dict__.get("_expected_weights")
     if cached is not None:
         return cached  # type: ignore[no-any-return]
@@ -48,18 +49,39 @@ def expected_weight_names(md: ModelDir) -> list[str] | None:
             model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception:
         return None
-    names: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
-            prefix, _, fused = name.rpartition(".")
-            parts = ("gate_proj", "up_proj") if fused == "gate_up_proj" else ("down_proj",)
-            names += [f"{prefix}.{e}.{p}.weight" for e in range(tensor.shape[0]) for p in parts]
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix(".gate_up_proj")
+            experts, rows, k = tensor.shape
+            for e in range(experts):
+                for part in ("gate_proj", "up_proj"):
+                    shapes[f"{prefix}.{e}.{part}.weight"] = (rows // 2, k)
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix(".down_proj")
+            for e in range(tensor.shape[0]):
+                shapes[f"{prefix}.{e}.down_proj.weight"] = tuple(tensor.shape[1:])
         else:
-            names.append(name)
+            shapes[name] = tuple(tensor.shape)
     if getattr(config, "tie_word_embeddings", False):
-        names = [n for n in names if n != "lm_head.weight"]
-    md.__dict__["_expected_weights"] = names
-    return names
+        shapes.pop("lm_head.weight", None)
+    md.__dict__["_expected_weights"] = shapes
+    return shapes
+
+
+def expected_weight_names(md: ModelDir) -> list[str] | None:
+    shapes = expected_weights(md)
+    return None if shapes is None else list(shapes)
+
+
+def linear_shapes(md: ModelDir) -> dict[str, tuple[int, int]]:
+    """Module prefix -> (out, in) features of every 2-D weight the architecture loads."""
+    shapes = expected_weights(md) or {}
+    return {
+        name.removesuffix(".weight"): (shape[0], shape[1])
+        for name, shape in shapes.items()
+        if name.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in name
+    }
 
 
 def moe_expert_names(md: ModelDir) -> list[str]:

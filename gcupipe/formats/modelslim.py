@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.formats.base import QuantizedCheckpoint, TensorSelector
-from gcupipe.formats.format import Description, Format, QuantizationFlag
+from gcupipe.formats.format import Combination, Description, Format, QuantizationFlag
 from gcupipe.formats.layout import FLOAT_DTYPES, want
 from gcupipe.formats.modeldir import ModelDir
-from gcupipe.formats.modelslim_io import DESCRIPTION, QUANTIZATION, read_modelslim
+from gcupipe.formats.modelslim_io import DESCRIPTION, QUANTIZATION, TIED_LM_HEAD, read_modelslim
 from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
 from gcupipe.quant.scheme import QuantType
 
@@ -77,7 +77,8 @@ def _description_matches(md: ModelDir, opts: CheckOptions) -> list[Finding]:
                 "list each saved tensor with its type (FLOAT for float ones)",
             )
         )
-    ghosts = sorted(set(listed) - set(md.tensors))
+    tied = bool((md.config or {}).get("tie_word_embeddings"))
+    ghosts = sorted(set(listed) - set(md.tensors) - ({TIED_LM_HEAD} if tied else set()))
     if ghosts:
         findings.append(
             Finding(
@@ -153,8 +154,8 @@ def _shapes(md: ModelDir, opts: CheckOptions) -> list[Finding]:
             for leaf in ("input_scale", "input_offset"):
                 name = f"{prefix}.{leaf}"
                 want(findings, tensors.get(name), name, {"F32"}, [(1,)], why)
-            name = f"{prefix}.deq_scale"
-            want(findings, tensors.get(name), name, {"F32"}, [(n,)], why)
+            name = f"{prefix}.deq_scale"  # int64: fp32 bits, for targets that read it so
+            want(findings, tensors.get(name), name, {"F32", "I64"}, [(n,)], why)
             name = f"{prefix}.quant_bias"
             want(findings, tensors.get(name), name, {"I32"}, [(n,)], why)
     return findings
@@ -254,6 +255,12 @@ RULES = (
 )
 
 
+def _flag(kind: str) -> QuantizationFlag:
+    """gcupipe's `gcu` plugin reads the layout on any vLLM (the ascend target names its own)."""
+    what = f"{kind} in the modelslim layout ({DESCRIPTION})"
+    return QuantizationFlag(QUANTIZATION, frozenset({QUANTIZATION}), what)
+
+
 class ModelslimFormat(Format):
     name = "modelslim"
     summary = "the msModelSlim / vllm-ascend layout (quant_model_description.json)"
@@ -271,9 +278,10 @@ class ModelslimFormat(Format):
         return read_modelslim(path, select)
 
     def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
-        kind = description(md).get("model_quant_type", "quantized")
-        what = f"{kind} in the modelslim layout ({DESCRIPTION})"
-        return QuantizationFlag(QUANTIZATION, frozenset({QUANTIZATION, "ascend"}), what)
+        return _flag(str(description(md).get("model_quant_type", "quantized")))
+
+    def planned_quantization_flag(self, combo: Combination) -> QuantizationFlag:
+        return _flag(combo.method.upper())
 
     def module_types(self, md: ModelDir) -> dict[str, str]:
         return _module_types(md)

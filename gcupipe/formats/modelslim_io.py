@@ -1,8 +1,10 @@
 """Writing and reading the modelslim layout (the seed's msModelSlim / vllm-ascend, DESIGN.md 4.1).
 
-quant_model_description.json lists every saved tensor with its type; weights go to
-quant_model_weight_<type>-0000i-of-0000N.safetensors + index; config.json has no
-quantization_config (vLLM reads the description through the plugin's config filenames).
+quant_model_description.json lists every saved tensor with its type, plus `lm_head.weight:
+FLOAT` when the embeddings are tied (vLLM still builds an lm_head and vllm-ascend looks its type
+up); weights go to quant_model_weight_<type>-0000i-of-0000N.safetensors + index; config.json
+has no quantization_config (vLLM reads the description through the plugin's config filenames).
+Static W8A8 `deq_scale` is float32, or int64 carrying the fp32 bits when the target asks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     import torch
 
 DESCRIPTION = "quant_model_description.json"
+TIED_LM_HEAD = "lm_head.weight"
+"""Listed (FLOAT) without a tensor when the embeddings are tied."""
 QUANTIZATION = "gcu"  # the vLLM --quantization name of the gcupipe plugin for this layout
 _KV = re.compile(
     r"^(?P<attn>.*\.layers\.(?P<index>\d+)\.[^.]+)\.(?P<kv>k|v)_proj\.kv_cache_"
@@ -76,7 +80,10 @@ class ModelslimWriter(FormatWriter):
             assert layer.input_scale is not None and layer.input_offset is not None
             self._add(f"{prefix}.input_scale", layer.input_scale.float().reshape(1), kind)
             self._add(f"{prefix}.input_offset", layer.input_offset.float().reshape(1), kind)
-            self._add(f"{prefix}.deq_scale", layer.deq_scale(), kind)
+            deq_scale = layer.deq_scale().float()
+            if self.options.deq_scale_int64:
+                deq_scale = fp32_bits_as_int64(deq_scale)
+            self._add(f"{prefix}.deq_scale", deq_scale, kind)
             self._add(f"{prefix}.quant_bias", layer.quant_bias(), kind)
         if layer.bias is not None:
             self._add(f"{prefix}.bias", layer.bias.float(), kind)
@@ -119,11 +126,20 @@ class ModelslimWriter(FormatWriter):
         if self.kv:
             description["kv_cache_type"] = "C8"
         description.update(self.description)
+        if self.source_config.get("tie_word_embeddings") and TIED_LM_HEAD not in description:
+            description[TIED_LM_HEAD] = QuantType.FLOAT.value
         (self.out_dir / DESCRIPTION).write_text(json.dumps(description, indent=2))
         config = strip_quantization_config(self.source_config)
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
         copy_side_files(self.source_dir, self.out_dir)
         return files
+
+
+def fp32_bits_as_int64(values: torch.Tensor) -> torch.Tensor:
+    """float32 values -> int64 whose low 32 bits are their IEEE bits, high bits zero."""
+    import torch
+
+    return values.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
 def read_modelslim(path: Path, select: TensorSelector | None = None) -> QuantizedCheckpoint:
@@ -155,9 +171,10 @@ def read_modelslim(path: Path, select: TensorSelector | None = None) -> Quantize
         elif name.endswith(".weight"):
             prefix = name[: -len(".weight")]
             ckpt.linears[prefix] = _linear(prefix, QuantType(kind), tensors)
-    ckpt.kv_scales = [
+    ckpt.kv_scales = [  # a selection may hold one of k and v: only whole layers count
         KVCacheScale(i, v["k_scale"], v["k_offset"], v["v_scale"], v["v_offset"])
         for i, v in sorted(kv.items())
+        if len(v) == 4
     ]
     return ckpt
 

@@ -73,12 +73,14 @@ def outcome(rule: str, summary: str, findings: list[Finding], **metrics: Any) ->
 class CheckOptions:
     """What the caller knows beyond the files: the serve `quantization` value to check (only
     when `check_quantization`; None then means "no flag"), whether an int8 KV cache is expected,
-    and the float source model."""
+    the float source model, and the target whose loaders judge the files (None: the one the
+    layout is made for)."""
 
     quantization: str | None = None
     check_quantization: bool = False
     kv_cache_int8: bool | None = None
     reference_dir: Path | None = None  # the float source model, when known
+    target: str | None = None
 
 
 RuleFn = Callable[["ModelDir", CheckOptions], list[Finding]]

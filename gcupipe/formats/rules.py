@@ -2,34 +2,29 @@
 
 A rule is a stable name, a one-line summary and a function of a `ModelDir` (and the check
 options) returning findings that say what is wrong, naming the file or tensor, and how to fix
-it. `check_structure` runs them in one fixed order, the order a person would fix things: the
+it. `format_rules` lists them in one fixed order, the order a person would fix things: the
 files, then the rules of the directory's own format (its `Format.rules()`), then the rules every
-format shares, the serve flag last. Only header bytes are read, except by the few rules that
-need tensor values.
+format shares (the target's rules follow: validation/rules.py). Only header bytes are
+read, except by the few rules that need tensor values.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
-from gcupipe.formats.format import QuantizationFlag
 from gcupipe.formats.layout import expected_weight_names, fused_groups, moe_expert_names
 from gcupipe.formats.modeldir import ModelDir
 from gcupipe.formats.registry import format_name, format_of
-from gcupipe.formats.results import CheckOptions, Finding, Rule, RuleResult, Skip, outcome
+from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
 from gcupipe.formats.tokenizer import TOKENIZER_FILES
 
-FLOAT_FLAG = QuantizationFlag(None, frozenset({None}), "an unquantized model")
 
-
-def check_structure(md: ModelDir, opts: CheckOptions | None = None) -> list[RuleResult]:
-    """Every rule that applies to `md`, in order: files, the format's own, shared, serve flag."""
-    opts = opts or CheckOptions()
+def format_rules(md: ModelDir) -> list[Rule]:
+    """The layout's rules for `md`, in order: files, the format's own, then the shared ones."""
     fmt = format_of(md)
     own = fmt.rules() if fmt is not None else ()
     shared = [rule for rule in SHARED if rule.name not in {r.name for r in own}]
-    return [rule.run(md, opts) for rule in (*FIRST, *own, *shared, QUANTIZATION_FLAG)]
+    return [*FIRST, *own, *shared]
 
 
 # -- the rules every directory gets ----------------------------------------------------------
@@ -218,61 +213,6 @@ def _no_int8_kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     ]
 
 
-def quantization_flag_findings(md: ModelDir, quantization: str | None) -> list[Finding]:
-    """Does the serve `quantization` value fit the files? (The seed guide serves a W8A8 model
-    with quantization="w4a16".) vLLM takes config.json's quantization_config when present and
-    raises if it disagrees with the flag; a layout without one (modelslim) is trusted to the
-    flag, and a wrong one loads int8 tensors as something they are not."""
-    fmt = format_of(md)
-    expected = fmt.quantization_flag(md) if fmt is not None else FLOAT_FLAG
-    asked = _normalise(quantization)
-    if asked in expected.accepted:
-        return []
-    right = (
-        "leave quantization unset"
-        if expected.value is None
-        else (f"serve with quantization={expected.value!r}")
-    )
-    if asked is None:
-        return [
-            Finding(
-                f"no quantization value given, but the files are {expected.what}; "
-                f"vLLM would load them as float weights",
-                right,
-            )
-        ]
-    return [
-        Finding(
-            f"quantization={quantization!r} does not match the files: they are "
-            f"{expected.what}; the right value is {expected.value!r}",
-            right,
-        )
-    ]
-
-
-def _normalise(value: str | None) -> str | None:
-    if value is None or str(value).strip().lower() in ("", "none", "null", "auto"):
-        return None
-    return str(value).strip().lower()
-
-
-def _quantization_flag(md: ModelDir, opts: CheckOptions) -> list[Finding]:
-    if not opts.check_quantization:
-        raise Skip("no serve `quantization` value given to check")
-    return quantization_flag_findings(md, opts.quantization)
-
-
-def check_quantization_flag(model_dir: Path | str, quantization: str | None) -> RuleResult:
-    """The serve stage's check before vLLM starts: fails, naming the right value, when
-    `quantization` is not what the files in `model_dir` need."""
-    md = ModelDir(Path(model_dir))
-    return outcome(
-        QUANTIZATION_FLAG.name,
-        QUANTIZATION_FLAG.summary,
-        quantization_flag_findings(md, quantization),
-    )
-
-
 REQUIRED_FILES = Rule(
     "required-files",
     "config.json, weights, tokenizer and the layout's own files exist",
@@ -306,6 +246,3 @@ SHARED = (
     ),
 )
 """Rules every format gets; a format's own rule of the same name takes the shared one's place."""
-QUANTIZATION_FLAG = Rule(
-    "quantization-flag", "the serve `quantization` value matches the files", _quantization_flag
-)

@@ -95,14 +95,16 @@ def quantize_model(
     resolve: SpecResolver,
     calib_tokens: torch.Tensor | None = None,
     kv_cache: bool = False,
+    kv_symmetric: bool = False,
     batch_size: int = 8,
     on_layer: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
     device: str = "cpu",
 ) -> QuantizeReport:
     """Quantize `model_dir` into `writer` layer by layer. `calib_tokens` [samples, seq_len] is
-    required when the method needs calibration or `kv_cache` is set. `device` (cpu, cuda,
-    auto) is where calibrated layers run; tensors come back to the CPU to be written."""
+    required when the method needs calibration or `kv_cache` is set (`kv_symmetric`: K and V
+    ranges without a zero point, for loaders that read none). `device` (cpu, cuda, auto) is
+    where calibrated layers run; tensors come back to the CPU to be written."""
     import torch
 
     if device == "auto":
@@ -148,6 +150,7 @@ def quantize_model(
                     hidden,
                     position_embeddings,
                     kv_cache,
+                    kv_symmetric,
                     batch_size,
                 )
             else:
@@ -293,6 +296,7 @@ def _quantize_layer_calibrated(
     hidden: torch.Tensor,
     position_embeddings: Any,
     kv_cache: bool,
+    kv_symmetric: bool,
     batch_size: int,
 ) -> torch.Tensor:
     import torch
@@ -351,7 +355,7 @@ def _quantize_layer_calibrated(
     hidden = _run_layer(layer, hidden, position_embeddings, batch_size)
     if kv_cache:
         detach_kv_observers(layer)
-        _emit_kv(config, arch, index, observers, writer, report)
+        _emit_kv(config, arch, index, observers, kv_symmetric, writer, report)
     del layer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return hidden
@@ -362,6 +366,7 @@ def _emit_kv(
     arch: ArchMap,
     index: int,
     observers: tuple[Any, Any],
+    symmetric: bool,
     writer: QuantizedSink,
     report: QuantizeReport,
 ) -> None:
@@ -370,7 +375,7 @@ def _emit_kv(
     values = []
     for obs in observers:
         lo, hi = obs.range()
-        scale, offset = scale_offset_from_range(torch.tensor(lo), torch.tensor(hi), 8, False)
+        scale, offset = scale_offset_from_range(torch.tensor(lo), torch.tensor(hi), 8, symmetric)
         values += [float(scale), float(offset)]
     kv = KVCacheScale(index, values[0], values[1], values[2], values[3])
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

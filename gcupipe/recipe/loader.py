@@ -77,6 +77,11 @@ class _Builder:
                 )
         classes = self._stage_classes()
         configs = {sid: self._interpolate_static(sid) for sid in stage_ids}
+        if self.model.target is not None:  # the recipe's target, where a stage names none
+            for sid, config in configs.items():
+                takes = sid in classes and "target" in classes[sid].Config.model_fields
+                if takes and "target" not in config:
+                    configs[sid] = {**config, "target": self.model.target}
         needs = stage_needs(self.model, self.positions, configs, self.errors)
         self._raise_errors()
         order = topological_order(self.model, self.positions, needs)

@@ -7,7 +7,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gcupipe.errors import RecipeError, did_you_mean
 from gcupipe.recipe.source import KeyPath, Positions, format_path
@@ -47,10 +47,25 @@ class RecipeModel(BaseModel):
         description="Recipe name; the default run directory is ./runs/<name>.",
     )
     description: str | None = Field(default=None, description="Free text.")
+    target: str | None = Field(
+        default=None,
+        description="Where the model will be served: gcu (vLLM-GCU), ascend (vllm-ascend), "
+        "cuda, cpu (upstream vLLM), or a plugin's. Quantize writes for its loaders, validate "
+        "judges by them, serve derives its flags from them; a stage's own `target:` wins.",
+    )
     vars: dict[str, Any] = Field(
         default_factory=dict, description="Values for ${vars.NAME} interpolation."
     )
     stages: dict[str, StageSpec] = Field(min_length=1, description="Stage id -> stage.")
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, name: str | None) -> str | None:
+        from gcupipe.targets.registry import TARGETS
+
+        if name is not None and name not in TARGETS:
+            raise ValueError(TARGETS.unknown_message(name))
+        return name
 
 
 def validate_model(
@@ -97,7 +112,9 @@ def _problem(
         )
     message = error["msg"]
     got = error.get("input")
-    if not isinstance(got, dict | list) and kind not in ("model_type", "dict_type"):
+    if kind == "value_error":  # our own validators: the message names the value already
+        message = message.removeprefix("Value error, ")
+    elif not isinstance(got, dict | list) and kind not in ("model_type", "dict_type"):
         message += f" (got {got!r})"
     return RecipeError(message, positions.value_mark(path), format_path(path))
 

@@ -10,7 +10,7 @@ from typing import Any
 from gcupipe.errors import RecipeError, did_you_mean
 from gcupipe.recipe.interpolate import Deferred, find_expressions, interpolate, parse_stage_ref
 from gcupipe.recipe.model import field_names, validate_model
-from gcupipe.recipe.planned import PlannedStage
+from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.source import KeyPath, Positions, format_path
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageOutputs
 
@@ -107,6 +107,17 @@ def preview_stage_config(
         return None
     assert isinstance(config, StageConfig)
     return config
+
+
+def lint_notes(recipe: Recipe) -> list[tuple[str, str]]:
+    """(stage id, line) for what `gcupipe lint` states about each stage's result before
+    anything runs (quantize: the target and the exact serve flags)."""
+    notes = []
+    for stage in recipe.stages.values():
+        preview = preview_stage_config(stage, {}, recipe.positions)
+        if preview is not None:
+            notes += [(stage.id, line) for line in stage.stage_class().lint_notes(preview)]
+    return notes
 
 
 def _interpolated(

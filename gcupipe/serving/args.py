@@ -1,7 +1,8 @@
-"""From an artifact directory to the exact vLLM arguments that serve it, on this platform.
+"""From an artifact directory to the exact vLLM arguments that serve it on a target.
 
-The format is read from the files themselves (the same rule a loader applies), so a model
-handed over by any stage, or by hand, gets the right `--quantization`.
+The format is read from the files themselves (the same rule a loader applies) and the target's
+profile says what its loaders need, so a model handed over by any stage, or by hand, gets the
+right `--quantization` and KV-cache flags.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from gcupipe.formats.format import Format
 from gcupipe.formats.modeldir import ModelDir
 from gcupipe.formats.registry import format_of
 from gcupipe.formats.tokenizer import has_chat_template
-from gcupipe.platform import Platform
+from gcupipe.targets.base import Target
 
 SERVER_ENTRY = ["-m", "vllm.entrypoints.openai.api_server"]
 """How the OpenAI server is started after `python` (a seam: tests point it at a fake server)."""
@@ -29,7 +30,7 @@ class Artifact:
 
     model_dir: Path
     layout: Format | None  # None: a plain float checkpoint
-    int8_kv_cache: Path | None = None
+    int8_kv_cache: bool = False
     chat_template: bool = False
 
     @property
@@ -49,16 +50,17 @@ def inspect_artifact(model_dir: Path) -> Artifact:
     return Artifact(
         model_dir=model_dir,
         layout=layout,
-        int8_kv_cache=layout.int8_kv_cache_file(md) if layout is not None else None,
+        int8_kv_cache=layout is not None and layout.describe(md).kv_cache == "int8",
         chat_template=has_chat_template(md),
     )
 
 
-def derive_quantization(artifact: Artifact, platform: Platform) -> str | None:
-    """The `--quantization` value for an artifact on a platform (None: vLLM reads the config)."""
+def derive_quantization(artifact: Artifact, target: Target) -> str | None:
+    """The `--quantization` value for an artifact on a target (None: vLLM reads the config);
+    StageError when the target's loaders cannot load it."""
     if artifact.layout is None:
         return None
-    return artifact.layout.serve_quantization(ModelDir(artifact.model_dir), platform)
+    return target.quantization(ModelDir(artifact.model_dir), artifact.layout).value
 
 
 @dataclass
@@ -74,7 +76,6 @@ class VllmArgs:
     dtype: str = "auto"
     enforce_eager: bool = False
     kv_cache_dtype: str | None = None
-    quantization_param_path: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
     def cli(self) -> list[str]:
@@ -96,8 +97,6 @@ class VllmArgs:
             args.append("--enforce-eager")
         if self.kv_cache_dtype:
             args += ["--kv-cache-dtype", self.kv_cache_dtype]
-        if self.quantization_param_path:
-            args += ["--quantization-param-path", self.quantization_param_path]
         return args + list(self.extra_args)
 
     def llm_kwargs(self) -> dict[str, Any]:
@@ -114,7 +113,6 @@ class VllmArgs:
             "served_model_name": self.served_model_name,
             "max_model_len": self.max_model_len,
             "kv_cache_dtype": self.kv_cache_dtype,
-            "quantization_param_path": self.quantization_param_path,
         }
         kwargs.update({key: value for key, value in optional.items() if value is not None})
         kwargs.update(extra_args_as_kwargs(self.extra_args))

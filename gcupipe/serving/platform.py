@@ -1,4 +1,5 @@
-"""Which accelerator vLLM will run on here (GCU, CUDA or CPU) and the environment each needs."""
+"""Which accelerator vLLM will run on here (GCU, Ascend, CUDA or CPU) and the environment each
+needs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ MAX_SOCKET_DIR_CHARS = 60
 
 
 def detect_platform() -> Platform:
-    """GCU when the vLLM-GCU plugin is importable, CUDA when torch sees a GPU, else CPU.
+    """GCU or Ascend when that vLLM plugin is importable, CUDA when torch sees a GPU, else CPU.
 
     `GCUPIPE_PLATFORM` overrides the detection (CI machines that only plan, tests)."""
     forced = os.environ.get("GCUPIPE_PLATFORM")
@@ -23,6 +24,8 @@ def detect_platform() -> Platform:
         return Platform(forced.lower())
     if importlib.util.find_spec("vllm_gcu") is not None:
         return Platform.GCU
+    if importlib.util.find_spec("vllm_ascend") is not None:
+        return Platform.ASCEND
     torch = sys.modules.get("torch")
     if torch is not None:  # already imported: ask it
         return Platform.CUDA if torch.cuda.is_available() else Platform.CPU

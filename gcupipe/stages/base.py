@@ -9,13 +9,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StageConfig(BaseModel):
     """Base of every stage's `with:` block. Unknown keys are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetedConfig(StageConfig):
+    """A stage whose work depends on the serving target (quantize writes for it, validate
+    judges by its loaders, serve derives its flags): `target:` here, else the recipe's."""
+
+    target: str | None = Field(
+        default=None,
+        description="Serving target: gcu (vLLM-GCU), ascend (vllm-ascend), cuda, cpu (upstream "
+        "vLLM), or one a plugin registers (`gcupipe.targets`). Default: the recipe's `target:`.",
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, name: str | None) -> str | None:
+        from gcupipe.targets.registry import TARGETS
+
+        if name is not None and name not in TARGETS:
+            raise ValueError(TARGETS.unknown_message(name))
+        return name
 
 
 class StageOutputs(BaseModel):
@@ -114,6 +134,11 @@ class Stage(abc.ABC, Generic[ConfigT, OutputsT]):
     def describe(self, config: ConfigT, cache_dir: Path) -> str | None:
         """One line for `gcupipe plan` (e.g. where a model will come from). Default: none."""
         return None
+
+    def lint_notes(self, config: ConfigT) -> list[str]:
+        """What `gcupipe lint` states about the stage's result (quantize: the target and the
+        exact serve flags). Default: nothing."""
+        return []
 
     def cache_inputs(self, config: ConfigT) -> list[Path]:
         """Files or directories outside the run whose change must invalidate the cache.

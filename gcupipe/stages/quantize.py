@@ -9,10 +9,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gcupipe.errors import StageError
+from gcupipe.formats.format import Combination, Format
 from gcupipe.formats.registry import FORMATS
 from gcupipe.quant.methods import METHODS, QuantMethod
-from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
 from gcupipe.stages.calibration import CalibrationConfig
+from gcupipe.targets.base import ModelFacts, Target
+from gcupipe.targets.registry import target_for
 
 DEFAULT_IGNORE = ["lm_head", r".*embed_tokens", r".*\.mlp\.gate"]
 
@@ -32,7 +35,7 @@ class Override(BaseModel):
     symmetric: bool | None = Field(default=None, description="Symmetric weight quantization.")
 
 
-class QuantizeConfig(StageConfig):
+class QuantizeConfig(TargetedConfig):
     model: Path = Field(
         description="Model directory (safetensors + config.json), usually "
         "${stages.download.outputs.model_dir}."
@@ -142,6 +145,35 @@ class QuantizeConfig(StageConfig):
     def weight_group_size(self) -> int:
         return self.group_size if self.group_size is not None else self.method_class.group_size
 
+    @property
+    def layout(self) -> Format:
+        return FORMATS.get(self.format)
+
+    @property
+    def target_profile(self) -> Target:
+        """The target written for: `target:`, else the one the format is made for."""
+        return target_for(self.target, self.layout)
+
+    def model_facts(self) -> ModelFacts | None:
+        """What the source model's config.json says (None until the model is there)."""
+        from gcupipe.formats.modeldir import ModelDir
+
+        config = ModelDir(self.model).config if (self.model / "config.json").is_file() else None
+        return None if config is None else ModelFacts.from_config(config)
+
+    def combination(self) -> Combination:
+        """What the format and the target are asked to hold; the linears kept in float are
+        known once the model is there."""
+        return Combination(
+            self.method,
+            self.weight_bits,
+            self.weight_group_size,
+            self.symmetric,
+            self.method_class.activation,
+            self.kv_cache is not None,
+            tuple(_float_linears(self)),
+        )
+
 
 class QuantizeOutputs(StageOutputs):
     model_dir: Path = Field(description="The quantized model directory.")
@@ -150,7 +182,8 @@ class QuantizeOutputs(StageOutputs):
     )
     format: str = Field(description="Its layout (modelslim, gcu, compressed-tensors).")
     method: str = Field(description="The quantization method.")
-    quantization: str | None = Field(description="vLLM's --quantization value for it.")
+    target: str = Field(description="The serving target it was written for.")
+    quantization: str | None = Field(description="vLLM's --quantization value on that target.")
     quantized_layers: int = Field(description="Number of quantized linear layers.")
     float_layers: list[str] = Field(description="Linear layers kept in float (ignored).")
     fallbacks: dict[str, str] = Field(description="Layers quantized by a fallback, and why.")
@@ -165,19 +198,15 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
     version = "1"
 
     def check(self, config: QuantizeConfig) -> list[Problem]:
-        from gcupipe.formats.format import Combination
         from gcupipe.quant.plan import group_size_problems
 
         method = config.method_class
-        combo = Combination(
-            config.method,
-            config.weight_bits,
-            config.weight_group_size,
-            config.symmetric,
-            method.activation,
-            config.kv_cache is not None,
-        )
-        problems = [Problem(msg, key) for key, msg in FORMATS.get(config.format).problems(combo)]
+        combo = config.combination()
+        problems = [Problem(msg, key) for key, msg in config.layout.problems(combo)]
+        target = config.target_profile
+        facts = config.model_facts()
+        for key, message in target.problems(config.layout, combo, facts):
+            problems.append(Problem(f"target {target.name}: {message}", key))
         if config.smooth_alpha is not None and not method.smoothing:
             problems.append(
                 Problem(f"method {config.method} takes no smooth_alpha", "smooth_alpha")
@@ -226,7 +255,31 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             parts.append("calibration: none given")
         else:
             parts.append("no calibration")
-        return "; ".join(parts)
+        return "; ".join(parts + self.lint_notes(config))
+
+    def lint_notes(self, config: QuantizeConfig) -> list[str]:
+        from gcupipe.serving.args import VllmArgs
+
+        target, combo = config.target_profile, config.combination()
+        facts = config.model_facts()
+
+        def flags(moe: bool) -> str:
+            try:
+                planned = target.planned_quantization(config.layout, combo, moe)
+            except StageError as exc:
+                return f"not servable there ({exc})"
+            if planned is None:
+                return "the --quantization the written files name"
+            kv = target.kv_cache_dtype() if combo.kv_cache else None
+            args = VllmArgs(model="<model_dir>", quantization=planned.value, kv_cache_dtype=kv)
+            return " ".join(args.cli()[2:]) or "no quantization flags (vLLM reads config.json)"
+
+        line = (
+            f"for {target.name} ({target.summary}): serve with {flags(bool(facts and facts.moe))}"
+        )
+        if facts is None and flags(True) != flags(False):
+            line += f"; a MoE model: {flags(True)}"
+        return [line]
 
     def run(self, config: QuantizeConfig, ctx: StageContext) -> QuantizeOutputs:
         from gcupipe.formats.modeldir import ModelDir
@@ -238,6 +291,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         if problems:
             raise StageError(f"{problems[0].key}: {problems[0].message}")
         raw = load_raw_config(config.model)
+        target = config.target_profile
         method = config.method_class(
             config.method_class.Options.model_validate(config.options),
             device=config.device,
@@ -247,13 +301,14 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         if method.needs_calibration or config.kv_cache is not None:
             vocab = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
             tokens = calibration_tokens(config.calibration, config.model, vocab, ctx.cache_dir)
-        layout = FORMATS.get(config.format)
+        layout = config.layout
         writer = layout.writer()(
             ctx.output_dir,
             config.model,
             raw,
             config.method,
             max_shard_bytes=config.max_shard_size_mb << 20,
+            options=target.write_options(layout.name, ModelFacts.from_config(raw)),
         )
         with ctx.progress("quantize layers", total=None, unit="layers") as bar:
 
@@ -268,6 +323,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 _resolver(config),
                 tokens,
                 kv_cache=config.kv_cache is not None,
+                kv_symmetric=target.kv_cache_symmetric(layout.name, config.method),
                 batch_size=config.batch_size,
                 on_layer=on_layer,
                 log=ctx.log,
@@ -279,7 +335,8 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             source_model_dir=config.model,
             format=config.format,
             method=config.method,
-            quantization=layout.quantization_flag(ModelDir(ctx.output_dir)).value,
+            target=target.name,
+            quantization=target.quantization(ModelDir(ctx.output_dir), layout).value,
             quantized_layers=len(report.layer_types),
             float_layers=report.float_linears,
             fallbacks=report.fallbacks,
@@ -314,13 +371,15 @@ def _resolver(config: QuantizeConfig) -> Any:
     ignore = [re.compile(p) for p in config.ignore]
     overrides = [(re.compile(p), o) for p, o in config.overrides.items()]
     activation = config.method_class.activation
+    layout = config.layout
     base = LayerSpec(
         bits=config.weight_bits,
         group_size=config.weight_group_size,
         symmetric=config.symmetric if activation is ActivationScheme.NONE else True,
         activation=activation,
         act_method=config.act_method,
-        act_symmetric=FORMATS.get(config.format).symmetric_activations,
+        act_symmetric=layout.symmetric_activations
+        or config.target_profile.static_activations_symmetric(layout.name),
     )
 
     def resolve(name: str) -> LayerSpec | None:
@@ -343,3 +402,18 @@ def _resolver(config: QuantizeConfig) -> Any:
         return base
 
     return resolve
+
+
+def _float_linears(config: QuantizeConfig) -> list[str]:
+    """The model's linears that `ignore` / `overrides` keep in float (none while the model is
+    not there yet)."""
+    from gcupipe.formats.layout import linear_shapes
+    from gcupipe.formats.modeldir import ModelDir
+
+    if not (config.model / "config.json").is_file():
+        return []
+    try:
+        resolve = _resolver(config)
+    except re.error:  # check() reports the pattern
+        return []
+    return [prefix for prefix in linear_shapes(ModelDir(config.model)) if resolve(prefix) is None]

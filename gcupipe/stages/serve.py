@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from gcupipe.errors import StageError
+from gcupipe.formats.results import RuleResult
 from gcupipe.platform import Platform
 from gcupipe.serving.args import (
     Artifact,
@@ -20,12 +21,14 @@ from gcupipe.serving.args import (
     server_command,
 )
 from gcupipe.serving.platform import detect_platform, platform_env
-from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
+from gcupipe.targets.base import Target
+from gcupipe.targets.registry import TARGETS
 
 DEFAULT_PROMPTS = ["The capital of France is", "Quantization makes a language model"]
 
 
-class ServeConfig(StageConfig):
+class ServeConfig(TargetedConfig):
     engine: Literal["vllm"] = Field(default="vllm", description="Serving engine (vLLM only).")
     mode: Literal["offline", "online"] = Field(
         default="online",
@@ -77,7 +80,7 @@ class ServeConfig(StageConfig):
 
 class ServeOutputs(StageOutputs):
     mode: str = Field(description="offline or online.")
-    platform: str = Field(description="gcu, cuda or cpu.")
+    platform: str = Field(description="The machine's vLLM platform: gcu, ascend, cuda or cpu.")
     model_dir: Path = Field(description="The model that was served.")
     quantization: str | None = Field(description="The --quantization vLLM got (None: none).")
     command: str = Field(description="The exact vLLM command (online) or LLM call (offline).")
@@ -103,6 +106,16 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             problems.append(Problem("keep_alive only applies to mode: online", "keep_alive"))
         if config.prompts_file is not None and not config.prompts_file.is_file():
             problems.append(Problem(f"{config.prompts_file} does not exist", "prompts_file"))
+        if config.model is not None and (config.model / "config.json").is_file():
+            target = _target(config)
+            try:
+                quantization = self._quantization(config, inspect_artifact(config.model), target)
+            except StageError as exc:
+                problems.append(Problem(str(exc), "model"))
+            else:
+                result = _flag_result(config.model, quantization, target)
+                if result.failed:
+                    problems.append(Problem(result.message, "quantization"))
         return problems
 
     def describe(self, config: ServeConfig, cache_dir: Path) -> str | None:
@@ -110,26 +123,28 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         known = config.model is not None and config.model.is_dir()
         model = str(config.model) if config.model else "<upstream model_dir>"
         platform = detect_platform()
+        target = _target(config, platform)
         notes = []
         artifact = None
+        where = f"{platform.value}" + (
+            f" for target {target.name}" if target.name != platform else ""
+        )
         try:
             if known:
                 artifact = inspect_artifact(config.model)  # type: ignore[arg-type]
-                quantization = self._quantization(config, artifact, platform)
-            else:
-                quantization = self._quantization(config, None, platform)
-                if config.quantization is None:
-                    notes.append("--quantization follows the model's files at run time")
+            elif config.quantization is None:
+                notes.append("--quantization follows the model's files at run time")
+            quantization = self._quantization(config, artifact, target)
         except StageError as exc:
-            return f"vllm {config.mode} on {platform.value}: {exc}"
-        args = self._vllm_args(config, model, quantization, platform, artifact)
+            return f"vllm {config.mode} on {where}: {exc}"
+        args = self._vllm_args(config, model, quantization, platform, target, artifact)
         if config.mode == "online":
             command = server_command(args, config.host, config.port or 0)
             if not config.port:
                 command[-1] = "<free port>"
-            line = f"vllm online on {platform.value}: {render_command(command)}"
+            line = f"vllm online on {where}: {render_command(command)}"
         else:
-            line = f"vllm offline on {platform.value}: vllm.LLM(**{args.llm_kwargs()!r})"
+            line = f"vllm offline on {where}: vllm.LLM(**{args.llm_kwargs()!r})"
         return line + (f"  ({'; '.join(notes)})" if notes else "")
 
     # -- run ---------------------------------------------------------------------------------
@@ -138,13 +153,23 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         model_dir = self._model_dir(config, ctx)
         artifact = inspect_artifact(model_dir)
         platform = detect_platform()
-        quantization = self._quantization(config, artifact, platform)
-        _check_flag(model_dir, quantization)
-        args = self._vllm_args(config, str(model_dir), quantization, platform, artifact)
-        if artifact.int8_kv_cache is not None and platform is not Platform.GCU:
+        target = _target(config, platform)
+        if target.name != platform.value:
+            raise StageError(
+                f"serve: this machine runs vLLM on {platform.value}, but the stage's target is "
+                f"{target.name} ({target.summary}): serve on a {target.name} machine, or set "
+                f"`target: {platform.value}` on the serve stage (validate checks the files "
+                "load there)"
+            )
+        quantization = self._quantization(config, artifact, target)
+        result = _flag_result(model_dir, quantization, target)
+        if result.failed:
+            raise StageError(f"serve: {result.message}")
+        args = self._vllm_args(config, str(model_dir), quantization, platform, target, artifact)
+        if artifact.int8_kv_cache and args.kv_cache_dtype is None:
             ctx.log(
-                f"int8 KV cache scales are used on GCU only; {platform.value} serves "
-                "with its default KV cache"
+                f"the int8 KV cache scales are not read on {target.name}; it serves with "
+                "its default KV cache"
             )
         env = {
             **os.environ,
@@ -200,12 +225,18 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             raise StageError(f"serve: several upstream models ({names}): set `model:` to pick one")
         return next(iter(found))
 
+    def _quantization_flag(self, config: ServeConfig) -> str | None:
+        """The recipe's `quantization` as vLLM gets it (None: derive from the files)."""
+        if config.quantization is None or config.quantization.lower() == "none":
+            return None
+        return config.quantization
+
     def _quantization(
-        self, config: ServeConfig, artifact: Artifact | None, platform: Platform
+        self, config: ServeConfig, artifact: Artifact | None, target: Target
     ) -> str | None:
         if config.quantization is not None:
-            return None if config.quantization.lower() == "none" else config.quantization
-        return derive_quantization(artifact, platform) if artifact is not None else None
+            return self._quantization_flag(config)
+        return derive_quantization(artifact, target) if artifact is not None else None
 
     def _vllm_args(
         self,
@@ -213,11 +244,11 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         model: str,
         quantization: str | None,
         platform: Platform,
+        target: Target,
         artifact: Artifact | None = None,
     ) -> VllmArgs:
         eager = config.enforce_eager
-        kv_file = artifact.int8_kv_cache if artifact is not None else None
-        on_gcu_with_kv = platform is Platform.GCU and kv_file is not None
+        kv = artifact is not None and artifact.int8_kv_cache
         return VllmArgs(
             model=model,
             quantization=quantization,
@@ -227,8 +258,7 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             trust_remote_code=config.trust_remote_code,
             dtype=config.dtype,
             enforce_eager=(platform is Platform.CPU) if eager is None else eager,
-            kv_cache_dtype="int8" if on_gcu_with_kv else None,
-            quantization_param_path=str(kv_file) if on_gcu_with_kv else None,
+            kv_cache_dtype=target.kv_cache_dtype() if kv else None,
             extra_args=list(config.extra_args),
         )
 
@@ -241,11 +271,14 @@ def _prompts(config: ServeConfig) -> list[str]:
     return list(config.prompts)
 
 
-def _check_flag(model_dir: Path, quantization: str | None) -> None:
-    """Fail before vLLM starts when the flag does not fit the files (the seed guide's W8A8 model
-    served with quantization="w4a16"), naming the right value."""
-    from gcupipe.formats.rules import check_quantization_flag
+def _target(config: ServeConfig, platform: Platform | None = None) -> Target:
+    """The stage's target, else the machine's: serve loads the files where it runs."""
+    return TARGETS.get(config.target or (platform or detect_platform()).value)
 
-    result = check_quantization_flag(model_dir, quantization)
-    if result.failed:
-        raise StageError(f"serve: {result.message}")
+
+def _flag_result(model_dir: Path, quantization: str | None, target: Target) -> RuleResult:
+    """Whether the flag fits the files on the target (the seed guide's W8A8 model served with
+    quantization="w4a16"; a MoE AWQ model on GCU without moe_wna16_gcu), naming the right one."""
+    from gcupipe.validation.rules import check_quantization_flag
+
+    return check_quantization_flag(model_dir, quantization, target.name)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gcupipe.errors import StageError
-from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
 
 if TYPE_CHECKING:
     from gcupipe.formats.modeldir import ModelDir
@@ -35,7 +35,7 @@ class EvalConfig(BaseModel):
     stride: int = Field(default=512, gt=0, description="Tokens the window advances by.")
 
 
-class ValidateConfig(StageConfig):
+class ValidateConfig(TargetedConfig):
     model: Path | None = Field(
         default=None,
         description="Quantized model directory; default: the upstream quantize stage's model_dir.",
@@ -100,7 +100,8 @@ class ValidateOutputs(StageOutputs):
     passed: bool = Field(description="Every rule and gate passed.")
     model_dir: Path = Field(description="The validated model directory (for serve).")
     format: str = Field(description="Its layout: modelslim, gcu, compressed-tensors or float.")
-    quantization: str | None = Field(description="The `quantization` value the files need.")
+    target: str = Field(description="The target whose loaders judged the files.")
+    quantization: str | None = Field(description="The `quantization` value the files need there.")
     failures: list[str] = Field(description="Names of the failed rules and gates.")
     report_json: Path = Field(description="Everything, machine-readable.")
     report_markdown: Path = Field(description="Summary for people.")
@@ -163,6 +164,7 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
         check_flag = config.quantization is not None
         if not check_flag and upstream is not None and hasattr(upstream, "quantization"):
             quantization, check_flag = upstream.quantization, True
+        target = config.target or getattr(upstream, "target", None)
         kv = config.kv_cache_int8
         if kv is None and upstream is not None and hasattr(upstream, "kv_cache_layers"):
             kv = bool(upstream.kv_cache_layers) or None
@@ -182,6 +184,7 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             quantization=quantization,
             check_quantization=check_flag,
             kv_cache_int8=kv,
+            target=target,
             numeric=config.numeric,
             layered=config.layered,
         )
@@ -202,7 +205,7 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             passed=report.passed,
             model_dir=Path(model_dir),
             format=report.format,
-            quantization=_quantization_value(ModelDir(Path(model_dir))),
+            **_served_as(ModelDir(Path(model_dir)), target),
             failures=[r.rule for r in report.failures],
             report_json=result.paths["json"],
             report_markdown=result.paths["markdown"],
@@ -215,11 +218,18 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
         )
 
 
-def _quantization_value(md: ModelDir) -> str | None:
+def _served_as(md: ModelDir, target_name: str | None) -> dict[str, Any]:
+    """The target that judged the files and the `--quantization` they need there."""
     from gcupipe.formats.registry import format_of
+    from gcupipe.targets.registry import target_for
 
     layout = format_of(md)
-    return layout.quantization_flag(md).value if layout is not None else None
+    target = target_for(target_name, layout)
+    try:
+        quantization = target.quantization(md, layout).value if layout is not None else None
+    except StageError:  # the quantization-flag rule has reported it
+        quantization = None
+    return {"target": target.name, "quantization": quantization}
 
 
 def _path_output(outputs: StageOutputs | None, name: str) -> Path | None:

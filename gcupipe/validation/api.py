@@ -14,9 +14,9 @@ from gcupipe.errors import GateFailed
 from gcupipe.formats.modeldir import ModelDir, read_safetensors_header
 from gcupipe.formats.registry import format_name
 from gcupipe.formats.results import CheckOptions, Finding, RuleResult, outcome, skipped
-from gcupipe.formats.rules import check_structure
 from gcupipe.validation.numeric import NumericMetrics
 from gcupipe.validation.report import ValidationReport, write_reports
+from gcupipe.validation.rules import check_structure
 
 # Used when no eval text is given: ordinary English prose, written for gcupipe, so the default
 # check needs no download. A few hundred tokens: enough to see a broken model, cheap on a CPU.
@@ -60,6 +60,7 @@ class ValidationSettings:
     quantization: str | None = None
     check_quantization: bool = False
     kv_cache_int8: bool | None = None
+    target: str | None = None  # whose loaders judge the files (None: the layout's own)
     numeric: bool = True
     layered: bool | None = None  # None: layered when the float reference is too big for RAM
 
@@ -90,7 +91,11 @@ def validate_model_dir(
     reference = Path(reference_dir) if reference_dir is not None else None
     md = ModelDir(model_dir)
     options = CheckOptions(
-        settings.quantization, settings.check_quantization, settings.kv_cache_int8, reference
+        settings.quantization,
+        settings.check_quantization,
+        settings.kv_cache_int8,
+        reference,
+        settings.target,
     )
     report = ValidationReport(
         str(model_dir),

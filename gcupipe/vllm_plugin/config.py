@@ -18,8 +18,10 @@ QUANTIZATION_NAME = "gcu"
 class GcuQuantConfig(QuantizationConfig):
     """Maps every vLLM layer to the linear method its modelslim description asks for."""
 
-    # C8 KV-cache scales (`<attn>.k_proj.kv_cache_scale|offset`) are read by vLLM-GCU's int8 KV
-    # cache; a vLLM without one serves the weights with its default KV cache and skips them.
+    # C8 KV-cache scales (`<attn>.k_proj.kv_cache_scale|offset`) are vllm-ascend's (its own
+    # loader maps them to `<attn>.attn.k_cache_scale`); nothing in vLLM-GCU reads them (the gcu
+    # target refuses a modelslim KV cache), so this plugin loads past them and leaves the KV
+    # cache at vLLM's default.
     _ignore_unexpected_suffixes = (  # type: ignore[assignment]  # a longer tuple
         *QuantizationConfig._ignore_unexpected_suffixes,
         ".kv_cache_scale",

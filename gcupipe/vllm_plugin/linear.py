@@ -269,7 +269,7 @@ class GcuKVCacheScalesMethod(LinearMethodBase):
 
     vLLM routes `<attn>.k_proj.kv_cache_scale` to the fused qkv_proj, whose loader needs a
     parameter of that name; the values are kept on the layer (`kv_cache_scale`, one per output
-    channel of k and v) for a KV cache that can use them, and are not applied here."""
+    channel of k and v) and used by nothing: only vllm-ascend's C8 attention reads them."""
 
     def __init__(self, inner: LinearMethodBase):
         self.inner = inner

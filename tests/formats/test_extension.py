@@ -89,6 +89,8 @@ class DequantizedFormat(Format):
     name = "safetensors-dequantized"
     summary = "quantized weights dequantized to float safetensors (a test-only format)"
     writer_class = DequantizedWriter
+    native_target = "cpu"
+    targets = ("gcu", "cuda", "cpu")  # float weights: every vLLM loads them
     required_files = ((MARKER, "write the marker naming the dequantized linears"),)
 
     def detect(self, md: ModelDir) -> bool:
@@ -109,6 +111,9 @@ class DequantizedFormat(Format):
         return []
 
     def quantization_flag(self, md: ModelDir) -> QuantizationFlag:
+        return QuantizationFlag(None, frozenset({None}), "float weights (dequantized)")
+
+    def planned_quantization_flag(self, combo: Combination) -> QuantizationFlag:
         return QuantizationFlag(None, frozenset({None}), "float weights (dequantized)")
 
     def module_types(self, md: ModelDir) -> dict[str, str]:
@@ -194,9 +199,9 @@ def _run(tmp_path: Path, method: str, fmt: str, options: str = "{}"):  # type: i
 
 def test_a_format_defined_outside_gcupipe_is_written_inspected_validated_and_served(tmp_path):
     from gcupipe.formats.inspect import inspect_model_dir
-    from gcupipe.platform import Platform
     from gcupipe.serving.args import derive_quantization, inspect_artifact
     from gcupipe.stages.serve import ServeConfig, ServeStage
+    from gcupipe.targets.registry import TARGETS
 
     result = _run(tmp_path, "w8a16", "safetensors-dequantized")
     assert result.outcome == "ok", result.error
@@ -211,14 +216,14 @@ def test_a_format_defined_outside_gcupipe_is_written_inspected_validated_and_ser
         "w8a16",
         None,
     )
-    assert derive_quantization(inspect_artifact(out), Platform.CPU) is None
+    assert derive_quantization(inspect_artifact(out), TARGETS.get("cpu")) is None
     command = ServeStage().describe(ServeConfig(model=out), tmp_path)
     assert command is not None and "--quantization" not in command
     # the format's own rule sees a broken export
     marker = json.loads((out / MARKER).read_text())
     marker["dequantized"].append("model.layers.0.mlp.nope_proj")
     (out / MARKER).write_text(json.dumps(marker))
-    from gcupipe.formats.rules import check_structure
+    from gcupipe.validation.rules import check_structure
 
     failed = [r.rule for r in check_structure(ModelDir(out)) if r.failed]
     assert failed == ["dequantized-linears-float"]

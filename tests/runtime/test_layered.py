@@ -47,7 +47,10 @@ CASES = {
     "llama-float": ("llama", None),
     "qwen2-w8a8_dynamic": ("qwen2", {"method": "w8a8_dynamic"}),
     "deepseek_v2-w8a8_dynamic": ("deepseek_v2", {"method": "w8a8_dynamic"}),
-    "llama-w8a8-static-kv": ("llama", {"method": "w8a8", "kv_cache": {"dtype": "int8"}}),
+    "llama-w8a8-static-kv": (
+        "llama",
+        {"method": "w8a8", "kv_cache": {"dtype": "int8"}, "target": "ascend"},
+    ),
     "llama-gcu-w8a8-kv": (
         "llama",
         {"method": "w8a8", "format": "gcu", "kv_cache": {"dtype": "int8"}},

@@ -1,4 +1,4 @@
-"""vLLM arguments derived from the artifact's own files, per platform."""
+"""vLLM arguments derived from the artifact's own files, per target."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from gcupipe.serving.args import (
     server_command,
 )
 from gcupipe.serving.platform import detect_platform, platform_env
+from gcupipe.targets.registry import TARGETS
 
 
 def _model(tmp_path: Path, quant_config: dict | None = None, *files: str) -> Path:
@@ -30,39 +31,55 @@ def _model(tmp_path: Path, quant_config: dict | None = None, *files: str) -> Pat
     return tmp_path
 
 
-def test_modelslim_is_served_with_the_gcu_plugin_everywhere(tmp_path: Path) -> None:
+def test_modelslim_is_served_with_the_gcu_plugin_and_ascend_with_its_own(tmp_path: Path) -> None:
     artifact = inspect_artifact(_model(tmp_path, None, "quant_model_description.json"))
     assert artifact.format == "modelslim"
-    for platform in Platform:
-        assert derive_quantization(artifact, platform) == "gcu"
+    for name in ("gcu", "cuda", "cpu"):
+        assert derive_quantization(artifact, TARGETS.get(name)) == "gcu"
+    assert derive_quantization(artifact, TARGETS.get("ascend")) == "ascend"
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "w8a8"])
 def test_gcu_format_gets_the_vllm_gcu_loader_name_on_gcu(tmp_path: Path, method: str) -> None:
     artifact = inspect_artifact(_model(tmp_path, {"quant_method": method}))
     assert artifact.format == "gcu"
-    assert derive_quantization(artifact, Platform.GCU) == method
+    assert derive_quantization(artifact, TARGETS.get("gcu")) == method
+
+
+def test_moe_gptq_and_awq_on_gcu_need_moe_wna16_gcu(tmp_path: Path) -> None:
+    for method in ("gptq", "awq"):
+        model = _model(tmp_path / method, {"quant_method": method})
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "n_routed_experts": 4}))
+        assert derive_quantization(inspect_artifact(model), TARGETS.get("gcu")) == "moe_wna16_gcu"
+        assert derive_quantization(inspect_artifact(model), TARGETS.get("cpu")) is None
 
 
 def test_gcu_w8a8_layout_is_refused_off_gcu(tmp_path: Path) -> None:
     artifact = inspect_artifact(_model(tmp_path, {"quant_method": "w8a8"}))
-    with pytest.raises(StageError, match="w8a8 layout, which vLLM on cpu does not load"):
-        derive_quantization(artifact, Platform.CPU)
+    with pytest.raises(StageError, match="vLLM-GCU's own method: vLLM on cpu has none"):
+        derive_quantization(artifact, TARGETS.get("cpu"))
 
 
 def test_compressed_tensors_and_float_need_no_flag(tmp_path: Path) -> None:
     ct = inspect_artifact(_model(tmp_path / "ct", {"quant_method": "compressed-tensors"}))
     assert ct.format == "compressed-tensors"
-    assert derive_quantization(ct, Platform.GCU) is None
+    assert derive_quantization(ct, TARGETS.get("gcu")) is None
     plain = inspect_artifact(_model(tmp_path / "f"))
-    assert plain.format == "float" and derive_quantization(plain, Platform.CPU) is None
+    assert plain.format == "float" and derive_quantization(plain, TARGETS.get("cpu")) is None
 
 
 def test_int8_kv_cache_and_chat_template_are_detected(tmp_path: Path) -> None:
-    model = _model(tmp_path, {"quant_method": "w8a8"}, "int8_kv_cache.json")
+    import torch
+    from safetensors.torch import save_file
+
+    model = _model(tmp_path, {"quant_method": "w8a8"})
+    assert not inspect_artifact(model).int8_kv_cache
+    scale = {"model.layers.0.self_attn.k_scale": torch.tensor(0.01)}
+    save_file(scale, str(model / "model.safetensors"))
     (model / "chat_template.jinja").write_text("{{ messages }}")
     artifact = inspect_artifact(model)
-    assert artifact.int8_kv_cache == model / "int8_kv_cache.json"
+    assert artifact.int8_kv_cache
     assert artifact.chat_template
 
 
@@ -81,7 +98,6 @@ def test_cli_and_llm_keywords_agree() -> None:
         trust_remote_code=True,
         enforce_eager=True,
         kv_cache_dtype="int8",
-        quantization_param_path="/m/int8_kv_cache.json",
         extra_args=["--gpu-memory-utilization", "0.5", "--disable-log-stats"],
     )
     assert args.cli() == [
@@ -99,8 +115,6 @@ def test_cli_and_llm_keywords_agree() -> None:
         "--enforce-eager",
         "--kv-cache-dtype",
         "int8",
-        "--quantization-param-path",
-        "/m/int8_kv_cache.json",
         "--gpu-memory-utilization",
         "0.5",
         "--disable-log-stats",

@@ -251,6 +251,9 @@ def test_describe_prints_the_exact_command(models, tmp_path: Path) -> None:  # t
 def test_gcu_platform_gets_the_loader_name_and_the_int8_kv_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     monkeypatch.setenv("GCUPIPE_PLATFORM", "gcu")
     model = tmp_path / "gptq-int8kv"
     model.mkdir()
@@ -259,12 +262,16 @@ def test_gcu_platform_gets_the_loader_name_and_the_int8_kv_cache(
             {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}}
         )
     )
-    (model / "int8_kv_cache.json").write_text("{}")
+    kv = {f"model.layers.0.self_attn.{leaf}": torch.tensor(0.01) for leaf in ("k_scale", "v_scale")}
+    save_file(kv, str(model / "model.safetensors"))
     line = ServeStage().describe(ServeConfig(model=model, port=9000), tmp_path)
     assert line is not None and line.startswith("vllm online on gcu:")
-    assert "--quantization gptq" in line
-    assert f"--kv-cache-dtype int8 --quantization-param-path {model}/int8_kv_cache.json" in line
+    assert "--quantization gptq" in line and "--kv-cache-dtype int8" in line
+    assert "--quantization-param-path" not in line  # vLLM 0.9.2 has no such flag
     assert "--enforce-eager" not in line  # eager is the CPU default only
+    cpu = ServeStage().describe(ServeConfig(model=model, port=9000, target="cpu"), tmp_path)
+    assert cpu is not None and cpu.startswith("vllm online on gcu for target cpu:")
+    assert "--kv-cache-dtype" not in cpu  # upstream vLLM has no int8 KV cache
 
 
 def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:

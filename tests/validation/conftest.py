@@ -11,35 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from gcupipe.stages.base import StageContext  # noqa: E402
 from gcupipe.testing.tiny_models import tiny_model  # noqa: E402
-
-CALIBRATION_TEXT = " ".join(f"word{i % 97} and the {i} thing" for i in range(600))
-
-
-def quantize(source: Path, out: Path, **config) -> Path:
-    from gcupipe.stages.quantize import QuantizeConfig, QuantizeStage
-
-    out.mkdir(parents=True)
-    scratch = out.parent / f"{out.name}-scratch"
-    scratch.mkdir()
-    ctx = StageContext(
-        stage_id="quantize",
-        output_dir=out,
-        scratch_dir=scratch,
-        cache_dir=scratch,
-        run_dir=scratch,
-        log=lambda message: None,
-    )
-    QuantizeStage().run(QuantizeConfig(model=source, **config), ctx)
-    return out
-
-
-def calibration(tmp: Path) -> dict:
-    text = tmp / "calib.txt"
-    text.write_text(CALIBRATION_TEXT)
-    return {"text_file": str(text), "samples": 4, "seq_len": 32}
-
+from tests.helpers import calibration, quantize  # noqa: E402, F401 (test_rules imports them)
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
@@ -48,13 +21,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def good_w8a8_kv(tmp_path_factory, tiny_llama) -> Path:
-    """Static W8A8 + C8 KV cache in the modelslim layout: the richest tensor set."""
+    """Static W8A8 + C8 KV cache in the modelslim layout, for vllm-ascend (the one loader of
+    C8): the richest tensor set."""
     tmp = tmp_path_factory.mktemp("w8a8kv")
     return quantize(
         tiny_llama,
         tmp / "model",
         method="w8a8",
         format="modelslim",
+        target="ascend",
         kv_cache={"dtype": "int8"},
         calibration=calibration(tmp),
     )

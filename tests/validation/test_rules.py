@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gcupipe.formats.modeldir import ModelDir  # noqa: E402
 from gcupipe.formats.results import CheckOptions  # noqa: E402
-from gcupipe.formats.rules import check_quantization_flag, check_structure  # noqa: E402
+from gcupipe.validation.rules import check_quantization_flag, check_structure  # noqa: E402
 
 from .conftest import write_gptq  # noqa: E402
 
@@ -59,7 +59,8 @@ def test_good_directories_pass_every_rule(good_w8a8_kv, good_deepseek, good_gptq
         "fused-modules-share-type",
     } <= ran
     assert results(good_deepseek)["experts-quantized"].status == "pass"
-    assert results(good_gptq)["g-idx-contiguous"].status == "pass"
+    assert results(good_gptq)["gcu-g-idx-contiguous"].status == "pass"
+    assert results(good_gptq)["loader-numerics"].status == "pass"
 
 
 def test_required_files_missing_index(good_w8a8_kv, broken):
@@ -130,9 +131,10 @@ def test_wrong_scale_dtype(good_w8a8_kv, broken):
         tensors[name] = tensors[name].half()
 
     rewrite_modelslim(path, to_half)
-    bad = failed(path)
-    assert set(bad) == {"tensor-dtypes-shapes"}
+    bad = failed(path)  # the layout, the loader's parameter, and its deq_scale vs the scale
+    assert set(bad) == {"tensor-dtypes-shapes", "loader-parameters", "loader-numerics"}
     assert "o_proj.weight_scale is F16" in bad["tensor-dtypes-shapes"].message
+    assert "creates it as F32" in bad["loader-parameters"].message
 
 
 def test_fused_qkv_with_mixed_types(good_deepseek, broken):
@@ -188,8 +190,9 @@ def test_kv_cache_expected_but_absent(good_deepseek):
 def test_gptq_group_size_not_a_multiple_of_64(tiny_llama, tmp_path):
     path = write_gptq(tiny_llama, tmp_path / "g32", bits=4, group_size=32)
     bad = failed(path)
-    assert set(bad) == {"group-size"}
-    assert "not 64 or a multiple of 64" in bad["group-size"].message
+    assert set(bad) == {"gcu-group-size"}  # the GCU kernels'; upstream vLLM takes groups of 32
+    assert "not 64 or a multiple of 64" in bad["gcu-group-size"].message
+    assert failed(path, target="cpu") == {}
 
 
 def test_gptq_group_size_not_dividing_k(tiny_llama, tmp_path):
@@ -205,8 +208,9 @@ def test_gptq_group_size_not_dividing_k(tiny_llama, tmp_path):
 def test_awq_group_size_must_be_64(tiny_llama, tmp_path):
     path = write_gptq(tiny_llama, tmp_path / "awq", bits=4, group_size=128, method="awq")
     bad = failed(path)
-    assert set(bad) == {"group-size"}
-    assert "exactly 64" in bad["group-size"].message
+    assert set(bad) == {"gcu-group-size"}
+    assert "AWQGCULinearMethod" in bad["gcu-group-size"].message
+    assert "exactly 64" in bad["gcu-group-size"].message
     good = write_gptq(tiny_llama, tmp_path / "awq64", bits=4, group_size=64, method="awq")
     assert failed(good) == {}
 
@@ -218,9 +222,9 @@ def test_shuffled_g_idx(good_gptq, broken):
     name = "model.layers.0.mlp.down_proj.g_idx"
     tensors[name] = tensors[name].flip(0).contiguous()
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    bad = failed(path)
-    assert set(bad) == {"g-idx-contiguous"}
-    assert name in bad["g-idx-contiguous"].message
+    bad = failed(path)  # and the GPTQ kernel, which groups rows by g_idx, reads it differently
+    assert set(bad) == {"gcu-g-idx-contiguous", "loader-numerics"}
+    assert name in bad["gcu-g-idx-contiguous"].message
 
 
 def test_gptq_int8_must_be_symmetric(tiny_llama, tmp_path):
@@ -232,8 +236,8 @@ def test_gptq_int8_must_be_symmetric(tiny_llama, tmp_path):
     tensors[name] = tensors[name] - 1
     save_file(tensors, str(shard), metadata={"format": "pt"})
     bad = failed(path)
-    assert set(bad) == {"gptq-int8-symmetric"}
-    assert name in bad["gptq-int8-symmetric"].message
+    assert set(bad) == {"gcu-gptq-int8-symmetric"}
+    assert name in bad["gcu-gptq-int8-symmetric"].message
 
 
 def test_seed_guide_flag_mistake_names_the_right_value(good_w8a8_kv):
@@ -270,16 +274,18 @@ def good_gcu_w8a8_kv(tmp_path_factory, tiny_llama):
     )
 
 
-def test_gcu_kv_json_misses_a_layer(good_gcu_w8a8_kv, broken):
+def test_gcu_kv_cache_misses_a_zero_point(good_gcu_w8a8_kv, broken):
     assert failed(good_gcu_w8a8_kv) == {}
     assert results(good_gcu_w8a8_kv)["kv-cache-scales"].status == "pass"
     path = broken(good_gcu_w8a8_kv)
-    data = json.loads((path / "int8_kv_cache.json").read_text())
-    del data["kv_cache"]["scaling_factor"]["0"]["1"]
-    (path / "int8_kv_cache.json").write_text(json.dumps(data))
+    shard = path / "model.safetensors"
+    tensors = load_file(str(shard))
+    del tensors["model.layers.1.self_attn.attn.v_zero"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
     bad = failed(path)
-    assert set(bad) == {"kv-cache-scales"}
-    assert "no scale for layer(s) [1]" in bad["kv-cache-scales"].message
+    assert set(bad) == {"kv-cache-scales", "loader-parameters"}
+    assert "model.layers.1.self_attn.attn.v_zero" in bad["kv-cache-scales"].message
+    assert "GCUBaseKVCacheMethod" in bad["loader-parameters"].message
 
 
 def test_gcu_flag_is_the_loader_name(good_gcu_w8a8_kv):
@@ -308,8 +314,8 @@ def test_modelslim_group_size_disagrees_with_scales(tiny_llama, tmp_path):
     description = json.loads((path / DESCRIPTION).read_text())
     description["group_size"] = 32
     (path / DESCRIPTION).write_text(json.dumps(description))
-    bad = failed(path)
-    assert set(bad) == {"group-size"}
+    bad = failed(path)  # the plugin then creates 4 groups per row where the files have 2
+    assert set(bad) == {"group-size", "loader-parameters"}
     assert "not group_size 32" in bad["group-size"].message
 
 

@@ -1,0 +1,18 @@
+"""The targets: the `gcupipe.targets` entry-point group (built-ins register there too), and
+which one applies when a recipe names none: the one each format was made for."""
+
+from __future__ import annotations
+
+from gcupipe.formats.format import Format
+from gcupipe.plugins import Registry
+from gcupipe.targets.base import Target
+
+TARGETS: Registry[Target] = Registry(
+    "gcupipe.targets", "target", lambda obj: isinstance(obj, Target), "known: {names}"
+)
+
+
+def target_for(name: str | None, fmt: Format | None = None) -> Target:
+    """The target called `name`, else the one the format was made for, else gcu (the product's
+    own)."""
+    return TARGETS.get(name or (fmt.native_target if fmt is not None else "gcu"))
