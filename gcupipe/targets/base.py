@@ -63,24 +63,6 @@ Emulation = Callable[["torch.Tensor"], "torch.Tensor"]
 """x [tokens, k] -> the layer's output [tokens, n] as the target's kernel computes it."""
 
 
-def upstream_compressed_tensors_problems(
-    combo: Combination, facts: ModelFacts | None
-) -> list[tuple[str, str]]:
-    """vLLM's own compressed-tensors loader (upstream, and vLLM-GCU's patch of it): int8
-    experts take dynamic per-token activations only."""
-    from gcupipe.quant.scheme import ActivationScheme
-
-    if combo.activation is ActivationScheme.STATIC and facts is not None and facts.moe:
-        return [
-            (
-                "method",
-                "vLLM's CompressedTensorsW8A8Int8MoEMethod (compressed_tensors_moe_"
-                "w8a8_int8.py) refuses static input scales; use w8a8_dynamic for MoE models",
-            )
-        ]
-    return []
-
-
 class Target:
     """Base of the target profiles; subclasses fill in the facts of their loaders."""
 

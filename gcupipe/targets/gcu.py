@@ -35,14 +35,8 @@ from gcupipe.formats.layout import linear_shapes
 from gcupipe.formats.registry import format_of
 from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
 from gcupipe.quant.scheme import ActivationScheme
-from gcupipe.targets import kernels, plugin
-from gcupipe.targets.base import (
-    Emulation,
-    Expected,
-    ModelFacts,
-    Target,
-    upstream_compressed_tensors_problems,
-)
+from gcupipe.targets import kernels, plugin, upstream
+from gcupipe.targets.base import Emulation, Expected, ModelFacts, Target
 
 if TYPE_CHECKING:
     from gcupipe.formats.format import Combination, Format
@@ -55,11 +49,7 @@ AWQ = "AWQGCULinearMethod.create_weights (vllm_gcu/kernels/quantization/awq.py)"
 W8A8 = "W8A8LinearMethod.create_weights (vllm_gcu/kernels/quantization/w8a8.py)"
 W8A8_MOE = "FusedW8A8MoEMethod.create_weights (vllm_gcu/kernels/quantization/w8a8.py)"
 KV = "GCUBaseKVCacheMethod.create_weights (vllm_gcu/kernels/quantization/kv_cache.py)"
-FLOATS_ALLOWED = re.compile(r"(^lm_head$|\.mlp\.gate$)")
-"""Linears vLLM builds without the quant config (lm_head is a ParallelLMHead, MoE routers are
-ReplicatedLinear(quant_config=None)): float in every layout."""
 EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
-PARAMS_DTYPES = frozenset({"F16", "BF16", "F32"})
 
 
 class GcuTarget(Target):
@@ -77,7 +67,7 @@ class GcuTarget(Target):
         if fmt.name == "modelslim":
             problems += plugin.problems(combo, facts)
         if fmt.name == "compressed-tensors":
-            problems += upstream_compressed_tensors_problems(combo, facts)
+            problems += upstream.compressed_tensors_problems(combo, facts)
         if fmt.name == "modelslim" and combo.kv_cache:
             problems.append(
                 (
@@ -91,7 +81,7 @@ class GcuTarget(Target):
         if fmt.name == "gcu":
             problems += _kernel_problems(combo)
         if fmt.name == "gcu" and combo.method != "awq":
-            kept = [p for p in combo.float_linears if not FLOATS_ALLOWED.search(p)]
+            kept = [p for p in combo.float_linears if not upstream.FLOATS_ALLOWED.search(p)]
             if kept:
                 loader = (
                     "W8A8Config"
@@ -127,52 +117,22 @@ class GcuTarget(Target):
     def expected(self, md: ModelDir, fmt: Format, facts: ModelFacts) -> list[Expected]:
         if fmt.name == "modelslim":
             return plugin.expected(md)
-        if fmt.name != "gcu":
-            return []
-        settings = gcu_settings(md)
+        if fmt.name == "compressed-tensors":
+            return upstream.compressed_tensors_expected(md)
         method = str(md.quant_method)
-        bits, group = bits_and_group_size(settings)
-        skipped = [str(m) for m in settings.get("modules_to_not_convert") or []]
-        found: list[Expected] = []
-        for prefix, (n, k) in linear_shapes(md).items():
-            if FLOATS_ALLOWED.search(prefix) or any(s in prefix for s in skipped):
-                continue
-            expert = bool(EXPERT.search(prefix))
-            groups = k // group if group else 1
-            if method == "gptq":
-                loader = GPTQ_MOE if expert else GPTQ
-                found += [
-                    Expected(f"{prefix}.qweight", frozenset({"I32"}), (k * bits // 32, n), loader),
-                    Expected(
-                        f"{prefix}.qzeros", frozenset({"I32"}), (groups, n * bits // 32), loader
-                    ),
-                    Expected(f"{prefix}.scales", frozenset({"F16"}), (groups, n), loader),
-                    Expected(f"{prefix}.g_idx", frozenset({"I32"}), (k,), loader),
-                ]
-            elif method == "awq":
-                loader = GPTQ_MOE if expert else AWQ
-                found += [
-                    Expected(f"{prefix}.qweight", frozenset({"I32"}), (k, n // 8), loader),
-                    Expected(f"{prefix}.qzeros", frozenset({"I32"}), (groups, n // 8), loader),
-                    Expected(f"{prefix}.scales", frozenset({"F16"}), (groups, n), loader),
-                ]
-            elif method == "w8a8":
-                loader = W8A8_MOE if expert else W8A8
-                found += [
-                    Expected(f"{prefix}.weight", frozenset({"I8"}), (n, k), loader),
-                    Expected(f"{prefix}.out_scales", frozenset({"F32"}), None, loader),
-                    Expected(f"{prefix}.in_scales", PARAMS_DTYPES, None, loader),
-                ]
-        if any(name.endswith(".k_scale") for name in md.tensors):  # an int8 KV cache
-            leaves = ["k_scale", "v_scale"] + (
-                ["attn.k_zero", "attn.v_zero"] if method == "w8a8" else []
-            )
-            loader = KV if method == "w8a8" else "BaseKVCacheMethod (vllm/.../kv_cache.py)"
-            for index in range(md.num_layers):
-                for leaf in leaves:
-                    name = f"model.layers.{index}.self_attn.{leaf}"
-                    found.append(Expected(name, frozenset({"F32"}), None, loader))
-        return found
+        if method in ("gptq", "awq"):
+            listed = [str(m) for m in gcu_settings(md).get("modules_to_not_convert") or []]
+
+            def skipped(prefix: str) -> bool:  # GPTQ: no skip list on GCU; AWQ: substrings
+                return method == "awq" and any(entry in prefix for entry in listed)
+
+            def loader(prefix: str) -> str:
+                return GPTQ_MOE if EXPERT.search(prefix) else (AWQ if method == "awq" else GPTQ)
+
+            found = upstream.gptq_awq_expected(md, skipped, loader)
+        else:
+            found = _w8a8_expected(md)
+        return found + _kv_expected(md, method)
 
     def rules(self) -> tuple[Rule, ...]:
         return RULES
@@ -180,9 +140,38 @@ class GcuTarget(Target):
     def emulate(self, md: ModelDir, fmt: Format, prefix: str) -> Emulation | None:
         if fmt.name == "modelslim":
             return plugin.emulate(md, prefix)
-        if fmt.name != "gcu":
-            return None
+        if fmt.name == "compressed-tensors":
+            return upstream.compressed_tensors_kernel(md, prefix)
         return gcu_layout_kernel(md, prefix)
+
+
+def _w8a8_expected(md: ModelDir) -> list[Expected]:
+    """W8A8LinearMethod / FusedW8A8MoEMethod: every linear the quant config reaches."""
+    found = []
+    for prefix, (n, k) in linear_shapes(md).items():
+        if upstream.FLOATS_ALLOWED.search(prefix):
+            continue
+        loader = W8A8_MOE if EXPERT.search(prefix) else W8A8
+        found += [
+            Expected(f"{prefix}.weight", frozenset({"I8"}), (n, k), loader),
+            Expected(f"{prefix}.out_scales", frozenset({"F32"}), None, loader),
+            Expected(f"{prefix}.in_scales", upstream.PARAMS_DTYPES, None, loader),
+        ]
+    return found
+
+
+def _kv_expected(md: ModelDir, method: str) -> list[Expected]:
+    """The per-tensor KV parameters on every attention layer, when the files carry a KV cache:
+    GCUBaseKVCacheMethod's four for w8a8, vLLM's BaseKVCacheMethod's scales for GPTQ/AWQ."""
+    if not any(name.endswith(".self_attn.k_scale") for name in md.tensors):
+        return []
+    leaves = ["k_scale", "v_scale"] + (["attn.k_zero", "attn.v_zero"] if method == "w8a8" else [])
+    loader = KV if method == "w8a8" else "BaseKVCacheMethod (vllm/.../quantization/kv_cache.py)"
+    return [
+        Expected(f"model.layers.{index}.self_attn.{leaf}", frozenset({"F32"}), None, loader)
+        for index in range(md.num_layers)
+        for leaf in leaves
+    ]
 
 
 def _kernel_problems(combo: Combination) -> list[tuple[str, str]]:
@@ -219,29 +208,14 @@ def _kernel_problems(combo: Combination) -> list[tuple[str, str]]:
 
 
 def gcu_layout_kernel(md: ModelDir, prefix: str) -> Emulation | None:
-    """The GPTQ, AWQ or W8A8 kernel of the gcu layout for one module (None when float)."""
+    """The GPTQ, AWQ (vLLM's own, subclassed) or W8A8 kernel for one module (None: float)."""
+    if f"{prefix}.out_scales" not in md.tensors:
+        return upstream.gptq_awq_kernel(md, prefix)
     t = md.tensor
-    method = str(md.quant_method)
     bias = t(f"{prefix}.bias") if f"{prefix}.bias" in md.tensors else None
-    if f"{prefix}.qweight" in md.tensors:
-        bits, group = bits_and_group_size(gcu_settings(md))
-        if method == "awq":
-            return kernels.awq_gemm(
-                t(f"{prefix}.qweight"), t(f"{prefix}.qzeros"), t(f"{prefix}.scales"), group, bias
-            )
-        return kernels.gptq_v1(
-            t(f"{prefix}.qweight"),
-            t(f"{prefix}.qzeros"),
-            t(f"{prefix}.scales"),
-            t(f"{prefix}.g_idx"),
-            bits,
-            bias,
-        )
-    if f"{prefix}.out_scales" in md.tensors:
-        return kernels.gcu_w8a8(
-            t(f"{prefix}.weight"), t(f"{prefix}.out_scales"), t(f"{prefix}.in_scales"), bias
-        )
-    return None
+    return kernels.gcu_w8a8(
+        t(f"{prefix}.weight"), t(f"{prefix}.out_scales"), t(f"{prefix}.in_scales"), bias
+    )
 
 
 def _gcu_layout(md: ModelDir) -> str:

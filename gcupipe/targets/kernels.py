@@ -121,6 +121,53 @@ def per_token_w8a8(
     return run
 
 
+def static_int8(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> Kernel:
+    """compressed-tensors static W8A8 (vLLM CompressedTensorsW8A8Int8): x_q = round(x / s) + zp,
+    int8 GEMM, (x_q - zp) @ W^T times s and the per-channel weight scale."""
+    import torch
+
+    w = weight.double()
+    s_w = weight_scale.double().reshape(1, -1)
+    s = float(input_scale.reshape(-1)[0])
+    zp = 0.0 if input_zero_point is None else float(input_zero_point.reshape(-1)[0])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x_q = torch.clamp(torch.round(x / s) + zp, -128, 127)
+        y = ((x_q - zp) @ w.t()) * s * s_w
+        return y if bias is None else y + bias.double()
+
+    return run
+
+
+def compressed_tensors_wna16(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    bias: torch.Tensor | None,
+) -> Kernel:
+    """compressed-tensors pack-quantized (vLLM CompressedTensorsWNA16): 32/bits values per int32
+    along k, low bits first, stored unsigned (value + 2^(bits-1)); zero points packed the same
+    way along n; W = (q - zp) * s per group."""
+    offset = 1 << (bits - 1)
+    q = _unpack_columns(weight_packed, bits).double() - offset  # [n, k]
+    groups = weight_scale.shape[1]
+    k = q.shape[1]
+    scale = weight_scale.double().repeat_interleave(k // groups, dim=1)
+    if weight_zero_point is None:
+        zero = q.new_zeros(1)
+    else:
+        zero = _unpack_rows(weight_zero_point, bits).double() - offset  # [n, groups]
+        zero = zero[: q.shape[0]].repeat_interleave(k // groups, dim=1)
+    return _linear((q - zero) * scale, bias)
+
+
 def gcu_w8a8(
     weight: torch.Tensor,
     out_scales: torch.Tensor,

