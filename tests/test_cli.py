@@ -138,3 +138,19 @@ def test_schema_command_and_stage_docs() -> None:
     assert "Stage_command" in schema["$defs"]
     details = runner.invoke(app, ["stages", "command"])
     assert details.exit_code == 0 and "timeout_s" in details.stdout
+
+
+def test_lint_states_the_target_and_the_serve_flags_of_every_shipped_recipe() -> None:
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    result = runner.invoke(app, ["lint", *map(str, recipes)])
+    assert result.exit_code == 0, result.stdout
+    lines = result.stdout.splitlines()
+    for recipe in recipes:
+        at = lines.index(next(line for line in lines if line.startswith(f"ok {recipe}")))
+        assert " serve with " in lines[at + 1] and lines[at + 1].startswith("  quantize"), recipe
+    assert "  quantize: for gcu (vLLM-GCU): serve with --quantization gcu" in lines
+    assert (
+        "  quantize: for gcu (vLLM-GCU): serve with --quantization w8a8 --kv-cache-dtype int8"
+        in lines
+    )
+    assert "  quantize: for cpu (vLLM on CPU): serve with --quantization gcu" in lines

@@ -141,11 +141,14 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             )
         if config.min_sqnr_db is not None:
             gates.append(f"every layer >= {config.min_sqnr_db:g} dB SQNR")
+        rules = "structural rules" + (
+            f" and {config.target}'s loaders" if config.target else " and the target's loaders"
+        )
         if not config.numeric or not gates:
-            return "structural rules"
+            return rules
         text = config.eval.text_file or "the built-in text"
         return (
-            f"structural rules; against the float model on {config.eval.max_tokens} tokens of "
+            f"{rules}; against the float model on {config.eval.max_tokens} tokens of "
             f"{text}: {', '.join(gates)}"
         )
 

