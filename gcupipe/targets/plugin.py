@@ -3,7 +3,6 @@ on any vLLM (vLLM-GCU included) and what its kernels compute (vllm_plugin/linear
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from gcupipe.formats.layout import linear_shapes
@@ -17,7 +16,6 @@ if TYPE_CHECKING:
     from gcupipe.targets.base import ModelFacts
 
 LOADER = "gcupipe's gcu plugin (gcupipe/vllm_plugin/linear.py create_weights)"
-EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 F32 = frozenset({"F32"})
 
 
@@ -85,7 +83,3 @@ def emulate(md: ModelDir, prefix: str) -> Emulation | None:
     if kind == "W4A16":
         q = kernels.int4_low_nibble_first(q)
     return kernels.weight_only(q, t(f"{prefix}.weight_scale"), t(f"{prefix}.weight_offset"), bias)
-
-
-def moe_experts(md: ModelDir) -> list[str]:
-    return [p for p in linear_shapes(md) if EXPERT.search(p)]
