@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 if TYPE_CHECKING:
     import torch
@@ -53,18 +53,50 @@ def strip_quantization_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-_DTYPES = {
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float64": "F64",
-    "int8": "I8",
-    "uint8": "U8",
-    "int16": "I16",
-    "int32": "I32",
-    "int64": "I64",
-    "bool": "BOOL",
+_DTYPES = {  # torch dtype name -> (safetensors dtype, bytes per element)
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "float64": ("F64", 8),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "int16": ("I16", 2),
+    "int32": ("I32", 4),
+    "int64": ("I64", 8),
+    "bool": ("BOOL", 1),
 }
+
+
+def safetensors_header(
+    entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The leading bytes of a safetensors file holding `entries` (name, torch dtype name, shape)
+    in the given order: the 8-byte header length, then the JSON header padded to 8 bytes (the
+    format aligns the data start). The data follows, tensor after tensor, in that order."""
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    offset = 0
+    for name, dtype, shape in entries:
+        code, size = _DTYPES[dtype]
+        for dim in shape:
+            size *= dim
+        header[name] = {
+            "dtype": code,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def write_tensor_bytes(handle: BinaryIO, tensor: torch.Tensor) -> None:
+    """Append one tensor's data to an open safetensors file, from its own memory."""
+    import torch
+
+    if tensor.numel():
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        handle.write(memoryview(flat.numpy()))  # type: ignore[arg-type]
 
 
 def write_safetensors(
@@ -72,28 +104,12 @@ def write_safetensors(
 ) -> None:
     """Write a safetensors file straight from the tensors' memory (the library's save_file
     builds a bytes copy of every tensor first, doubling a shard's memory)."""
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": metadata or {}}
-    offset = 0
     ordered = sorted(tensors.items())
-    for name, tensor in ordered:
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _DTYPES[str(tensor.dtype).removeprefix("torch.")],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data start to 8 bytes
+    entries = [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in ordered]
     with path.open("wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
+        handle.write(safetensors_header(entries, metadata))
         for _name, tensor in ordered:
-            if tensor.numel():
-                flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                handle.write(memoryview(flat.numpy()))  # type: ignore[arg-type]
+            write_tensor_bytes(handle, tensor)
 
 
 TensorSelector = Callable[[str], bool]

@@ -17,12 +17,12 @@ FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 _LAYER_NAME = re.compile(r"^(?P<layer>model\.layers\.\d+)\.(?P<rest>.+)$")
 
 
-def _transformers_config(md: ModelDir) -> Any | None:
+def _transformers_config(raw_config: dict[str, Any]) -> Any | None:
     try:
         import transformers
     except ImportError:
         return None
-    raw = dict(md.config or {})
+    raw = dict(raw_config)
     raw.pop("quantization_config", None)
     model_type = raw.pop("model_type", None)
     try:
@@ -36,9 +36,15 @@ def expected_weights(md: ModelDir) -> dict[str, tuple[int, ...]] | None:
     expert, as released checkpoints name them; lm_head left out when tied). None when
     transformers does not know the architecture."""
     cached = md.__dict__.get("_expected_weights")
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    config = _transformers_config(md)
+    if cached is None:
+        cached = expected_weights_for_config(md.config or {})
+        md.__dict__["_expected_weights"] = cached
+    return cached
+
+
+def expected_weights_for_config(raw_config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """`expected_weights` of a config.json's contents."""
+    config = _transformers_config(raw_config)
     if config is None:
         return None
     import torch
@@ -65,7 +71,6 @@ def expected_weights(md: ModelDir) -> dict[str, tuple[int, ...]] | None:
             shapes[name] = tuple(tensor.shape)
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
-    md.__dict__["_expected_weights"] = shapes
     return shapes
 
 
