@@ -178,12 +178,12 @@ class Runner:
     ) -> StageResult:
         started = time.time()
         self.events.emit("stage_started", stage.id, uses=stage.uses, reason=decision.reason)
-        folder = self.store.begin(stage.id)
+        folder, scratch = self.store.begin(stage.id, key.key)
         out_dir = folder / OUTPUT_DIR_NAME
         ctx = StageContext(
             stage_id=stage.id,
             output_dir=out_dir,
-            scratch_dir=folder / "scratch",
+            scratch_dir=scratch,
             cache_dir=self.store.cache_dir,
             run_dir=self.store.run_dir,
             upstream={name: self.outputs[name] for name in stage.needs},

@@ -2,7 +2,13 @@
 
 A stage writes into `.tmp/<id>-<random>/out`; only after `run` returns is its record written
 and the whole directory renamed to `stages/<id>`. A crash, an exception, Ctrl-C or SIGKILL
-therefore never leaves something under `stages/` that looks complete."""
+therefore never leaves something under `stages/` that looks complete.
+
+A stage's scratch directory, `scratch/<id>/<cache key>`, is the one thing that outlives a failed
+or killed run: a long stage keeps its finished work there (quantize: its finished layers) and the
+next run with the same cache key resumes from it. A different key (a changed recipe, a changed
+upstream) never sees it: beginning the stage removes the scratch of every other key, and success
+removes its own."""
 
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ class RunStore:
         self.stages_dir = run_dir / "stages"
         self.tmp_dir = run_dir / ".tmp"
         self.cache_dir = run_dir / "cache"
+        self.scratch_root = run_dir / "scratch"
         self._lock_handle: Any = None
 
     def stage_dir(self, stage_id: str) -> Path:
@@ -90,17 +97,26 @@ class RunStore:
             self._lock_handle.close()
             self._lock_handle = None
 
-    def begin(self, stage_id: str) -> Path:
-        """A fresh temp stage directory with `out/` and `scratch/` inside."""
+    def scratch_dir(self, stage_id: str, key: str) -> Path:
+        return self.scratch_root / safe_name(stage_id) / key
+
+    def begin(self, stage_id: str, key: str) -> tuple[Path, Path]:
+        """A fresh temp stage directory with `out/` inside, and the stage's scratch directory
+        for this cache key (kept from an interrupted run of the same key, else empty)."""
         folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(stage_id)}-", dir=self.tmp_dir))
         folder.chmod(0o755)
         (folder / OUTPUT_DIR_NAME).mkdir()
-        (folder / "scratch").mkdir()
-        return folder
+        scratch = self.scratch_dir(stage_id, key)
+        if scratch.parent.is_dir():
+            for other in scratch.parent.iterdir():
+                if other != scratch:
+                    shutil.rmtree(other, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        return folder, scratch
 
     def commit(self, stage_id: str, folder: Path, record: StageRecord) -> None:
         """Write the record and move the finished stage into place, replacing an older result."""
-        shutil.rmtree(folder / "scratch", ignore_errors=True)
+        shutil.rmtree(self.scratch_dir(stage_id, record.cache_key).parent, ignore_errors=True)
         (folder / RECORD_NAME).write_text(record.model_dump_json(indent=2))
         final = self.stage_dir(stage_id)
         if final.exists():
@@ -112,6 +128,7 @@ class RunStore:
             os.replace(folder, final)
 
     def discard(self, folder: Path) -> None:
+        """Drop a failed stage's temp directory (its scratch stays, for a resume)."""
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ the input of the reference runtime (runtime/model.py: build_model).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,10 @@ def _release_freed_memory() -> None:
 
 class ShardWriter:
     """Writes safetensors shards of about `max_shard_bytes`, then names them
-    `<stem>-0000i-of-0000N.safetensors` (or `<stem>.safetensors` for one) plus an index."""
+    `<stem>-0000i-of-0000N.safetensors` (or `<stem>.safetensors` for one) plus an index.
+
+    Shards are written as numbered parts into `parts_dir` (default: `out_dir`) and moved into
+    `out_dir` by `finish`; `state`/`restore` carry the written parts over to a resumed run."""
 
     def __init__(
         self,
@@ -157,27 +161,29 @@ class ShardWriter:
         index_name: str,
         max_shard_bytes: int = 2 << 30,
         always_numbered: bool = False,
+        parts_dir: Path | None = None,
     ):
         self.always_numbered = always_numbered
         self.out_dir = out_dir
+        self.parts_dir = parts_dir or out_dir
         self.stem = stem
         self.index_name = index_name
         self.max_shard_bytes = max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.temp_files: list[tuple[Path, list[str]]] = []
+        self.parts: list[tuple[str, list[str]]] = []  # (part file name, its tensor names)
         self.total_bytes = 0
-        self.names: list[str] = []
+        self.names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or name in self.names:
+        if name in self.names:
             raise ValueError(f"tensor {name} written twice")
         tensor = tensor.detach()
         self.pending[name] = (tensor if tensor.device.type == "cpu" else tensor.cpu()).contiguous()
         size = tensor.numel() * tensor.element_size()
         self.pending_bytes += size
         self.total_bytes += size
-        self.names.append(name)
+        self.names.add(name)
 
     def maybe_flush(self) -> None:
         """Flush when the pending tensors fill a shard (call between layers)."""
@@ -187,25 +193,42 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        temp = self.out_dir / f".{self.stem}-part{len(self.temp_files):05d}.safetensors"
-        write_safetensors(temp, self.pending, {"format": "pt"})
-        self.temp_files.append((temp, list(self.pending)))
+        part = f".part{len(self.parts):05d}.safetensors"
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(self.parts_dir / part, self.pending, {"format": "pt"})
+        self.parts.append((part, list(self.pending)))
         self.pending = {}
         self.pending_bytes = 0
         _release_freed_memory()
 
+    def state(self) -> dict[str, Any] | None:
+        """The parts written so far, as JSON; None while tensors are still buffered."""
+        if self.pending:
+            return None
+        return {"parts": self.parts, "total_bytes": self.total_bytes}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: its parts are in `parts_dir`; any later part is dropped."""
+        self.parts = [(part, list(names)) for part, names in state["parts"]]
+        self.total_bytes = int(state["total_bytes"])
+        self.names = {name for _, names in self.parts for name in names}
+        kept = {part for part, _ in self.parts}
+        for path in self.parts_dir.glob(".part*.safetensors"):
+            if path.name not in kept:
+                path.unlink()
+
     def finish(self) -> list[str]:
         self.flush()
-        count = len(self.temp_files)
+        count = len(self.parts)
         weight_map: dict[str, str] = {}
         names = []
-        for i, (temp, tensor_names) in enumerate(self.temp_files):
+        for i, (part, tensor_names) in enumerate(self.parts):
             final = (
                 f"{self.stem}.safetensors"
                 if count == 1 and not self.always_numbered
                 else f"{self.stem}-{i + 1:05d}-of-{count:05d}.safetensors"
             )
-            temp.rename(self.out_dir / final)
+            os.replace(self.parts_dir / part, self.out_dir / final)
             names.append(final)
             weight_map.update({n: final for n in tensor_names})
         if count > 1 or self.always_numbered:
@@ -238,9 +261,14 @@ class WriteOptions:
 
 
 class FormatWriter:
-    """Base of the format writers; see the module docstring for the call order."""
+    """Base of the format writers; see the module docstring for the call order.
+
+    `parts_dir`: where shards wait until `finish` (the quantize stage's scratch, so a killed
+    run's finished layers survive it). A writer that can resume implements `layout_state` and
+    `restore_layout` for what it gathers besides the tensors (types seen, skip lists, ...)."""
 
     name: ClassVar[str] = ""
+    shards: ShardWriter
 
     def __init__(
         self,
@@ -250,6 +278,7 @@ class FormatWriter:
         method: str,
         max_shard_bytes: int = 2 << 30,
         options: WriteOptions | None = None,
+        parts_dir: Path | None = None,
     ):
         self.out_dir = out_dir
         self.source_dir = source_dir
@@ -257,6 +286,7 @@ class FormatWriter:
         self.method = method
         self.max_shard_bytes = max_shard_bytes
         self.options = options or WriteOptions()
+        self.parts_dir = parts_dir
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -269,6 +299,25 @@ class FormatWriter:
 
     def end_layer(self) -> None:
         """Called after each decoder layer: a chance to flush a full shard."""
+
+    def state(self) -> dict[str, Any] | None:
+        """Everything written so far, as JSON, when a resumed run can continue from here: all
+        tensors are in parts (nothing buffered) and the layout can resume; else None."""
+        layout = self.layout_state()
+        shards = self.shards.state() if layout is not None else None
+        return None if shards is None else {"shards": shards, "layout": layout}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from what `state` returned in an interrupted run."""
+        self.shards.restore(state["shards"])
+        self.restore_layout(state["layout"])
+
+    def layout_state(self) -> dict[str, Any] | None:
+        """What the layout gathered besides the tensors, as JSON (None: cannot resume)."""
+        return None
+
+    def restore_layout(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
         """Write what is still buffered and the layout's JSON files; the weight file names.

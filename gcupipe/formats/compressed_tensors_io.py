@@ -66,7 +66,11 @@ class CompressedTensorsWriter(FormatWriter):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.shards = ShardWriter(
-            self.out_dir, "model", "model.safetensors.index.json", self.max_shard_bytes
+            self.out_dir,
+            "model",
+            "model.safetensors.index.json",
+            self.max_shard_bytes,
+            parts_dir=self.parts_dir,
         )
         self.groups: dict[str, tuple[Any, list[str]]] = {}  # scheme json -> (scheme, modules)
         self.formats: set[str] = set()
@@ -106,6 +110,21 @@ class CompressedTensorsWriter(FormatWriter):
 
     def end_layer(self) -> None:
         self.shards.maybe_flush()
+
+    def layout_state(self) -> dict[str, Any]:
+        return {
+            "groups": [[key, modules] for key, (_, modules) in self.groups.items()],
+            "formats": sorted(self.formats),
+        }
+
+    def restore_layout(self, state: dict[str, Any]) -> None:
+        from compressed_tensors.quantization import QuantizationScheme
+
+        self.groups = {
+            key: (QuantizationScheme.model_validate_json(key), list(modules))
+            for key, modules in state["groups"]
+        }
+        self.formats = set(state["formats"])
 
     def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus

@@ -58,7 +58,11 @@ class GcuWriter(FormatWriter):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.shards = ShardWriter(
-            self.out_dir, "model", "model.safetensors.index.json", self.max_shard_bytes
+            self.out_dir,
+            "model",
+            "model.safetensors.index.json",
+            self.max_shard_bytes,
+            parts_dir=self.parts_dir,
         )
         self.kinds: set[tuple[str, int, int, bool]] = set()
         self.quantized: list[str] = []
@@ -126,6 +130,13 @@ class GcuWriter(FormatWriter):
 
     def end_layer(self) -> None:
         self.shards.maybe_flush()
+
+    def layout_state(self) -> dict[str, Any]:
+        return {"kinds": sorted(self.kinds), "quantized": self.quantized}
+
+    def restore_layout(self, state: dict[str, Any]) -> None:
+        self.kinds = {(k[0], k[1], k[2], k[3]) for k in state["kinds"]}
+        self.quantized = list(state["quantized"])
 
     def _quantization_config(self, float_linears: Sequence[str]) -> dict[str, Any]:
         layouts = {k[0] for k in self.kinds}

@@ -56,7 +56,12 @@ class ModelslimWriter(FormatWriter):
         self.group_sizes: set[int] = set()
         self.kv = False
         self.shards = ShardWriter(
-            self.out_dir, "quant_model_weight", "", self.max_shard_bytes, always_numbered=True
+            self.out_dir,
+            "quant_model_weight",
+            "",
+            self.max_shard_bytes,
+            always_numbered=True,
+            parts_dir=self.parts_dir,
         )
 
     def _add(self, name: str, tensor: torch.Tensor, kind: QuantType) -> None:
@@ -109,6 +114,20 @@ class ModelslimWriter(FormatWriter):
 
     def end_layer(self) -> None:
         self.shards.maybe_flush()
+
+    def layout_state(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "types": sorted(t.value for t in self.types),
+            "group_sizes": sorted(self.group_sizes),
+            "kv": self.kv,
+        }
+
+    def restore_layout(self, state: dict[str, Any]) -> None:
+        self.description = dict(state["description"])
+        self.types = {QuantType(t) for t in state["types"]}
+        self.group_sizes = set(state["group_sizes"])
+        self.kv = bool(state["kv"])
 
     def finish(self, float_linears: Sequence[str] = ()) -> list[str]:
         # every tensor is listed with its type in the description: float linears need no list

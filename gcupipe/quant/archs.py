@@ -21,6 +21,8 @@ class ArchMap:
     # factor can be divided out of the norm gain and multiplied into the readers' input columns.
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...]
     router: tuple[str, ...] = ()  # linears that always stay float (MoE gates)
+    # a linear that sees exactly the tokens routed to one expert; group 1 names the expert
+    expert_input: str = ""
     # (producer linear regex, reader template): the reader's input is a per-channel linear
     # function of the producer's output rows (up_proj -> down_proj through act(gate) * up), so
     # a factor can be divided out of the producer's rows and multiplied into the reader.
@@ -83,6 +85,7 @@ DEEPSEEK_V2 = ArchMap(
         ),
     ),
     router=(r"mlp\.gate",),
+    expert_input=r"(mlp\.experts\.\d+)\.gate_proj",
 )
 
 ARCHS: dict[str, ArchMap] = {t: a for a in (LLAMA, DEEPSEEK_V2) for t in a.model_types}

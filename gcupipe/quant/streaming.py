@@ -4,7 +4,8 @@ Peak memory is about one layer (float, plus its output) and the calibration acti
 the whole model. Without calibration (w8a16, w8a8_dynamic RTN) no module is built at all:
 tensors go straight from the input shards through the method to the output shards. With
 calibration, layer i runs on the outputs of the already-quantized layers before it (see
-quant/methods.py for the interface a method implements).
+quant/methods.py for the interface a method implements). With `checkpoints`, a killed run
+resumes after the last layer it finished (quant/resume.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gcupipe.quant.archs import ArchMap, arch_for, fused_key
 from gcupipe.quant.checkpoint import CheckpointReader, layer_relative, load_config
 from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
 from gcupipe.quant.observers import MinMaxObserver, scale_offset_from_range
+from gcupipe.quant.resume import LayerCheckpoints
 from gcupipe.quant.scheme import KVCacheScale, QuantizedLinear
 
 if TYPE_CHECKING:
@@ -39,6 +41,10 @@ class QuantizedSink(Protocol):
 
     def end_layer(self) -> None: ...
 
+    def state(self) -> dict[str, Any] | None: ...
+
+    def restore(self, state: dict[str, Any]) -> None: ...
+
 
 @dataclass
 class QuantizeReport:
@@ -49,6 +55,8 @@ class QuantizeReport:
     fallbacks: dict[str, str] = field(default_factory=dict)  # prefix -> why (e.g. no tokens)
     kv_cache_layers: int = 0
     input_bytes: int = 0
+    # calibrated MoE models: calibration tokens the router sent to each routed expert
+    expert_tokens: dict[str, int] = field(default_factory=dict)  # expert prefix -> tokens
 
 
 def _batches(tensor: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -60,9 +68,11 @@ class _Capture:
 
     def __init__(self, layer: Any, names: list[str]):
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.in_features: dict[str, int] = {}
         self.handles = []
         for name in names:
             module = layer.get_submodule(name)
+            self.in_features[name] = module.weight.shape[1]
             self.handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[..., None]:
@@ -81,8 +91,8 @@ class _Capture:
         calib = LayerCalibration()
         for name, parts in self.inputs.items():
             key = tuple(id(p) for p in parts)  # q/k/v share one input tensor: join it once
-            if key not in joined:
-                joined[key] = torch.cat(parts) if parts else torch.empty(0)
+            if key not in joined:  # an expert the router never chose saw no token at all
+                joined[key] = torch.cat(parts) if parts else torch.empty(0, self.in_features[name])
             calib.inputs[name] = joined[key]
         calib.tokens = max((t.shape[0] for t in calib.inputs.values()), default=0)
         return calib
@@ -100,11 +110,13 @@ def quantize_model(
     on_layer: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    checkpoints: LayerCheckpoints | None = None,
 ) -> QuantizeReport:
     """Quantize `model_dir` into `writer` layer by layer. `calib_tokens` [samples, seq_len] is
     required when the method needs calibration or `kv_cache` is set (`kv_symmetric`: K and V
     ranges without a zero point, for loaders that read none). `device` (cpu, cuda, auto) is
-    where calibrated layers run; tensors come back to the CPU to be written."""
+    where calibrated layers run; tensors come back to the CPU to be written. `checkpoints`:
+    save resume points there, and resume from the last one an interrupted run left."""
     import torch
 
     if device == "auto":
@@ -117,22 +129,39 @@ def quantize_model(
     needs_forward = method.needs_calibration or kv_cache
     if needs_forward and calib_tokens is None:
         raise StageError("this method (or kv_cache: int8) needs calibration data")
+    resumed = checkpoints.load() if checkpoints is not None else None
     hidden: Any = None
     position_embeddings: Any = None
+    start = 0
+    if resumed is not None:
+        writer.restore(resumed.writer)
+        report = QuantizeReport(**resumed.report)
+        hidden = None if resumed.hidden is None else resumed.hidden.to(device)
+        start = resumed.layers_done
+        log(
+            f"resuming at layer {start}/{reader.num_layers}: layers 0-{start - 1} were "
+            "finished by an interrupted run with the same cache key"
+        )
     if needs_forward:
         assert calib_tokens is not None
         from gcupipe.quant.layer_module import rotary_embeddings
 
-        embed = reader.tensor("model.embed_tokens.weight").float()
-        hidden = torch.nn.functional.embedding(calib_tokens, embed).to(device)
-        del embed
+        if hidden is None:
+            embed = reader.tensor("model.embed_tokens.weight").float()
+            hidden = torch.nn.functional.embedding(calib_tokens, embed).to(device)
+            del embed
         position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
 
     with torch.no_grad():
-        for name in reader.globals:
-            _write_global(name, reader, writer, method, resolve, report)
-        reader.release()
+        if resumed is None:
+            for name in reader.globals:
+                _write_global(name, reader, writer, method, resolve, report)
+            reader.release()
         for index in range(reader.num_layers):
+            if index < start:
+                if on_layer is not None:
+                    on_layer(index, reader.num_layers)
+                continue
             names = reader.layers[index]
             tensors = {layer_relative(n)[1]: reader.tensor(n) for n in names}  # type: ignore[index]
             report.input_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -157,6 +186,10 @@ def quantize_model(
                 _quantize_layer_plain(arch, index, tensors, writer, method, resolve, report)
             del tensors
             writer.end_layer()
+            if checkpoints is not None:
+                state = writer.state()
+                if state is not None:
+                    checkpoints.save(index + 1, report, state, hidden)
             if on_layer is not None:
                 on_layer(index, reader.num_layers)
     for prefix, why in report.fallbacks.items():
@@ -313,6 +346,10 @@ def _quantize_layer_calibrated(
     _run_layer(layer, hidden, position_embeddings, batch_size)
     calib = capture.remove() if capture is not None else LayerCalibration()
     del capture
+    for module, seen in calib.inputs.items():
+        expert = re.fullmatch(arch.expert_input, module) if arch.expert_input else None
+        if expert is not None:
+            report.expert_tokens[f"{arch.layer_prefix}.{index}.{expert[1]}"] = seen.shape[0]
     if method.needs_calibration:
         view = LayerView(
             module=layer,

@@ -78,7 +78,10 @@ ProgressFactory = Callable[[str, float | None, str], tuple[ProgressTask, Callabl
 @dataclass
 class StageContext:
     """What the engine hands a running stage. Everything a stage writes goes to `output_dir`,
-    which the engine moves into place only when `run` returns successfully."""
+    which the engine moves into place only when `run` returns successfully. `scratch_dir` is
+    the stage's work space for this cache key: it survives a failed or killed run, so a long
+    stage can resume from what it left there (engine/store.py), and goes when the stage
+    succeeds."""
 
     stage_id: str
     output_dir: Path

@@ -188,6 +188,10 @@ class QuantizeOutputs(StageOutputs):
     float_layers: list[str] = Field(description="Linear layers kept in float (ignored).")
     fallbacks: dict[str, str] = Field(description="Layers quantized by a fallback, and why.")
     kv_cache_layers: int = Field(description="Attention layers with int8 KV-cache scales.")
+    expert_tokens: dict[str, int] = Field(
+        default_factory=dict,
+        description="Calibrated MoE models: calibration tokens routed to each expert.",
+    )
 
 
 class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
@@ -284,6 +288,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
     def run(self, config: QuantizeConfig, ctx: StageContext) -> QuantizeOutputs:
         from gcupipe.formats.modeldir import ModelDir
         from gcupipe.quant.checkpoint import load_raw_config
+        from gcupipe.quant.resume import LayerCheckpoints
         from gcupipe.quant.streaming import quantize_model
         from gcupipe.stages.calibration import calibration_tokens
 
@@ -302,6 +307,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             vocab = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
             tokens = calibration_tokens(config.calibration, config.model, vocab, ctx.cache_dir)
         layout = config.layout
+        checkpoints = LayerCheckpoints(ctx.scratch_dir / "layers")
         writer = layout.writer()(
             ctx.output_dir,
             config.model,
@@ -309,6 +315,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             config.method,
             max_shard_bytes=config.max_shard_size_mb << 20,
             options=target.write_options(layout.name, ModelFacts.from_config(raw)),
+            parts_dir=checkpoints.parts_dir,
         )
         with ctx.progress("quantize layers", total=None, unit="layers") as bar:
 
