@@ -335,8 +335,10 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 on_layer=on_layer,
                 log=ctx.log,
                 device=config.device,
+                checkpoints=checkpoints,
             )
         writer.finish(report.float_linears)
+        checkpoints.clear()
         return QuantizeOutputs(
             model_dir=ctx.output_dir,
             source_model_dir=config.model,
@@ -348,6 +350,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             float_layers=report.float_linears,
             fallbacks=report.fallbacks,
             kv_cache_layers=report.kv_cache_layers,
+            expert_tokens=report.expert_tokens,
         )
 
 

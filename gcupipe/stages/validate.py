@@ -77,6 +77,12 @@ class ValidateConfig(TargetedConfig):
         description="Smallest allowed per-layer output SQNR in dB; null = report "
         "the worst layers only.",
     )
+    min_expert_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Gate: every routed MoE expert saw at least this many calibration tokens "
+        "(calibrated methods; the counts come from the upstream quantize stage).",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Perplexity text.")
     sqnr_tokens: int = Field(default=512, gt=0, description="Tokens run for per-layer SQNR.")
     worst_layers: int = Field(default=5, ge=0, description="Worst-SQNR layers to report.")
@@ -190,6 +196,8 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             target=target,
             numeric=config.numeric,
             layered=config.layered,
+            expert_tokens=getattr(upstream, "expert_tokens", None),
+            min_expert_tokens=config.min_expert_tokens,
         )
         result = validate_model_dir(
             Path(model_dir), reference, settings, ctx.output_dir, log=ctx.log

@@ -63,6 +63,9 @@ class ValidationSettings:
     target: str | None = None  # whose loaders judge the files (None: the layout's own)
     numeric: bool = True
     layered: bool | None = None  # None: layered when the float reference is too big for RAM
+    # calibration tokens per routed MoE expert, from the quantize run (validation/coverage.py)
+    expert_tokens: dict[str, int] | None = None
+    min_expert_tokens: int | None = None
 
 
 # Whole-model checks hold the float reference in float32 plus the quantized model: above this
@@ -101,7 +104,7 @@ def validate_model_dir(
         str(model_dir),
         str(reference) if reference else None,
         format_name(md),
-        settings={k: v for k, v in asdict(settings).items()},
+        settings={k: v for k, v in asdict(settings).items() if k != "expert_tokens"},
     )
     started = time.perf_counter()
     report.rules = check_structure(md, options)
@@ -143,8 +146,26 @@ def validate_model_dir(
                     ],
                 )
             ]
+    report.gates.append(_coverage(settings, report, log))
     paths = write_reports(report, Path(report_dir)) if report_dir is not None else {}
     return ValidationOutcome(report, paths)
+
+
+def _coverage(
+    settings: ValidationSettings, report: ValidationReport, log: Callable[[str], None]
+) -> RuleResult:
+    from gcupipe.validation.coverage import coverage_gate
+
+    gate = coverage_gate(settings.expert_tokens, settings.min_expert_tokens)
+    if gate.status != "skip":
+        report.metrics["expert_coverage"] = gate.metrics
+        m = gate.metrics
+        log(
+            f"expert coverage: {m['experts']} routed experts saw {m['min']} .. {m['max']} "
+            f"calibration tokens (median {m['median']:g})"
+            + (f"; {m['starved']} below min_expert_tokens" if m.get("starved") else "")
+        )
+    return gate
 
 
 def enforce(result: ValidationOutcome) -> None:

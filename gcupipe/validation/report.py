@@ -125,6 +125,21 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
         if "plot" in paths:
             lines += ["", f"![per-layer SQNR]({paths['plot'].name})"]
         lines.append("")
+    coverage = metrics.get("expert_coverage")
+    if coverage:
+        lines += [
+            "## MoE experts: calibration tokens routed to each",
+            "",
+            f"{coverage['experts']} experts; tokens min {coverage['min']}, median "
+            f"{coverage['median']:g}, max {coverage['max']}.",
+            "",
+            "| tokens | experts |",
+            "|---|---|",
+            *(f"| {bins} | {count} |" for bins, count in coverage["histogram"].items()),
+            "",
+            "Fewest: " + ", ".join(f"`{name}` {count}" for name, count in coverage["fewest"]),
+            "",
+        ]
     lines += ["## Rules", "", "| rule | status | details |", "|---|---|---|"]
     for result in report.rules + report.gates:
         status = {"pass": "pass", "fail": "**FAIL**", "skip": "skip"}[result.status]
