@@ -168,15 +168,27 @@ class GcuW8A8DynamicLinearMethod(_ModelslimLinearMethod):
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
         shape = x.shape
-        x_q, token_scale = quantize_per_token(x.reshape(-1, shape[-1]))
-        acc = int8_matmul(x_q, layer.weight).float()
-        if layer.has_weight_offset:  # (w - o): subtract o * rowsum(x_q)
-            acc = acc - x_q.float().sum(dim=-1, keepdim=True) * layer.weight_offset
-        y = (acc * token_scale * layer.weight_scale).to(x.dtype)
+        offset = layer.weight_offset if layer.has_weight_offset else None
+        y = w8a8_dynamic_matmul(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, offset)
         if bias is not None:
             y = y + bias
         out: torch.Tensor = y.reshape(*shape[:-1], -1)
         return out
+
+
+def w8a8_dynamic_matmul(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8_DYNAMIC GEMM of x [m, k] with int8 weights `weight_t` [k, n] (scale, offset [1, n]):
+    x quantized per token to int8, an exact int8 GEMM, then both scales, in x's dtype."""
+    x_q, token_scale = quantize_per_token(x)
+    acc = int8_matmul(x_q, weight_t).float()
+    if weight_offset is not None:  # (w - o): subtract o * rowsum(x_q)
+        acc = acc - x_q.float().sum(dim=-1, keepdim=True) * weight_offset
+    return (acc * token_scale * weight_scale).to(x.dtype)
 
 
 @register_weight_loader_v2_supported_method

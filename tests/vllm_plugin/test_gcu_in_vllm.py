@@ -47,10 +47,9 @@ logprob by ~1e-4 on these tiny models. 2e-3 catches any real format error (those
 DEEPSEEK_KINDS = ("W8A8_DYNAMIC", "W4A16")
 DEEPSEEK_LOGPROB_ATOL = 3e-2
 """DeepSeek-V2 runs in bf16 in vLLM (its CPU MLA needs it), the reference in fp32: measured
-differences are up to ~1.2e-2 (bf16 rounding; W8A8_DYNAMIC also leaves the input of the
-experts' down_proj unquantized inside vLLM's fused kernel, see vllm_plugin/moe.py, which adds
-nothing measurable at this size). Expert layout errors move these logprobs by far more: gate and
-up swapped ~0.1, experts permuted ~0.23, experts dropped ~0.15."""
+differences are up to ~1.2e-2 (bf16 rounding; the experts compute the reference's own integer
+math, vllm_plugin/moe.py). Expert layout errors move these logprobs by far more: gate and up
+swapped ~0.1, experts permuted ~0.23, experts dropped ~0.15."""
 
 
 CT_LOGPROB_ATOL = 5e-2
@@ -302,7 +301,8 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
         deepseek = deepseek_modelslim(deepseek_float, root / f"deepseek-{kind.lower()}", kind)
         models[("deepseek_v2", kind)] = deepseek
         llm = {**jobs[0]["llm"], "model": str(deepseek), "dtype": "bfloat16"}  # CPU MLA: bf16
-        jobs.append({**jobs[0], "llm": llm, "output": str(root / f"deepseek-{kind.lower()}.jsonl")})
+        output = str(root / f"deepseek-{kind.lower()}.jsonl")
+        jobs.append({**jobs[0], "llm": llm, "output": output, "loaded_layers": True})
     # W4A16 again with integer weights kept in memory and dequantized at every call
     w4a16 = next(job for job in jobs if job["output"].endswith("llama-w4a16.jsonl"))
     models[("llama", "W4A16-low-memory")] = models[("llama", "W4A16")]
@@ -390,6 +390,14 @@ def test_deepseek_v2_quantized_experts_match_reference_runtime(served, kind: str
     # the check sees the experts: without them vLLM's logprobs would be far outside tolerance
     witness = runtime_logprobs(model_dir, rows, zeroed_experts)
     assert worst_logprob_gap(rows, witness) > 3 * DEEPSEEK_LOGPROB_ATOL
+    # and vLLM holds the experts as the integers of the files, not dequantized to float
+    loaded = json.loads((model_dir.parent / f"deepseek-{kind.lower()}.layers.json").read_text())
+    experts = {n: layer for n, layer in loaded.items() if n.endswith("mlp.experts.routed_experts")}
+    assert experts, sorted(loaded)
+    for name, layer in experts.items():
+        assert layer["method"] == "GcuFusedMoEMethod", name
+        for stem in ("w13", "w2"):
+            assert layer["params"][f"{stem}_weight"][0] == "int8", (name, layer["params"])
 
 
 def test_low_memory_weight_only_mode_gives_the_same_results(served) -> None:  # type: ignore[no-untyped-def]
