@@ -11,6 +11,10 @@ weight N(0, 1/fan_in), the embedding N(0, 1). Each tensor comes from its own gen
 generated, written and dropped, so generating 31 GB takes about one tensor of memory. `--layers N`
 keeps the shape with fewer decoder layers (layer 0 stays the dense one).
 
+The directory also gets a tokenizer of the model's vocabulary size: byte-level, the 256 byte
+tokens first and DeepSeek's begin/end-of-sentence tokens at their published ids (the other ids
+are placeholders), so text goes in and out as it does for the real model, one byte per token.
+
 The tensor names and shapes are the ones transformers' model class loads (formats/layout.py:
 expected_weights), in checkpoint order: embedding, layers 0..N-1 (experts by number), final
 norm, lm_head.
@@ -81,6 +85,8 @@ DEEPSEEK_V2_LITE: dict[str, Any] = {
     "v_head_dim": 128,
     "vocab_size": 102400,
 }
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 GENERATION_CONFIG = {
     "_from_model_config": True,
@@ -166,6 +172,29 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> Any:
     return tensor
 
 
+def write_tokenizer(path: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """A byte-level tokenizer of `vocab_size` ids (see the module docstring)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for i in range(len(vocab), vocab_size):
+        vocab[BOS if i == bos_id else EOS if i == eos_id else f"<|placeholder_{i}|>"] = i
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos_id)]
+    )
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "model_max_length": 16384,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def write_synthetic(
     shape_name: str,
     path: Path,
@@ -209,9 +238,11 @@ def write_synthetic(
         weight_map.update({name: file_name for name, _ in shard})
         if progress is not None:
             progress(f"{file_name}: {len(shard)} tensors, {written / 1e9:.2f} GB written so far")
-    index_json = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
+    weight_map = dict(sorted(weight_map.items()))
+    index_json = {"metadata": {"total_size": written}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
     (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    write_tokenizer(path, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
