@@ -1,9 +1,12 @@
-"""Lazy reads of a safetensors checkpoint (one file or sharded with an index), layer by layer."""
+"""Lazy reads of a safetensors checkpoint (one file or sharded with an index), layer by layer,
+with the next layer read ahead from disk while the current one is worked on."""
 
 from __future__ import annotations
 
 import json
 import re
+import struct
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +60,8 @@ class CheckpointReader:
                         weight_map[name] = file.name
         self.weight_map: dict[str, str] = dict(weight_map)
         self._handles: dict[str, Any] = {}
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # file -> name -> bytes
+        self._read_ahead: threading.Thread | None = None
         self.layers: dict[int, list[str]] = defaultdict(list)
         self.globals: list[str] = []
         for name in self.weight_map:
@@ -85,6 +90,48 @@ class CheckpointReader:
 
     def release(self) -> None:
         self._handles.clear()
+
+    def read_ahead(self, names: list[str]) -> None:
+        """Start reading these tensors' bytes from disk in a background thread (into the page
+        cache, no memory of this process), so that the disk works while the CPU quantizes the
+        layer before; `tensor()` then reads them from memory. One read-ahead at a time."""
+        if self._read_ahead is not None:
+            self._read_ahead.join()
+        ranges = []
+        for name in names:
+            file = self.weight_map[name]
+            if file not in self._ranges:
+                self._ranges[file] = _data_ranges(self.model_dir / file)
+            start, end = self._ranges[file][name]
+            ranges.append((self.model_dir / file, start, end))
+        self._read_ahead = threading.Thread(target=_read_ranges, args=(ranges,), daemon=True)
+        self._read_ahead.start()
+
+
+def _data_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (first byte, end) in a safetensors file: the 8-byte little-endian header
+    length, the JSON header, then the data at the header's offsets."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    base = 8 + length
+    return {
+        name: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+        for name, entry in header.items()
+    }
+
+
+def _read_ranges(ranges: list[tuple[Path, int, int]]) -> None:
+    buffer = memoryview(bytearray(8 << 20))
+    for path, start, end in ranges:
+        with path.open("rb", buffering=0) as handle:
+            handle.seek(start)
+            while start < end:
+                got = handle.readinto(buffer[: min(len(buffer), end - start)])
+                if not got:
+                    break
+                start += got
 
 
 def layer_relative(name: str) -> tuple[int, str] | None:

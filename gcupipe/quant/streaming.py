@@ -153,6 +153,8 @@ def quantize_model(
         position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
 
     with torch.no_grad():
+        if start < reader.num_layers:
+            reader.read_ahead(reader.layers[start])
         if resumed is None:
             for name in reader.globals:
                 _write_global(name, reader, writer, method, resolve, report)
@@ -166,6 +168,8 @@ def quantize_model(
             tensors = {layer_relative(n)[1]: reader.tensor(n) for n in names}  # type: ignore[index]
             report.input_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             reader.release()
+            if index + 1 < reader.num_layers:
+                reader.read_ahead(reader.layers[index + 1])
             if needs_forward:
                 hidden = _quantize_layer_calibrated(
                     config,
