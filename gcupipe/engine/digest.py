@@ -9,15 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+from gcupipe.checksums import sha256_file
 
 
 def _files(root: Path, exclude: frozenset[str] = frozenset()) -> list[Path]:

@@ -8,6 +8,7 @@ the input of the reference runtime (runtime/model.py: build_model).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+
+from gcupipe.checksums import remember_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -91,26 +94,35 @@ def safetensors_header(
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def write_tensor_bytes(handle: BinaryIO, tensor: torch.Tensor) -> None:
-    """Append one tensor's data to an open safetensors file, from its own memory."""
+def write_tensor_bytes(handle: BinaryIO, tensor: torch.Tensor, digest: Any = None) -> None:
+    """Append one tensor's data to an open safetensors file, from its own memory (and to a
+    running hashlib `digest`, when given)."""
     import torch
 
     if tensor.numel():
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        handle.write(memoryview(flat.numpy()))  # type: ignore[arg-type]
+        data = memoryview(flat.numpy())  # type: ignore[arg-type]
+        handle.write(data)
+        if digest is not None:
+            digest.update(data)
 
 
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file straight from the tensors' memory (the library's save_file
-    builds a bytes copy of every tensor first, doubling a shard's memory)."""
+    builds a bytes copy of every tensor first, doubling a shard's memory), hashing it on the
+    way out so the engine need not read it back (checksums.py)."""
     ordered = sorted(tensors.items())
     entries = [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in ordered]
+    digest = hashlib.sha256()
     with path.open("wb") as handle:
-        handle.write(safetensors_header(entries, metadata))
+        header = safetensors_header(entries, metadata)
+        handle.write(header)
+        digest.update(header)
         for _name, tensor in ordered:
-            write_tensor_bytes(handle, tensor)
+            write_tensor_bytes(handle, tensor, digest)
+    remember_sha256(path, digest.hexdigest())
 
 
 TensorSelector = Callable[[str], bool]

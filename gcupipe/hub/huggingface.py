@@ -7,9 +7,10 @@ import os
 import re
 from pathlib import Path
 
+from gcupipe.checksums import sha256_file
 from gcupipe.errors import require
 from gcupipe.hub.common import HashMismatch, HubFetch, ProgressSink
-from gcupipe.hub.manifest import git_blob_sha1_file, sha256_file
+from gcupipe.hub.manifest import git_blob_sha1_file
 
 NAME = "huggingface"
 DEFAULT_REVISION = "main"

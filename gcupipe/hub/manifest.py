@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gcupipe.checksums import sha256_file
+
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 """Weight files that torch unpickles: loading one can run arbitrary code."""
 
@@ -20,14 +22,6 @@ class ManifestEntry:
     path: str
     size: int
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_blob_sha1_file(path: Path) -> str:
