@@ -257,14 +257,16 @@ def calibrated(
         gcupipe("run", str(recipe), "--workdir", str(workdir)), None, logs / "gptq.log"
     )
     quantize = stage_record(workdir, "quantize")
-    report = json.loads((workdir / "stages" / "validate" / "out" / "validation.json").read_text())
+    kept = workdir / "reports" / "validate"  # where a failed gate leaves the report
+    report_dir = kept if kept.is_dir() else workdir / "stages" / "validate" / "out"
+    report = json.loads((report_dir / "validation.json").read_text())
     coverage = report["metrics"].get("expert_coverage")
     per_layer = quantize["duration_s"] / layers
     return {
         **figures,
         "quantize_s": quantize["duration_s"],
         "seconds_per_layer": per_layer,
-        "projected_full_s": per_layer * FULL_LAYERS,
+        "projected_full_s": per_layer * FULL_LAYERS,  # at the mean of the first layers
         "calibration": f"{samples} x {seq_len} tokens",
         "expert_coverage": coverage,
     }
