@@ -367,7 +367,10 @@ def clean(
     recipe: RecipeArg,
     workdir: WorkdirOpt = None,
     stage: Annotated[
-        list[str] | None, typer.Option("--stage", help="Remove only this stage's result.")
+        list[str] | None,
+        typer.Option(
+            "--stage", help="Remove only this stage's result (and work an interrupted run kept)."
+        ),
     ] = None,
 ) -> None:
     """Remove a recipe's run directory (or the results of some stages)."""
@@ -387,8 +390,10 @@ def clean(
             if not matches:
                 raise UsageError(f"no stage '{name}' in recipe '{loaded.name}'")
             for match in matches:
-                shutil.rmtree(store.stage_dir(match.id), ignore_errors=True)
-                console.print(f"removed {store.stage_dir(match.id)}")
+                for folder in (store.stage_dir(match.id), store.stage_scratch(match.id)):
+                    if folder.exists():
+                        shutil.rmtree(folder, ignore_errors=True)
+                        console.print(f"removed {folder}")
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -216,6 +216,14 @@ class Runner:
             self.store.commit(stage.id, folder, record)
         except BaseException as exc:
             self.store.discard(folder)
+            kept = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file())
+            if kept:
+                self.events.emit(
+                    "log",
+                    stage.id,
+                    message=f"kept {kept / 1e9:.2f} GB of finished work in {scratch}: the next "
+                    f"run resumes from it (`gcupipe clean --stage {stage.id}` drops it)",
+                )
             if isinstance(exc, KeyboardInterrupt | GcupipeError):
                 raise
             raise StageError(f"stage '{stage.id}' crashed: {type(exc).__name__}: {exc}") from exc

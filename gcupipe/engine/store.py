@@ -97,8 +97,12 @@ class RunStore:
             self._lock_handle.close()
             self._lock_handle = None
 
+    def stage_scratch(self, stage_id: str) -> Path:
+        """The scratch of a stage, for every cache key it has run with."""
+        return self.scratch_root / safe_name(stage_id)
+
     def scratch_dir(self, stage_id: str, key: str) -> Path:
-        return self.scratch_root / safe_name(stage_id) / key
+        return self.stage_scratch(stage_id) / key
 
     def begin(self, stage_id: str, key: str) -> tuple[Path, Path]:
         """A fresh temp stage directory with `out/` inside, and the stage's scratch directory
@@ -116,7 +120,7 @@ class RunStore:
 
     def commit(self, stage_id: str, folder: Path, record: StageRecord) -> None:
         """Write the record and move the finished stage into place, replacing an older result."""
-        shutil.rmtree(self.scratch_dir(stage_id, record.cache_key).parent, ignore_errors=True)
+        shutil.rmtree(self.stage_scratch(stage_id), ignore_errors=True)
         (folder / RECORD_NAME).write_text(record.model_dump_json(indent=2))
         final = self.stage_dir(stage_id)
         if final.exists():

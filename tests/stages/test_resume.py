@@ -130,3 +130,20 @@ def test_a_changed_recipe_starts_over(tmp_path: Path, model: Path) -> None:
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming" not in rerun.stdout + rerun.stderr
     assert not list((tmp_path / "run" / "scratch").rglob("*.safetensors"))
+
+
+def test_clean_drops_the_work_a_killed_run_kept(tmp_path: Path, model: Path) -> None:
+    recipe = _recipe(tmp_path, model, "w8a8_dynamic", "modelslim", "[lm_head]")
+    killed = _run(recipe, tmp_path / "run", kill_at=KILL_AT)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((tmp_path / "run" / "scratch").rglob("state.json"))
+    cleaned = subprocess.run(
+        [sys.executable, "-m", "gcupipe", "clean", str(recipe), "--workdir", str(tmp_path / "run")]
+        + ["--stage", "quantize"],
+        capture_output=True,
+        text=True,
+    )
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not (tmp_path / "run" / "scratch" / "quantize").exists()
+    rerun = _run(recipe, tmp_path / "run")
+    assert rerun.returncode == 0 and "resuming" not in rerun.stdout + rerun.stderr
