@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,10 @@ class ShardWriter:
     `<stem>-0000i-of-0000N.safetensors` (or `<stem>.safetensors` for one) plus an index.
 
     Shards are written as numbered parts into `parts_dir` (default: `out_dir`) and moved into
-    `out_dir` by `finish`; `state`/`restore` carry the written parts over to a resumed run."""
+    `out_dir` by `finish`; `state`/`restore` carry the written parts over to a resumed run.
+    A part is written in a background thread while the caller goes on with the next layer (one
+    part in flight: the next flush waits for it); `when_written` runs a callback once every
+    part flushed so far is on disk."""
 
     def __init__(
         self,
@@ -186,6 +190,11 @@ class ShardWriter:
         self.parts: list[tuple[str, list[str]]] = []  # (part file name, its tensor names)
         self.total_bytes = 0
         self.names: set[str] = set()
+        self._lock = threading.Lock()
+        self._writing: threading.Thread | None = None
+        self._written = True  # the part in flight, if any, is on disk
+        self._after: list[Callable[[], None]] = []  # to run when it is
+        self._error: BaseException | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
@@ -205,13 +214,44 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
+        self.wait()
         part = f".part{len(self.parts):05d}.safetensors"
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        write_safetensors(self.parts_dir / part, self.pending, {"format": "pt"})
-        self.parts.append((part, list(self.pending)))
-        self.pending = {}
-        self.pending_bytes = 0
-        _release_freed_memory()
+        tensors, self.pending, self.pending_bytes = self.pending, {}, 0
+        self.parts.append((part, list(tensors)))
+        self._written, self._after = False, []
+        self._writing = threading.Thread(target=self._write, args=(part, tensors), daemon=True)
+        self._writing.start()
+
+    def _write(self, part: str, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            write_safetensors(self.parts_dir / part, tensors, {"format": "pt"})
+            del tensors
+            _release_freed_memory()
+            with self._lock:
+                self._written = True
+                callbacks, self._after = self._after, []
+            for callback in callbacks:
+                callback()
+        except BaseException as exc:  # raised in the caller's thread by the next wait()
+            self._error = exc
+
+    def when_written(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once every part flushed so far is on disk (now, if it is)."""
+        with self._lock:
+            if not self._written:
+                self._after.append(callback)
+                return
+        callback()
+
+    def wait(self) -> None:
+        """Until the part in flight is on disk; re-raises what its writing raised."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def state(self) -> dict[str, Any] | None:
         """The parts written so far, as JSON; None while tensors are still buffered."""
@@ -231,6 +271,7 @@ class ShardWriter:
 
     def finish(self) -> list[str]:
         self.flush()
+        self.wait()
         count = len(self.parts)
         weight_map: dict[str, str] = {}
         names = []
@@ -323,6 +364,10 @@ class FormatWriter:
         """Continue from what `state` returned in an interrupted run."""
         self.shards.restore(state["shards"])
         self.restore_layout(state["layout"])
+
+    def when_written(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once everything flushed so far is on disk."""
+        self.shards.when_written(callback)
 
     def layout_state(self) -> dict[str, Any] | None:
         """What the layout gathered besides the tensors, as JSON (None: cannot resume)."""

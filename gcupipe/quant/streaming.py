@@ -10,9 +10,11 @@ resumes after the last layer it finished (quant/resume.py).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +46,8 @@ class QuantizedSink(Protocol):
     def state(self) -> dict[str, Any] | None: ...
 
     def restore(self, state: dict[str, Any]) -> None: ...
+
+    def when_written(self, callback: Callable[[], None]) -> None: ...
 
 
 @dataclass
@@ -192,8 +196,9 @@ def quantize_model(
             writer.end_layer()
             if checkpoints is not None:
                 state = writer.state()
-                if state is not None:
-                    checkpoints.save(index + 1, report, state, hidden)
+                if state is not None:  # a snapshot, saved once the parts it lists are on disk
+                    snapshot = copy.deepcopy((report, state))
+                    writer.when_written(partial(checkpoints.save, index + 1, *snapshot, hidden))
             if on_layer is not None:
                 on_layer(index, reader.num_layers)
     for prefix, why in report.fallbacks.items():
