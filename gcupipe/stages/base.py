@@ -31,11 +31,9 @@ class TargetedConfig(StageConfig):
     @field_validator("target")
     @classmethod
     def _known_target(cls, name: str | None) -> str | None:
-        from gcupipe.targets.registry import TARGETS
+        from gcupipe.targets.registry import known_target
 
-        if name is not None and name not in TARGETS:
-            raise ValueError(TARGETS.unknown_message(name))
-        return name
+        return known_target(name)
 
 
 class StageOutputs(BaseModel):

@@ -12,6 +12,14 @@ TARGETS: Registry[Target] = Registry(
 )
 
 
+def known_target(name: str | None) -> str | None:
+    """`name` unchanged when it is None or a registered target; else ValueError naming them (the
+    validator of every `target:` field)."""
+    if name is not None and name not in TARGETS:
+        raise ValueError(TARGETS.unknown_message(name))
+    return name
+
+
 def target_for(name: str | None, fmt: Format | None = None) -> Target:
     """The target called `name`, else the one the format was made for, else gcu (the product's
     own)."""
