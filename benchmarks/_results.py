@@ -13,6 +13,21 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 
 
+def drop_caches(imports: str = "torch, transformers, gcupipe.cli") -> bool:
+    """Empty the page cache (needs root) so a measurement reads its model files from disk, then
+    read `imports` back in, so that no measured job pays for cold Python packages (a job that
+    imports nothing would otherwise be favoured). Whether the cache was emptied."""
+    import sys
+
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    subprocess.run([sys.executable, "-c", f"import {imports}"], check=True, capture_output=True)
+    return True
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

@@ -37,7 +37,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import write_results  # noqa: E402
+from _results import drop_caches, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "deepseek-v2-lite-synthetic.yaml"
@@ -103,22 +103,6 @@ class TreeMonitor:
         }
 
 
-def drop_caches() -> None:
-    """Start every measurement from a cold page cache for the model files (the checkpoint is
-    larger than RAM anyway; this makes runs comparable), then read the Python packages back in,
-    so that no stage pays for cold imports. Dropping needs root; skipped otherwise."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return
-    subprocess.run(
-        [sys.executable, "-c", "import torch, transformers, vllm, gcupipe.cli"],
-        check=True,
-        capture_output=True,
-    )
-
-
 def measured(
     command: list[str],
     env: dict[str, str] | None = None,
@@ -126,7 +110,7 @@ def measured(
     kill_when: Any = None,
 ) -> dict[str, Any]:
     """Run `command`, monitoring its process tree; `kill_when()` -> True sends SIGKILL."""
-    drop_caches()
+    drop_caches("torch, transformers, vllm, gcupipe.cli")
     started = time.perf_counter()
     out = log.open("w") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)

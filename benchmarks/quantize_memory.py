@@ -5,11 +5,11 @@ Builds a synthetic Llama-shaped bf16 checkpoint (random weights, several shards)
 1. copies the shards with a plain read-and-write (the I/O floor), and
 2. quantizes it w8a8_dynamic into modelslim through the quantize stage,
 in the order copy, quantize, quantize, copy, each from a cold page cache (dropped before every
-run where this runs as root; otherwise the table says the cache was warm), so neither job
-inherits the other's cached input. Prints peak RSS against the budget (1.5 GB + 2 x the largest
-decoder layer) and throughput in GB of bf16 input per second, each job's two runs and their
-spread, as a ratio to the plain copy. Writes benchmarks/results/quantize_memory.md and deletes
-the checkpoint afterwards (--keep keeps it).
+run where this runs as root, with the Python packages read back in; otherwise the table says
+the cache was warm), so neither job inherits the other's cached input. Prints peak RSS against
+the budget (1.5 GB + 2 x the largest decoder layer) and throughput in GB of bf16 input per
+second, each job's two runs and their spread, as a ratio to the plain copy. Writes
+benchmarks/results/quantize_memory.md and deletes the checkpoint afterwards (--keep keeps it).
 
     python benchmarks/quantize_memory.py [--layers 16] [--keep]
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _results import drop_caches, write_results  # noqa: E402
+
 WORK = REPO / ".cache" / "bench-quantize-memory"
 CONFIG = {
     "model_type": "llama",
@@ -118,23 +120,14 @@ def child_quantize(src: str, dst: str) -> None:
     QuantizeStage().run(config, ctx)
 
 
-def drop_caches() -> bool:
-    """Empty the page cache (needs root); whether it was emptied."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
 def run_child(kind: str, src: Path, dst: Path) -> tuple[float, float]:
-    """Run one job in a fresh interpreter; returns (seconds, peak RSS in GB)."""
+    """Run one job in a fresh interpreter; returns (seconds, peak RSS in GB). The time includes
+    syncing its output to disk, so that none of its write-back lands in the next job's time."""
     shutil.rmtree(dst, ignore_errors=True)
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); import resource, time;"
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import os, resource, time;"
         f"from benchmarks.quantize_memory import child_{kind} as job;"
-        f"t = time.perf_counter(); job({str(src)!r}, {str(dst)!r});"
+        f"t = time.perf_counter(); job({str(src)!r}, {str(dst)!r}); os.sync();"
         f"print(time.perf_counter() - t,"
         f" resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
@@ -216,9 +209,6 @@ def main() -> None:
         "copy_gb_per_s": copy_rate,
         "ratio": quant_rate / copy_rate,
     }
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _results import write_results
-
     write_results("quantize_memory", figures, text)
     print(text)
 

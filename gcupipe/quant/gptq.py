@@ -42,6 +42,7 @@ from gcupipe.quant.methods import (
 from gcupipe.quant.observers import scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
 from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear
+from gcupipe.quant.threads import torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -178,17 +179,11 @@ def sequential_cpu_ops(device: torch.device) -> Iterator[None]:
     Each op touches a few thousand numbers; splitting that over threads costs more than it
     saves, and on a busy machine the thread hand-offs made the loop 50x slower (measured: 9 s
     vs 0.17 s for a 576 x 576 layer on 2 shared cores)."""
-    import torch
-
     if device.type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantM
 from gcupipe.quant.observers import MinMaxObserver, scale_offset_from_range
 from gcupipe.quant.resume import LayerCheckpoints
 from gcupipe.quant.scheme import KVCacheScale, QuantizedLinear
+from gcupipe.quant.threads import streaming_threads, torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +157,8 @@ def quantize_model(
             del embed
         position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
 
-    with torch.no_grad():
+    threads = torch.get_num_threads() if needs_forward else streaming_threads()
+    with torch.no_grad(), torch_threads(threads):
         if start < reader.num_layers:
             reader.read_ahead(reader.layers[start])
         if resumed is None:
