@@ -7,13 +7,15 @@ the start-up time on CPU). SPEC is JSON:
     {"jobs": [{"llm": {...LLM keywords...}, "prompts": [...], "max_tokens": 16,
                "temperature": 0.0, "logprobs": null, "env": {}, "warmup": false,
                "repeats": 1, "output": "out.jsonl", "loaded_layers": false}],
-     "summary": "summary.json"}
+     "summary": "summary.json", "interleave": false}
 
-Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when asked) and
-the summary gets tokens/s per job. With "loaded_layers": true, the job also writes what vLLM
-itself built from the checkpoint into `<output stem>.layers.json` (`loaded_layers`): the
-quantization method of every layer and the dtype and shape of each parameter it holds after
-loading.
+With "interleave": true every engine is loaded first and the jobs' repeats run in turn (for
+benchmarks). Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when
+asked) and the summary gets tokens/s per job (each repeat's too), what loading it added to the
+process tree's RSS, and the bytes and kernels of what vLLM holds (`served_figures`). With
+"loaded_layers": true, the job also writes what vLLM itself built from the checkpoint into
+`<output stem>.layers.json` (`loaded_layers`): the quantization method of every layer and the
+dtype and shape of each parameter it holds after loading.
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ def _logprob_rows(output: Any) -> list[dict[str, float]] | None:
 
 
 def loaded_layers(model: Any) -> dict[str, dict[str, Any]]:
-    """Every module of a loaded vLLM model that has a quantization method: the method's class
-    and the module's own parameters (dtype, shape) as they are after weight loading."""
+    """Every module of a loaded vLLM model that has a quantization method: the method's class,
+    the vLLM kernel it runs (None: none) and the module's own parameters (dtype, shape) as
+    they are after weight loading."""
     layers = {}
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if method is None:
             continue
+        kernel = _kernel_of(module, method)
         layers[name] = {
             "method": type(method).__name__,
+            "kernel": None if kernel is None else type(kernel).__name__,
             "params": {
                 param: [str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
                 for param, tensor in module.named_parameters(recurse=False)
@@ -53,71 +58,148 @@ def loaded_layers(model: Any) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Load one model, generate for every prompt, write the JSONL, return figures."""
-    from vllm import LLM, SamplingParams
+def _kernel_of(module: Any, method: Any) -> Any:
+    """The vLLM kernel object a layer's quantization method runs (ours and compressed-tensors'
+    schemes keep it as `.kernel`), or None."""
+    kernel = getattr(method, "kernel", None)
+    if kernel is None:
+        kernel = getattr(getattr(module, "scheme", None), "kernel", None)
+    return kernel
 
-    os.environ.update(job.get("env", {}))  # per-model switches read at load (e.g. plugin modes)
-    started = time.perf_counter()
-    llm = LLM(**job["llm"])
-    load_s = time.perf_counter() - started
-    if job.get("loaded_layers"):
-        layers = llm.apply_model(loaded_layers)[0]  # one worker on CPU
-        Path(job["output"]).with_suffix(".layers.json").write_text(json.dumps(layers, indent=1))
-    params = SamplingParams(
-        max_tokens=int(job.get("max_tokens", 16)),
-        temperature=float(job.get("temperature", 0.0)),
-        logprobs=job.get("logprobs"),
-        ignore_eos=bool(job.get("ignore_eos", False)),
-    )
-    prompts = list(job["prompts"])  # text, or token ids (a list) to bypass the tokenizer
-    inputs: Any = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
-    warmup_s = 0.0
-    if job.get("warmup"):  # first batches pay one-time costs; benchmarks time the steady state
-        began = time.perf_counter()
-        llm.generate(inputs[:1], SamplingParams(max_tokens=4), use_tqdm=False)
-        warmup_s = time.perf_counter() - began
-    timings = []
-    results = None
-    for _ in range(max(1, int(job.get("repeats", 1)))):  # every repeat timed: report the spread
-        began = time.perf_counter()
-        outcome = llm.generate(inputs, params, use_tqdm=False)
-        timings.append(time.perf_counter() - began)
-        results = results or outcome
-    assert results is not None
-    generated = 0
-    with Path(job["output"]).open("w") as handle:
-        for prompt, result in zip(prompts, results, strict=True):
-            completion = result.outputs[0]
-            generated += len(completion.token_ids)
-            row = {
-                "prompt": prompt,
-                "text": completion.text,
-                "token_ids": list(completion.token_ids),
-                "finish_reason": completion.finish_reason,
-            }
-            logprobs = _logprob_rows(completion)
-            if logprobs is not None:
-                row["logprobs"] = logprobs
-            handle.write(json.dumps(row) + "\n")
-    del llm
-    gc.collect()
-    generate_s = min(timings)
+
+def served_figures(model: Any) -> dict[str, Any]:
+    """What a loaded vLLM model holds: bytes of its parameters and buffers, and the kernel (or
+    quantization method, where it runs none) of each quantized layer."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    kernels = set()
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is None or type(method).__name__.startswith("Unquantized"):
+            continue
+        kernel = _kernel_of(module, method)
+        kernels.add(type(kernel if kernel is not None else method).__name__)
     return {
-        "output": job["output"],
-        "load_s": round(load_s, 3),
-        "warmup_s": round(warmup_s, 3),
-        "generate_s": round(generate_s, 3),
-        "generate_s_each": [round(t, 3) for t in timings],
-        "prompts": len(prompts),
-        "generated_tokens": generated,
-        "tokens_per_s": round(generated / generate_s, 3) if generate_s > 0 else None,
+        "parameter_bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "kernels": sorted(kernels),
     }
+
+
+def _tree_rss() -> int:
+    import psutil  # type: ignore[import-untyped]
+
+    me = psutil.Process()
+    total: int = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += int(child.memory_info().rss)
+        except psutil.Error:
+            pass
+    return total
+
+
+class _Engine:
+    """One job's loaded `vllm.LLM`, warmed up when the job asks, with its load figures."""
+
+    def __init__(self, job: dict[str, Any]):
+        from vllm import LLM, SamplingParams
+
+        self.job = job
+        os.environ.update(job.get("env", {}))  # per-model switches read at load (plugin modes)
+        rss_before = _tree_rss()
+        started = time.perf_counter()
+        self.llm = LLM(**job["llm"])
+        self.load_s = time.perf_counter() - started
+        if job.get("loaded_layers"):
+            layers = self.llm.apply_model(loaded_layers)[0]  # one worker on CPU
+            Path(job["output"]).with_suffix(".layers.json").write_text(json.dumps(layers, indent=1))
+        self.params = SamplingParams(
+            max_tokens=int(job.get("max_tokens", 16)),
+            temperature=float(job.get("temperature", 0.0)),
+            logprobs=job.get("logprobs"),
+            ignore_eos=bool(job.get("ignore_eos", False)),
+        )
+        self.prompts = list(job["prompts"])  # text, or token ids (a list): no tokenizer
+        self.inputs: Any = [
+            {"prompt_token_ids": p} if isinstance(p, list) else p for p in self.prompts
+        ]
+        self.warmup_s = 0.0
+        if job.get("warmup"):  # first batches pay one-time costs: benchmarks time what follows
+            began = time.perf_counter()
+            self.llm.generate(self.inputs[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+            self.warmup_s = time.perf_counter() - began
+        self.rss_added = _tree_rss() - rss_before
+        self.served = self.llm.apply_model(served_figures)[0]
+        self.timings: list[float] = []
+        self.results: Any = None
+
+    def generate(self) -> None:
+        began = time.perf_counter()
+        outcome = self.llm.generate(self.inputs, self.params, use_tqdm=False)
+        self.timings.append(time.perf_counter() - began)
+        self.results = self.results or outcome
+
+    def finish(self) -> dict[str, Any]:
+        """Write the first run's outputs (JSONL), free the engine, return the figures."""
+        generated = 0
+        with Path(self.job["output"]).open("w") as handle:
+            for prompt, result in zip(self.prompts, self.results, strict=True):
+                completion = result.outputs[0]
+                generated += len(completion.token_ids)
+                row = {
+                    "prompt": prompt,
+                    "text": completion.text,
+                    "token_ids": list(completion.token_ids),
+                    "finish_reason": completion.finish_reason,
+                }
+                logprobs = _logprob_rows(completion)
+                if logprobs is not None:
+                    row["logprobs"] = logprobs
+                handle.write(json.dumps(row) + "\n")
+        del self.llm
+        gc.collect()
+        generate_s = min(self.timings)
+        return {
+            "output": self.job["output"],
+            "load_s": round(self.load_s, 3),
+            "warmup_s": round(self.warmup_s, 3),
+            "generate_s": round(generate_s, 3),
+            "generate_s_each": [round(t, 3) for t in self.timings],
+            "prompts": len(self.prompts),
+            "generated_tokens": generated,
+            "tokens_per_s": round(generated / generate_s, 3) if generate_s > 0 else None,
+            "tokens_per_s_each": [round(generated / t, 3) for t in self.timings],
+            "rss_added_gb": round(self.rss_added / 1e9, 3),
+            **self.served,
+        }
+
+
+def _repeats(job: dict[str, Any]) -> int:
+    return max(1, int(job.get("repeats", 1)))
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Load one model, generate for every prompt (every repeat timed), write the JSONL."""
+    engine = _Engine(job)
+    for _ in range(_repeats(job)):
+        engine.generate()
+    return engine.finish()
+
+
+def run_interleaved(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every job's engine loaded at once, then repeat r of every engine before any repeat r+1:
+    a drift of the machine's pace touches every engine alike (benchmarks)."""
+    engines = [_Engine(job) for job in jobs]
+    for repeat in range(max(_repeats(job) for job in jobs)):
+        for engine in engines:
+            if repeat < _repeats(engine.job):
+                engine.generate()
+    return [engine.finish() for engine in engines]
 
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    summary = [run_job(job) for job in spec["jobs"]]
+    jobs = spec["jobs"]
+    summary = run_interleaved(jobs) if spec.get("interleave") else [run_job(j) for j in jobs]
     Path(spec["summary"]).write_text(json.dumps(summary, indent=2))
     return 0
 

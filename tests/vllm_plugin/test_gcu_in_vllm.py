@@ -52,11 +52,18 @@ math, vllm_plugin/moe.py). Expert layout errors move these logprobs by far more:
 swapped ~0.1, experts permuted ~0.23, experts dropped ~0.15."""
 
 
-CT_LOGPROB_ATOL = 5e-2
-"""compressed-tensors runs on vLLM's own int8 kernels (oneDNN), which take bf16 activations on
-CPU: compared with the fp32 reference, bf16 rounding moves these logprobs by ~1e-2; a wrong
-scale or layout moves them by > 0.1. (Greedy tokens of a random model are near ties in bf16,
-so they are not compared.)"""
+BF16_LOGPROB_ATOL = 5e-2
+"""Models served in bf16 on vLLM's own kernels (compressed-tensors W8A8 without the plugin, and
+the plugin's layers on the kernels it chose: oneDNN int8, CPU WNA16): compared with the fp32
+reference, bf16 rounding moves these logprobs by ~1e-2; a wrong scale or layout moves them by
+> 0.1. (Greedy tokens of a random model are near ties in bf16, so they are not compared.)"""
+
+KERNELS = {
+    "W8A8_DYNAMIC": "CPUInt8ScaledMMLinearKernel",
+    "W8A8": "CPUInt8ScaledMMLinearKernel",
+    "W4A16": "CPUWNA16LinearKernel",
+}
+"""The vLLM kernel each type runs on in bf16 here (W8A16 has none on CPU: dequantized)."""
 
 
 def _calibrate(model_dir: Path) -> dict[str, tuple[float, float]]:
@@ -292,6 +299,13 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
     jobs.append(
         {**jobs[0], "llm": {**ct_llm, "model": str(ct)}, "output": str(root / "llama-ct.jsonl")}
     )
+    # the plugin's types again in bf16, where vLLM's int8 and weight-only kernels take them
+    for kind in KERNELS:
+        models[("llama", f"{kind}-bf16")] = models[("llama", kind)]
+        job = next(j for j in jobs if j["output"].endswith(f"llama-{kind.lower()}.jsonl"))
+        llm = {**job["llm"], "dtype": "bfloat16"}
+        output = str(root / f"llama-{kind.lower()}-bf16.jsonl")
+        jobs.append({**job, "llm": llm, "output": output})
     # DeepSeek-V2 (MLA + MoE): every linear quantized (fused_qkv_a_proj = q_a_proj +
     # kv_a_proj_with_mqa, kv_b_proj absorbed by MLA, shared experts, routed experts stacked
     # into vLLM's fused-MoE tensors), router FLOAT. W4A16 also covers group scales + int4 packing
@@ -349,10 +363,23 @@ def test_compressed_tensors_w8a8_loads_without_the_plugin(served) -> None:  # ty
     config = json.loads((model_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     rows = outputs[("llama", "compressed-tensors")]
-    assert worst_logprob_gap(rows, runtime_logprobs(model_dir, rows)) <= CT_LOGPROB_ATOL
+    assert worst_logprob_gap(rows, runtime_logprobs(model_dir, rows)) <= BF16_LOGPROB_ATOL
     # sensitive at this tolerance: scales one output channel out of step are far outside it
     witness = runtime_logprobs(model_dir, rows, rolled_scales)
-    assert worst_logprob_gap(rows, witness) > 2 * CT_LOGPROB_ATOL
+    assert worst_logprob_gap(rows, witness) > 2 * BF16_LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("kind", list(KERNELS))
+def test_bf16_layers_run_on_vllms_kernels_and_match_reference_runtime(served, kind: str) -> None:  # type: ignore[no-untyped-def]
+    models, outputs = served
+    model_dir = models[("llama", f"{kind}-bf16")]
+    loaded = json.loads((model_dir.parent / f"llama-{kind.lower()}-bf16.layers.json").read_text())
+    for layer in ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj"):
+        assert loaded[layer]["kernel"] == KERNELS[kind], (layer, loaded[layer])
+    rows = outputs[("llama", f"{kind}-bf16")]
+    assert worst_logprob_gap(rows, runtime_logprobs(model_dir, rows)) <= BF16_LOGPROB_ATOL
+    witness = runtime_logprobs(model_dir, rows, rolled_scales)
+    assert worst_logprob_gap(rows, witness) > 2 * BF16_LOGPROB_ATOL
 
 
 def zeroed_experts(linears: dict) -> dict:
@@ -424,9 +451,17 @@ def test_what_vllm_loaded_is_what_the_description_says(served) -> None:  # type:
         "model.layers.1.mlp.down_proj",
     ):
         assert loaded[layer]["method"] == "GcuWeightOnlyLinearMethod", layer
+        assert loaded[layer]["kernel"] is None  # fp32: no weight-only kernel, dequantized
     assert loaded["lm_head"]["method"] == "UnquantizedEmbeddingMethod"
     static = json.loads((model_dir.parent / "llama-w8a8.layers.json").read_text())
     qkv = static["model.layers.0.self_attn.qkv_proj"]
     assert qkv["method"] == "GcuW8A8StaticLinearMethod"
-    assert qkv["params"]["weight"][0] == "int8"
-    assert qkv["params"]["quant_bias"][0] == "int32"
+    assert qkv["kernel"] == "CPUInt8ScaledMMLinearKernel"  # oneDNN holds the int8 weights
+    assert {name: dtype for name, (dtype, _) in qkv["params"].items()} == {
+        "weight": "int8",  # an empty placeholder
+        "weight_scale": "float32",
+        "input_scale": "float32",
+        "input_zero_point": "int32",
+        "azp_adj": "float32",  # oneDNN's zero-point correction, column sums x weight scale
+        "gcu_bias": "float32",
+    }
