@@ -76,6 +76,59 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+class QuietMachine:
+    """Timing figures only from a machine with nothing else running. On creation waits (up to
+    `wait_s`) for the 1-minute load average to fall below `idle_load`, else exits with status 3;
+    `check()` exits likewise when other processes used more than `others_limit` of the
+    machine's CPU time since (the whole machine's busy time from /proc/stat minus this process
+    and its waited-for children), so no results are written from a loaded run."""
+
+    def __init__(self, idle_load: float = 0.5, wait_s: float = 300, others_limit: float = 0.1):
+        import sys
+
+        self.others_limit = others_limit
+        deadline = time.monotonic() + wait_s
+        while os.getloadavg()[0] >= idle_load:
+            if time.monotonic() > deadline:
+                sys.exit(f"refused: 1-minute load average {os.getloadavg()[0]:.2f} >= {idle_load}")
+            time.sleep(10)
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float]:
+        import resource
+
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+        busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        own = sum(
+            usage.ru_utime + usage.ru_stime
+            for usage in (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
+        )
+        return time.monotonic(), busy, own
+
+    def others_share(self) -> float:
+        """Share of the machine's CPU time (cores x wall) used by other processes since."""
+        now = self._snapshot()
+        wall = (now[0] - self.start[0]) * len(os.sched_getaffinity(0))
+        others = (now[1] - self.start[1]) - (now[2] - self.start[2])
+        return max(0.0, others) / wall if wall > 0 else 0.0
+
+    def check(self) -> float:
+        import sys
+
+        share = self.others_share()
+        if share > self.others_limit:
+            sys.exit(
+                f"refused: other processes used {share:.0%} of the CPU while this ran "
+                f"(limit {self.others_limit:.0%}); no results written"
+            )
+        return share
+
+
 def write_results(name: str, figures: dict[str, Any], markdown: str) -> Path:
     """benchmarks/results/<name>.json (figures) and <name>.md (the table people read), both
     stamped with the commit and the machine."""

@@ -11,8 +11,9 @@ the start-up time on CPU). SPEC is JSON:
 
 With "interleave": true every engine is loaded first and the jobs' repeats run in turn (for
 benchmarks). Each job writes one JSON line per prompt (prompt, text, token_ids, logprobs when
-asked) and the summary gets tokens/s per job (each repeat's too), what loading it added to the
-process tree's RSS, and the bytes and kernels of what vLLM holds (`served_figures`). With
+asked) and the summary gets tokens/s per job (each repeat's too), the process tree's RSS once it
+is loaded and warm (with one job: runtime, weights, KV cache) and the kernels its layers run.
+With
 "loaded_layers": true, the job also writes what vLLM itself built from the checkpoint into
 `<output stem>.layers.json` (`loaded_layers`): the quantization method of every layer and the
 dtype and shape of each parameter it holds after loading.
@@ -67,10 +68,9 @@ def _kernel_of(module: Any, method: Any) -> Any:
     return kernel
 
 
-def served_figures(model: Any) -> dict[str, Any]:
-    """What a loaded vLLM model holds: bytes of its parameters and buffers, and the kernel (or
-    quantization method, where it runs none) of each quantized layer."""
-    tensors = list(model.parameters()) + list(model.buffers())
+def served_kernels(model: Any) -> list[str]:
+    """The kernel (or quantization method, where it runs none) of each quantized layer of a
+    loaded vLLM model."""
     kernels = set()
     for module in model.modules():
         method = getattr(module, "quant_method", None)
@@ -78,20 +78,17 @@ def served_figures(model: Any) -> dict[str, Any]:
             continue
         kernel = _kernel_of(module, method)
         kernels.add(type(kernel if kernel is not None else method).__name__)
-    return {
-        "parameter_bytes": sum(t.numel() * t.element_size() for t in tensors),
-        "kernels": sorted(kernels),
-    }
+    return sorted(kernels)
 
 
 def _tree_rss() -> int:
+    """RSS of this process and its children (vLLM on CPU runs its engine in this process)."""
     import psutil  # type: ignore[import-untyped]
 
-    me = psutil.Process()
-    total: int = me.memory_info().rss
-    for child in me.children(recursive=True):
+    total = 0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
-            total += int(child.memory_info().rss)
+            total += int(process.memory_info().rss)
         except psutil.Error:
             pass
     return total
@@ -105,7 +102,6 @@ class _Engine:
 
         self.job = job
         os.environ.update(job.get("env", {}))  # per-model switches read at load (plugin modes)
-        rss_before = _tree_rss()
         started = time.perf_counter()
         self.llm = LLM(**job["llm"])
         self.load_s = time.perf_counter() - started
@@ -127,8 +123,8 @@ class _Engine:
             began = time.perf_counter()
             self.llm.generate(self.inputs[:1], SamplingParams(max_tokens=4), use_tqdm=False)
             self.warmup_s = time.perf_counter() - began
-        self.rss_added = _tree_rss() - rss_before
-        self.served = self.llm.apply_model(served_figures)[0]
+        self.rss = _tree_rss()  # with one job per process: runtime, weights and KV cache
+        self.kernels = self.llm.apply_model(served_kernels)[0]
         self.timings: list[float] = []
         self.results: Any = None
 
@@ -168,8 +164,8 @@ class _Engine:
             "generated_tokens": generated,
             "tokens_per_s": round(generated / generate_s, 3) if generate_s > 0 else None,
             "tokens_per_s_each": [round(generated / t, 3) for t in self.timings],
-            "rss_added_gb": round(self.rss_added / 1e9, 3),
-            **self.served,
+            "rss_gb": round(self.rss / 1e9, 3),
+            "kernels": self.kernels,
         }
 
 
