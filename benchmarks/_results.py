@@ -80,7 +80,7 @@ class QuietMachine:
     """Timing figures only from a machine with nothing else running. On creation waits (up to
     `wait_s`) for the 1-minute load average to fall below `idle_load`, else exits with status 3;
     `check()` exits likewise when other processes used more than `others_limit` of the
-    machine's CPU time since (the whole machine's busy time from /proc/stat minus this process
+    machine's CPU time since (the whole machine's busy time minus this process
     and its waited-for children), so no results are written from a loaded run."""
 
     def __init__(self, idle_load: float = 0.5, wait_s: float = 300, others_limit: float = 0.1):
@@ -98,9 +98,10 @@ class QuietMachine:
     def _snapshot() -> tuple[float, float, float]:
         import resource
 
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-        busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        import psutil
+
+        times = psutil.cpu_times()
+        busy = times.user + times.nice + times.system + times.irq + times.softirq
         own = sum(
             usage.ru_utime + usage.ru_stime
             for usage in (

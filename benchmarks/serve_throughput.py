@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,19 +78,14 @@ def weight_gb(model: Path, dtype_bytes: int = 2) -> float:
     """GB of a checkpoint's tensors held in the served dtype (bf16: 2 bytes a value)."""
     from math import prod
 
-    from safetensors import safe_open
+    from gcupipe.formats.modeldir import read_safetensors_header
 
-    values = 0
-    for file in model.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as handle:
-            values += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    values = sum(
+        prod(info.shape)
+        for file in model.glob("*.safetensors")
+        for info in read_safetensors_header(file)[0].values()
+    )
     return values * dtype_bytes / 1e9
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def main() -> None:

@@ -68,19 +68,6 @@ def _kernel_of(module: Any, method: Any) -> Any:
     return kernel
 
 
-def served_kernels(model: Any) -> list[str]:
-    """The kernel (or quantization method, where it runs none) of each quantized layer of a
-    loaded vLLM model."""
-    kernels = set()
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is None or type(method).__name__.startswith("Unquantized"):
-            continue
-        kernel = _kernel_of(module, method)
-        kernels.add(type(kernel if kernel is not None else method).__name__)
-    return sorted(kernels)
-
-
 def _tree_rss() -> int:
     """RSS of this process and its children (vLLM on CPU runs its engine in this process)."""
     import psutil  # type: ignore[import-untyped]
@@ -105,9 +92,17 @@ class _Engine:
         started = time.perf_counter()
         self.llm = LLM(**job["llm"])
         self.load_s = time.perf_counter() - started
+        layers = self.llm.apply_model(loaded_layers)[0]  # one worker on CPU
         if job.get("loaded_layers"):
-            layers = self.llm.apply_model(loaded_layers)[0]  # one worker on CPU
             Path(job["output"]).with_suffix(".layers.json").write_text(json.dumps(layers, indent=1))
+        # the kernel (or, where it runs none, the method) of every quantized layer
+        self.kernels = sorted(
+            {
+                layer["kernel"] or layer["method"]
+                for layer in layers.values()
+                if not layer["method"].startswith("Unquantized")
+            }
+        )
         self.params = SamplingParams(
             max_tokens=int(job.get("max_tokens", 16)),
             temperature=float(job.get("temperature", 0.0)),
@@ -124,7 +119,6 @@ class _Engine:
             self.llm.generate(self.inputs[:1], SamplingParams(max_tokens=4), use_tqdm=False)
             self.warmup_s = time.perf_counter() - began
         self.rss = _tree_rss()  # with one job per process: runtime, weights and KV cache
-        self.kernels = self.llm.apply_model(served_kernels)[0]
         self.timings: list[float] = []
         self.results: Any = None
 

@@ -91,21 +91,11 @@ def _vllm_layer(quant_type: str, parts: list[QuantizedLinear], dtype, group_size
     for name, value in tensors.items():
         param = getattr(layer, name)
         param.data.copy_(value.reshape(param.shape))
-    with _default_dtype(dtype):  # what vLLM's loader sets while it processes weights
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    with set_default_torch_dtype(dtype):  # as vLLM's loader, while it processes weights
         method.process_weights_after_loading(layer)
     return method, layer
-
-
-class _default_dtype:
-    def __init__(self, dtype):  # type: ignore[no-untyped-def]
-        self.dtype = dtype
-
-    def __enter__(self) -> None:
-        self.before = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
-        torch.set_default_dtype(self.before)
 
 
 def _reference(parts: list[QuantizedLinear], x: torch.Tensor) -> torch.Tensor:
