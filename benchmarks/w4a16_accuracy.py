@@ -68,7 +68,7 @@ def run_gcupipe(
         writer,
         method,
         resolver(symmetric),
-        tokens if method.needs_calibration else None,
+        tokens if method.calibrated else None,
         log=lambda _m: None,
     )
     writer.finish()
@@ -125,8 +125,11 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Calibration: {meta['calib_samples']} x {meta['calib_seq_len']} tokens of the "
         f"calibration text; eval: {meta['scored_tokens']} scored tokens (window 512, stride "
-        f"512); {meta['threads']} torch threads, CPU. Times: quantization only (gcupipe: "
-        "streaming quantizer incl. reading and writing files; llmcompressor: `oneshot`); CPU s "
+        f"512); {meta['threads']} torch threads, CPU. gcupipe's "
+        f"calibration forwards in {meta.get('calibration_dtype', 'float32')} (`calibration.dtype: "
+        "auto`), llmcompressor's in float32 (the model's dtype as loaded). Times: quantization "
+        "only (gcupipe: streaming quantizer incl. reading and writing files; llmcompressor: "
+        "`oneshot`); CPU s "
         "= process CPU time of the same span (all threads), the figure least moved by other "
         "load on the machine.",
         "",
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gcupipe.formats.tokenizer import text_token_ids
+    from gcupipe.quant.precision import calibration_dtype
     from gcupipe.testing.real_data import botchan_text, smollm2_checkpoint
 
     model_dir = smollm2_checkpoint()
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "calib_seq_len": args.calib_seq_len,
         "scored_tokens": 0,
         "threads": torch.get_num_threads(),
+        "calibration_dtype": str(calibration_dtype("auto", "cpu")).removeprefix("torch."),
     }
 
     def record(label: str, row: dict[str, Any]) -> None:

@@ -29,6 +29,9 @@ class ArchMap:
     linear_pairs: tuple[tuple[str, str], ...] = (
         (r"(mlp(?:\.shared_experts|\.experts\.\d+)?)\.up_proj", r"\1.down_proj"),
     )
+    # linears whose output only feeds the layer's output: the capture pass, whose output is
+    # thrown away, records their inputs and skips their matmul
+    output_linears: tuple[str, ...] = (r"mlp\.(?:shared_experts\.|experts\.\d+\.)?down_proj",)
     layer_prefix: str = "model.layers"
     default_ignore: tuple[str, ...] = field(
         default=(r"lm_head", r".*embed_tokens", r".*\.mlp\.gate")

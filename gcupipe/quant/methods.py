@@ -3,20 +3,25 @@
 How the streaming loop (quant/streaming.py) drives a method, once per decoder layer:
 
     layer = <decoder layer i as an nn.Module, float weights loaded lazily from the shards>
-    calib = capture(layer, hidden_states)          # only if method.needs_calibration
+    calib = capture(layer, hidden_states)          # only if method.calibrated
     method.prepare_layer(layer_view, calib)        # optional: SmoothQuant / AWQ fold scales
-    for each linear `name` of the layer (arch module map, minus ignored):
-        q = method.quantize_layer(name, weight, bias, calib.inputs.get(name), spec)
+    for name, q in method.quantize_linears(jobs):  # one LinearJob per linear of the layer
         -> QuantizedLinear (quant/scheme.py); the loop writes it through the format writer
            and puts q.dequantize() back into the module (fake quant)
     hidden_states = layer(hidden_states)           # next layer sees the quantized outputs
 
+`quantize_linears` defaults to one `quantize_layer(name, weight, bias, inputs, spec)` per job; a
+method overrides it to quantize several linears at once (GPTQ stacks the linears that read one
+input). Uncalibrated layers call `quantize_layer` directly.
+
 - `weight` is fp32 [n, k] (a copy: methods may modify it), `bias` fp32 [n] or None.
-- `inputs` is fp32 [tokens, k]: the calibration activations this linear received in the
-  forward pass of THIS layer with every earlier layer already quantized (what GPTQ needs for
-  its Hessian). It is None when the method does not need calibration. For MoE experts it holds
-  only the tokens routed to that expert (possibly zero rows: fall back to RTN and say so via
-  `QuantizedLinear.extra["fallback"] = "rtn"`).
+- `inputs` is [tokens, k] in the calibration forwards' dtype (fp32, or bf16 where they run in
+  bf16: the stage's `calibration.dtype`): the activations this linear received in the forward
+  pass of THIS layer with every earlier layer already quantized (what GPTQ needs for its
+  Hessian).
+  Methods upcast what they compute with. It is None when the method does not need
+  calibration. For MoE experts it holds only the tokens routed to that expert (possibly zero
+  rows: fall back to RTN and say so via `QuantizedLinear.extra["fallback"] = "rtn"`).
 - `spec` is the resolved `LayerSpec` (per-module overrides already applied).
 - `prepare_layer(view, calib)` may change float weights in place before quantization, e.g.
   fold smoothing factors into the preceding norm (view.smooth_groups lists (norm or previous
@@ -30,6 +35,7 @@ imported only when used (`METHODS`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -64,6 +70,27 @@ class LayerCalibration:
 
 
 @dataclass
+class LinearJob:
+    """One linear of a calibrated layer, handed to `QuantMethod.quantize_linears`."""
+
+    module: str  # name inside the layer ("self_attn.q_proj")
+    name: str  # full checkpoint prefix ("model.layers.3.self_attn.q_proj")
+    linear: Any  # the layer's torch.nn.Linear, float weights (after prepare_layer); read only
+    inputs: torch.Tensor | None  # its calibration inputs (see the module docstring)
+    spec: LayerSpec
+
+    def weight(self) -> torch.Tensor:
+        """An fp32 copy of the weight [n, k]."""
+        import torch
+
+        return self.linear.weight.detach().to(torch.float32, copy=True)  # type: ignore[no-any-return]
+
+    def bias(self) -> torch.Tensor | None:
+        bias = self.linear.bias
+        return None if bias is None else bias.detach().float()
+
+
+@dataclass
 class LayerView:
     """What `prepare_layer` may touch: the module and the architecture's smoothing groups."""
 
@@ -92,8 +119,9 @@ class QuantMethod:
     bits: ClassVar[int] = 8  # default weight bits
     group_size: ClassVar[int] = 0  # default weight group size (0 = per output channel)
     activation: ClassVar[ActivationScheme] = ActivationScheme.NONE
-    needs_calibration: ClassVar[bool] = False
-    smoothing: ClassVar[bool] = False  # takes the stage's smooth_alpha (SmoothQuant)
+    needs_calibration: ClassVar[bool] = False  # always runs calibration forwards
+    # takes the stage's smooth_alpha (SmoothQuant), whose factors come from calibration inputs
+    smoothing: ClassVar[bool] = False
     # True: the uncalibrated streaming path may pass weights in the checkpoint dtype (bf16)
     # instead of an fp32 copy, saving memory; the method must upcast as it needs.
     accepts_low_precision: ClassVar[bool] = False
@@ -109,6 +137,16 @@ class QuantMethod:
         self.device = _resolve_device(device)
         self.smooth_alpha = smooth_alpha
 
+    @classmethod
+    def calibration_needed(cls, smooth_alpha: float | None) -> bool:
+        """Whether a run with this smooth_alpha needs calibration forwards."""
+        return cls.needs_calibration or (cls.smoothing and bool(smooth_alpha))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether this method, as configured, runs on calibration inputs."""
+        return self.calibration_needed(self.smooth_alpha)
+
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         """Change float weights before quantization (SmoothQuant, AWQ scaling). Default: none."""
 
@@ -121,6 +159,15 @@ class QuantMethod:
         spec: LayerSpec,
     ) -> QuantizedLinear:
         raise NotImplementedError
+
+    def quantize_linears(self, jobs: list[LinearJob]) -> Iterator[tuple[str, QuantizedLinear]]:
+        """(job.module, result) for every job of one layer, in job order; the caller fake-
+        quantizes each linear as its result arrives."""
+        for job in jobs:
+            yield (
+                job.module,
+                self.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, job.spec),
+            )
 
 
 def _resolve_device(device: str) -> str:

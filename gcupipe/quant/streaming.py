@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gcupipe.errors import StageError
 from gcupipe.quant.archs import ArchMap, arch_for, fused_key
 from gcupipe.quant.checkpoint import CheckpointReader, layer_relative, load_config
-from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView, QuantMethod
+from gcupipe.quant.methods import (
+    LayerCalibration,
+    LayerSpec,
+    LayerView,
+    LinearJob,
+    QuantMethod,
+)
 from gcupipe.quant.observers import MinMaxObserver, scale_offset_from_range
+from gcupipe.quant.precision import CalibrationDtype, calibration_dtype
 from gcupipe.quant.resume import LayerCheckpoints
 from gcupipe.quant.scheme import KVCacheScale, QuantizedLinear
 from gcupipe.quant.threads import streaming_threads, torch_threads
@@ -68,22 +75,34 @@ def _batches(tensor: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(tensor.split(size, dim=0))
 
 
-class _Capture:
-    """Forward hooks recording the inputs of the layer's quantizable linears."""
+def _zeros_out(out_features: int, x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], out_features)
 
-    def __init__(self, layer: Any, names: list[str]):
+
+class _Capture:
+    """Forward hooks recording the inputs of the layer's quantizable linears.
+
+    The captured pass's output is thrown away, so the linears in `skip` (the layer's output
+    linears) record their input and return zeros instead of multiplying."""
+
+    def __init__(self, layer: Any, names: list[str], dtype: torch.dtype, skip: set[str]):
+        self.dtype = dtype  # inputs are kept in the forwards' compute dtype
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.in_features: dict[str, int] = {}
         self.handles = []
+        self.skipped = []
         for name in names:
             module = layer.get_submodule(name)
             self.in_features[name] = module.weight.shape[1]
             self.handles.append(module.register_forward_hook(self._hook(name)))
+            if name in skip:
+                module.forward = partial(_zeros_out, module.weight.shape[0])
+                self.skipped.append(module)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             x = args[0]
-            self.inputs[name].append(x.detach().reshape(-1, x.shape[-1]))
+            self.inputs[name].append(x.detach().reshape(-1, x.shape[-1]).to(self.dtype))
 
         return hook
 
@@ -92,10 +111,13 @@ class _Capture:
 
         for handle in self.handles:
             handle.remove()
+        for module in self.skipped:
+            del module.forward  # the class's forward again
         joined: dict[tuple[int, ...], torch.Tensor] = {}
         calib = LayerCalibration()
         for name, parts in self.inputs.items():
-            key = tuple(id(p) for p in parts)  # q/k/v share one input tensor: join it once
+            # q/k/v share one input tensor: join it once
+            key = (self.in_features[name], *(id(p) for p in parts))
             if key not in joined:  # an expert the router never chose saw no token at all
                 joined[key] = torch.cat(parts) if parts else torch.empty(0, self.in_features[name])
             calib.inputs[name] = joined[key]
@@ -116,12 +138,14 @@ def quantize_model(
     log: Callable[[str], None] = print,
     device: str = "cpu",
     checkpoints: LayerCheckpoints | None = None,
+    compute_dtype: CalibrationDtype = "auto",
 ) -> QuantizeReport:
     """Quantize `model_dir` into `writer` layer by layer. `calib_tokens` [samples, seq_len] is
     required when the method needs calibration or `kv_cache` is set (`kv_symmetric`: K and V
     ranges without a zero point, for loaders that read none). `device` (cpu, cuda, auto) is
     where calibrated layers run; tensors come back to the CPU to be written. `checkpoints`:
-    save resume points there, and resume from the last one an interrupted run left."""
+    save resume points there, and resume from the last one an interrupted run left.
+    `compute_dtype`: what the calibration forwards' matmuls run in (quant/precision.py)."""
     import torch
 
     if device == "auto":
@@ -131,7 +155,7 @@ def quantize_model(
     arch = arch_for(config.model_type)
     reader = CheckpointReader(model_dir)
     report = QuantizeReport()
-    needs_forward = method.needs_calibration or kv_cache
+    needs_forward = method.calibrated or kv_cache
     if needs_forward and calib_tokens is None:
         raise StageError("this method (or kv_cache: int8) needs calibration data")
     resumed = checkpoints.load() if checkpoints is not None else None
@@ -156,6 +180,7 @@ def quantize_model(
             hidden = torch.nn.functional.embedding(calib_tokens, embed).to(device)
             del embed
         position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
+    dtype = calibration_dtype(compute_dtype, device)
 
     threads = torch.get_num_threads() if needs_forward else streaming_threads()
     with torch.no_grad(), torch_threads(threads):
@@ -191,6 +216,7 @@ def quantize_model(
                     kv_cache,
                     kv_symmetric,
                     batch_size,
+                    dtype,
                 )
             else:
                 _quantize_layer_plain(arch, index, tensors, writer, method, resolve, report)
@@ -317,15 +343,23 @@ def _quantize_layer_plain(
 
 
 def _run_layer(
-    layer: Any, hidden: torch.Tensor, position_embeddings: Any, batch_size: int
+    layer: Any,
+    hidden: torch.Tensor,
+    position_embeddings: Any,
+    batch_size: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
+    """The layer's outputs for `hidden`; its matmuls under `dtype` autocast (the weights, the
+    residual stream and the outputs stay fp32)."""
     import torch
 
     outputs = []
-    for batch in _batches(hidden, batch_size):
-        out = layer(batch, attention_mask=None, position_embeddings=position_embeddings)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outputs)
+    autocast = torch.autocast(hidden.device.type, dtype, enabled=dtype != torch.float32)
+    with autocast:
+        for batch in _batches(hidden, batch_size):
+            out = layer(batch, attention_mask=None, position_embeddings=position_embeddings)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outputs).float()
 
 
 def _quantize_layer_calibrated(
@@ -342,6 +376,7 @@ def _quantize_layer_calibrated(
     kv_cache: bool,
     kv_symmetric: bool,
     batch_size: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     import torch
 
@@ -353,15 +388,18 @@ def _quantize_layer_calibrated(
 
     specs = _linear_specs(arch, index, tensors, resolve, report)
     layer = build_layer(config, index, tensors).to(hidden.device)
-    capture = _Capture(layer, list(specs)) if method.needs_calibration else None
-    _run_layer(layer, hidden, position_embeddings, batch_size)
-    calib = capture.remove() if capture is not None else LayerCalibration()
-    del capture
+    calib = LayerCalibration()
+    if method.calibrated:  # (kv_cache alone observes K and V in the pass below)
+        skip = {m for m in specs if any(re.fullmatch(p, m) for p in arch.output_linears)}
+        capture = _Capture(layer, list(specs), dtype, skip)
+        _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
+        calib = capture.remove()
+        del capture
     for module, seen in calib.inputs.items():
         expert = re.fullmatch(arch.expert_input, module) if arch.expert_input else None
         if expert is not None:
             report.expert_tokens[f"{arch.layer_prefix}.{index}.{expert[1]}"] = seen.shape[0]
-    if method.needs_calibration:
+    if method.calibrated:
         view = LayerView(
             module=layer,
             smooth_groups=list(arch.smooth_groups),
@@ -369,21 +407,23 @@ def _quantize_layer_calibrated(
             linear_pairs=list(arch.linear_pairs),
         )
         method.prepare_layer(view, calib)
-    quantized: dict[str, QuantizedLinear] = {}
-    for module, spec in specs.items():
-        linear = layer.get_submodule(module)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        inputs = calib.inputs.get(module) if method.needs_calibration else None
-        q = method.quantize_layer(
-            f"{arch.layer_prefix}.{index}.{module}",
-            linear.weight.detach().float().clone(),
-            bias,
-            inputs,
-            spec,
+    jobs = [
+        LinearJob(
+            module=module,
+            name=f"{arch.layer_prefix}.{index}.{module}",
+            linear=layer.get_submodule(module),
+            inputs=calib.inputs.get(module) if method.calibrated else None,
+            spec=spec,
         )
+        for module, spec in specs.items()
+    ]
+    quantized: dict[str, QuantizedLinear] = {}
+    for module, q in method.quantize_linears(jobs):
         quantized[module] = q
         # fake quant: the next pass (and the next layer) sees the quantized weights
+        linear = layer.get_submodule(module)
         linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
+    del jobs
     calib.inputs.clear()
     # the float tensors written are the (possibly smoothed) ones of the module
     state = layer.state_dict()
@@ -400,7 +440,7 @@ def _quantize_layer_calibrated(
     observers = (MinMaxObserver(), MinMaxObserver())
     if kv_cache:
         attach_kv_observers(layer, observers)
-    hidden = _run_layer(layer, hidden, position_embeddings, batch_size)
+    hidden = _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
     if kv_cache:
         detach_kv_observers(layer)
         _emit_kv(config, arch, index, observers, kv_symmetric, writer, report)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gcupipe.errors import RecipeError, StageError
 from gcupipe.hub.dataset_files import json_lines_texts
 from gcupipe.hub.datasets import fetch_dataset_texts, parse_dataset_spec
+from gcupipe.quant.precision import CalibrationDtype
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +52,12 @@ class CalibrationConfig(BaseModel):
     samples: int = Field(default=64, gt=0, description="Number of calibration sequences.")
     seq_len: int = Field(default=256, gt=1, description="Tokens per calibration sequence.")
     seed: int = Field(default=0, description="Seed of the window offsets.")
+    dtype: CalibrationDtype = Field(
+        default="auto",
+        description="What the calibration forwards multiply in: auto = bfloat16 where the "
+        "device does it natively (CUDA; a CPU with AVX-512 BF16 or AMX), else float32. Weights, "
+        "norms and the residual stream stay float32 either way.",
+    )
 
     @field_validator("dataset")
     @classmethod

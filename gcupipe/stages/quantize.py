@@ -69,7 +69,8 @@ class QuantizeConfig(TargetedConfig):
         default=None,
         ge=0,
         le=1,
-        description="SmoothQuant migration strength (w8a8 only), folded into the norms.",
+        description="SmoothQuant migration strength (w8a8, w8a8_dynamic), folded into the "
+        "norms; its factors come from calibration data.",
     )
     kv_cache: KVCacheConfig | None = Field(default=None, description="INT8 KV cache scales.")
     calibration: CalibrationConfig = Field(
@@ -215,9 +216,8 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             problems.append(
                 Problem(f"method {config.method} takes no smooth_alpha", "smooth_alpha")
             )
-        if (method.needs_calibration or config.kv_cache is not None) and not (
-            config.calibration.has_source
-        ):
+        calibrated = method.calibration_needed(config.smooth_alpha)
+        if (calibrated or config.kv_cache is not None) and not (config.calibration.has_source):
             problems.append(
                 Problem(
                     f"method {config.method}{' with kv_cache' if config.kv_cache else ''} needs "
@@ -255,7 +255,10 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             parts.append(
                 f"calibration {calibration.samples} x {calibration.seq_len} tokens from {source}"
             )
-        elif config.method_class.needs_calibration or config.kv_cache is not None:
+        elif (
+            config.method_class.calibration_needed(config.smooth_alpha)
+            or config.kv_cache is not None
+        ):
             parts.append("calibration: none given")
         else:
             parts.append("no calibration")
@@ -303,7 +306,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             smooth_alpha=config.smooth_alpha,
         )
         tokens = None
-        if method.needs_calibration or config.kv_cache is not None:
+        if method.calibrated or config.kv_cache is not None:
             vocab = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
             tokens = calibration_tokens(config.calibration, config.model, vocab, ctx.cache_dir)
         layout = config.layout
@@ -336,6 +339,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 log=ctx.log,
                 device=config.device,
                 checkpoints=checkpoints,
+                compute_dtype=config.calibration.dtype,
             )
         writer.finish(report.float_linears)
         checkpoints.clear()

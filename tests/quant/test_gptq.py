@@ -134,18 +134,32 @@ def test_too_few_tokens_fall_back_to_rtn_and_say_so():
     assert torch.equal(layer.weight, rtn_linear(weight, None, spec).weight)
 
 
-def test_shared_inputs_reuse_one_hessian_per_layer():
-    from gcupipe.quant.methods import LayerCalibration, LayerView
+def test_linears_reading_one_input_are_stacked_with_the_same_result_as_one_at_a_time():
+    from gcupipe.quant.methods import LinearJob
 
+    torch.manual_seed(0)
+    x, other = correlated_inputs(256, 128), correlated_inputs(256, 128)
+    spec, spec8 = LayerSpec(4, GROUP), LayerSpec(8, GROUP)
+    linears = {
+        n: torch.nn.Linear(128, rows, bias=n == "k")
+        for n, rows in [("q", 32), ("k", 16), ("v", 16), ("o", 24)]
+    }
+    jobs = [
+        LinearJob("q", "l.q", linears["q"], x, spec),
+        LinearJob("k", "l.k", linears["k"], x, spec),
+        LinearJob("v", "l.v", linears["v"], x, spec8),  # another spec: quantized on its own
+        LinearJob("o", "l.o", linears["o"], other, spec),
+    ]
     method = GPTQMethod()
-    x = correlated_inputs(256, 128)
-    first = method.hessian(x, "cpu")
-    other = method.hessian(x + 1, "cpu")
-    assert other is not first
-    assert method.hessian(x, "cpu") is first  # q after o after k: still the shared input's H
-    assert method.hessian(x.view(256, 128), "cpu") is first  # a view of the same storage
-    method.prepare_layer(LayerView(module=None, smooth_groups=[]), LayerCalibration())
-    assert method.hessian(x, "cpu") is not first  # the next layer starts afresh
+    stacked = list(method.quantize_linears(jobs))
+    assert [name for name, _ in stacked] == ["q", "k", "v", "o"]
+    for (name, got), job in zip(stacked, jobs, strict=True):
+        alone = method.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, job.spec)
+        assert got.weight.shape == (linears[name].out_features, 128)
+        assert torch.equal(got.weight, alone.weight), name
+        assert torch.allclose(got.weight_scale, alone.weight_scale), name
+        assert got.extra["gptq_loss"] == pytest.approx(alone.extra["gptq_loss"], rel=1e-4)
+        assert (got.bias is None) == (name != "k")
 
 
 # ---- tiny models through the stage -------------------------------------------------------
