@@ -122,6 +122,7 @@ class QuantMethod:
     needs_calibration: ClassVar[bool] = False  # always runs calibration forwards
     # takes the stage's smooth_alpha (SmoothQuant), whose factors come from calibration inputs
     smoothing: ClassVar[bool] = False
+    default_smooth_alpha: ClassVar[float | None] = None  # used when calibration data is given
     # True: the uncalibrated streaming path may pass weights in the checkpoint dtype (bf16)
     # instead of an fp32 copy, saving memory; the method must upcast as it needs.
     accepts_low_precision: ClassVar[bool] = False

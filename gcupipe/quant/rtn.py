@@ -123,12 +123,6 @@ class W8A16Method(RTNMethod):
     summary = "int8 weights per channel (RTN), float activations"
 
 
-class W8A8DynamicMethod(RTNMethod):
-    name = "w8a8_dynamic"
-    summary = "int8 weights per channel (RTN), int8 activations per token at run time"
-    activation = ActivationScheme.DYNAMIC
-
-
 class W4A16Method(RTNMethod):
     name = "w4a16"
     summary = "int4 weights in groups of 64 (RTN), float activations"

@@ -70,7 +70,9 @@ class QuantizeConfig(TargetedConfig):
         ge=0,
         le=1,
         description="SmoothQuant migration strength (w8a8, w8a8_dynamic), folded into the "
-        "norms; its factors come from calibration data.",
+        "norms; its factors come from calibration data. Unset: w8a8_dynamic smooths with 0.65 "
+        "when calibration data is given (perplexity +0.9% over float instead of +3.5% on "
+        "SmolLM2), w8a8 does not smooth. 0 turns smoothing off.",
     )
     kv_cache: KVCacheConfig | None = Field(default=None, description="INT8 KV cache scales.")
     calibration: CalibrationConfig = Field(
@@ -137,6 +139,16 @@ class QuantizeConfig(TargetedConfig):
     @property
     def method_class(self) -> type[QuantMethod]:
         return METHODS.get(self.method)
+
+    @property
+    def smoothing_alpha(self) -> float | None:
+        """The SmoothQuant strength used: `smooth_alpha`, else the method's default where
+        calibration data is given (0 = off)."""
+        if self.smooth_alpha is not None:
+            return self.smooth_alpha or None
+        if self.calibration.has_source:
+            return self.method_class.default_smooth_alpha
+        return None
 
     @property
     def weight_bits(self) -> int:
@@ -216,7 +228,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             problems.append(
                 Problem(f"method {config.method} takes no smooth_alpha", "smooth_alpha")
             )
-        calibrated = method.calibration_needed(config.smooth_alpha)
+        calibrated = method.calibration_needed(config.smoothing_alpha)
         if (calibrated or config.kv_cache is not None) and not (config.calibration.has_source):
             problems.append(
                 Problem(
@@ -249,6 +261,8 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             f"{config.method} -> {config.format}: int{config.weight_bits} weights {group} "
             f"({symmetry}), {activations}" + (", int8 KV cache" if config.kv_cache else "")
         ]
+        if config.smoothing_alpha:
+            parts.append(f"SmoothQuant alpha {config.smoothing_alpha} folded into the norms")
         calibration = config.calibration
         source = calibration.text_file or calibration.jsonl or calibration.dataset
         if source is not None:
@@ -256,7 +270,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
                 f"calibration {calibration.samples} x {calibration.seq_len} tokens from {source}"
             )
         elif (
-            config.method_class.calibration_needed(config.smooth_alpha)
+            config.method_class.calibration_needed(config.smoothing_alpha)
             or config.kv_cache is not None
         ):
             parts.append("calibration: none given")
@@ -303,7 +317,7 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
         method = config.method_class(
             config.method_class.Options.model_validate(config.options),
             device=config.device,
-            smooth_alpha=config.smooth_alpha,
+            smooth_alpha=config.smoothing_alpha,
         )
         tokens = None
         if method.calibrated or config.kv_cache is not None:

@@ -60,14 +60,17 @@ def quant_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 METHODS = [
     ("w8a16", {}),
     ("w8a8_dynamic", {}),
+    ("w8a8_dynamic", {"smooth_alpha": 0.5}),
     ("w8a8", {"smooth_alpha": 0.5, "kv_cache": {"dtype": "int8"}, "target": "ascend"}),
 ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "deepseek_v2"])
-@pytest.mark.parametrize(("method", "extra"), METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize(
+    ("method", "extra"), METHODS, ids=[m + ("_smooth" * ("smooth_alpha" in e)) for m, e in METHODS]
+)
 def test_modelslim_every_method_every_arch(arch, method, extra, models, tmp_path):
-    if method == "w8a8" or "kv_cache" in extra:
+    if method == "w8a8" or {"kv_cache", "smooth_alpha"} & set(extra):
         extra = {**extra, "calibration": calibration(models)}
     if method == "w8a8" and arch == "deepseek_v2":  # no target runs static-W8A8 experts
         problems = QuantizeStage().check(
@@ -117,6 +120,12 @@ def test_modelslim_every_method_every_arch(arch, method, extra, models, tmp_path
         assert description["model.layers.1.self_attn.k_proj.kv_cache_scale"] == "C8"
         ckpt = read_quantized(out)  # ascend's C8 decode reads scales only: symmetric
         assert {(s.k_offset, s.v_offset) for s in ckpt.kv_scales} == {(0.0, 0.0)}
+    if "smooth_alpha" in extra:  # the factors went into the norms (and out of the readers)
+        from gcupipe.quant.checkpoint import CheckpointReader
+
+        norm = "model.layers.0.input_layernorm.weight"
+        written = read_quantized(out).float_tensors[norm].float()
+        assert not torch.allclose(written, CheckpointReader(models[arch]).tensor(norm).float())
     # the reader gives back what the runtime needs, and the model still predicts like the float
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     reference = float_logits(models[arch], ids)
@@ -146,6 +155,19 @@ def test_check_reports_incompatible_format_and_group_size(models):
     assert "64" in problems[0].message
     problems = stage.check(QuantizeConfig(model=models["llama"], method="w8a8"))
     assert [p.key for p in problems] == ["calibration"]
+    # dynamic activations need no calibration, unless SmoothQuant factors are asked for
+    assert stage.check(QuantizeConfig(model=models["llama"], method="w8a8_dynamic")) == []
+    smoothed = QuantizeConfig(model=models["llama"], method="w8a8_dynamic", smooth_alpha=0.5)
+    assert [p.key for p in stage.check(smoothed)] == ["calibration"]
+    unsmoothable = QuantizeConfig(model=models["llama"], method="w8a16", smooth_alpha=0.5)
+    assert [p.key for p in stage.check(unsmoothable)] == ["smooth_alpha"]
+    # the measured default applies where calibration data is given; 0 turns it off
+    data = {"text_file": models["llama"].parent / "calib.txt"}
+    given = {"model": models["llama"], "calibration": data}
+    assert QuantizeConfig(method="w8a8_dynamic", **given).smoothing_alpha == 0.65
+    assert QuantizeConfig(method="w8a8_dynamic", smooth_alpha=0, **given).smoothing_alpha is None
+    assert QuantizeConfig(method="w8a8", **given).smoothing_alpha is None
+    assert QuantizeConfig(model=models["llama"], method="w8a8_dynamic").smoothing_alpha is None
 
 
 def test_check_reports_method_options(models, tmp_path):
