@@ -91,6 +91,7 @@ class _Capture:
         self.in_features: dict[str, int] = {}
         self.handles = []
         self.skipped = []
+        self._last: tuple[Any, torch.Tensor] | None = None  # (input seen, its converted rows)
         for name in names:
             module = layer.get_submodule(name)
             self.in_features[name] = module.weight.shape[1]
@@ -102,7 +103,9 @@ class _Capture:
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             x = args[0]
-            self.inputs[name].append(x.detach().reshape(-1, x.shape[-1]).to(self.dtype))
+            if self._last is None or self._last[0] is not x:  # q/k/v (gate/up) read one x:
+                self._last = (x, x.detach().reshape(-1, x.shape[-1]).to(self.dtype))
+            self.inputs[name].append(self._last[1])  # convert it once, keep one tensor
 
         return hook
 
@@ -113,6 +116,7 @@ class _Capture:
             handle.remove()
         for module in self.skipped:
             del module.forward  # the class's forward again
+        self._last = None
         joined: dict[tuple[int, ...], torch.Tensor] = {}
         calib = LayerCalibration()
         for name, parts in self.inputs.items():
