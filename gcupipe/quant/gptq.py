@@ -15,7 +15,10 @@ the inverse Hessian H⁻¹ (H = 2XᵀX/N). Written from the paper's algorithm:
   with a small clipping search weighted by diag(H);
 - `act_order` processes columns by decreasing diag(H). It is only accepted with static groups
   (every group's scale/offset fixed from the original weights before the loop), so the written
-  g_idx stays contiguous (i // g): the vLLM-GCU loader rejects shuffled g_idx.
+  g_idx stays contiguous (i // g): the vLLM-GCU loader rejects shuffled g_idx;
+- once the integers are chosen, each row's group scales are refit to them by least squares on H
+  (`refit_scales`): the scales fixed before rounding are no longer the best ones for the rounded
+  weights. SmolLM2 w4 g64, full eval text: 40.27 -> 40.08.
 
 The result is the shared `QuantizedLinear` (quant/scheme.py), so every format writer handles it.
 """
@@ -71,6 +74,11 @@ class GPTQOptions(MethodOptions):
     clip_grid: int = Field(default=20, gt=0, description="Number of shrink factors tried.")
     clip_max_shrink: float = Field(
         default=0.25, ge=0, lt=1, description="Smallest range tried = (1 - this) x min-max range."
+    )
+    refit_scales: bool = Field(
+        default=True,
+        description="Once the integers are chosen, refit each row's group scales to them by "
+        "least squares on H.",
     )
     min_tokens: int = Field(
         default=32,
@@ -217,6 +225,51 @@ def _cholesky_inverse_upper(hessian: torch.Tensor, damp_percent: float) -> torch
     raise ValueError("the GPTQ Hessian is not positive definite even with 10x more dampening")
 
 
+REFIT_CHUNK = 1 << 24
+"""Numbers held by the refit's [rows, groups, k] products at a time (64 MiB of fp32)."""
+
+
+def refit_scales(
+    weight: torch.Tensor,
+    levels: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    hessian: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """Group scales [n, groups] that minimise (w - ŵ)ᵀ H (w - ŵ) per row for the integers GPTQ
+    chose, ŵ_j = s_g(j) (q_j - o_g(j)).
+
+    GPTQ fixes each group's scale before rounding and then moves the weights; once the integers
+    are known the best scales are a small linear least-squares problem per row: A s = b with
+    A_ab = Σ_{i∈a, j∈b} q'_i H_ij q'_j and b_a = Σ_{i∈a} q'_i (H w)_i, q' = q - o. A row keeps
+    its old scales where the solve does not lower its error (a singular A, a sign flip)."""
+    import torch
+
+    n, k = weight.shape
+    groups = k // group
+    out = scale.clone()
+    h_rows = hessian.reshape(groups, group, k)
+    rows = max(1, REFIT_CHUNK // (groups * k))
+    for r in range(0, n, rows):
+        lv = levels[r : r + rows].float().reshape(-1, groups, group)
+        lv = lv - offset[r : r + rows].unsqueeze(-1)
+        w = weight[r : r + rows]
+        t = torch.einsum("rai,aik->rak", lv, h_rows)  # [rows, groups, k]: (q'_a ⊗ H rows of a)
+        a = torch.einsum("rabj,rbj->rab", t.reshape(-1, groups, groups, group), lv)
+        b = torch.einsum("rak,rk->ra", t, w)
+        old = scale[r : r + rows]
+        ridge = 1e-6 * torch.diagonal(a, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        eye = torch.eye(groups, dtype=a.dtype, device=a.device)
+        new = torch.linalg.solve(a + ridge[:, None, None] * eye, b.unsqueeze(-1))[..., 0]
+        # the row errors minus the constant wᵀHw: sᵀAs - 2bᵀs
+        new_error = torch.einsum("ra,rab,rb->r", new, a, new) - 2 * (b * new).sum(-1)
+        old_error = torch.einsum("ra,rab,rb->r", old, a, old) - 2 * (b * old).sum(-1)
+        usable = torch.isfinite(new).all(-1) & (new > 0).all(-1) & (new_error < old_error)
+        out[r : r + rows] = torch.where(usable[:, None], new, old)
+    return out
+
+
 @contextmanager
 def sequential_cpu_ops(device: torch.device) -> Iterator[None]:
     """Run the column loop's many tiny ops on one CPU thread.
@@ -305,6 +358,7 @@ def _gptq(
         scale = torch.zeros(n, groups, device=device)
         offset = torch.zeros(n, groups, device=device)
 
+    original, original_h = w, h  # the loop below works on copies
     perm = None
     if options.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
@@ -355,6 +409,8 @@ def _gptq(
 
     if perm is not None:
         q_int = q_int[:, torch.argsort(perm)]
+    if options.refit_scales:
+        scale = refit_scales(original, q_int, scale, offset, original_h, group)
     return GPTQResult(
         weight=q_int.to(torch.int8).cpu().contiguous(),
         scale=scale.cpu().contiguous(),

@@ -80,6 +80,42 @@ def test_gptq_output_error_is_below_rtn(bits, group, symmetric, act_order):
     assert gptq_error < 0.6 * rtn_error, (gptq_error, rtn_error)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_refit_scales_keep_the_integers_and_lower_every_rows_error(symmetric, act_order):
+    weight = 0.02 * torch.randn(96, 256, generator=torch.Generator().manual_seed(4))
+    x = correlated_inputs(2048, 256, seed=5)
+    hessian = hessian_of(x)
+    plain, refit = (
+        as_linear(
+            gptq_quantize(
+                weight,
+                hessian,
+                4,
+                GROUP,
+                symmetric,
+                GPTQOptions(act_order=act_order, refit_scales=refit),
+            ),
+            4,
+            GROUP,
+            symmetric,
+        )
+        for refit in (False, True)
+    )
+    assert torch.equal(plain.weight, refit.weight)
+    assert torch.equal(plain.weight_offset, refit.weight_offset)
+    assert bool((refit.weight_scale > 0).all())
+
+    def row_error(layer: QuantizedLinear) -> torch.Tensor:
+        diff = weight - layer.dequantize()
+        return torch.einsum("rk,kj,rj->r", diff, hessian, diff)
+
+    # each row's least-squares problem in its scales is solved exactly
+    assert bool((row_error(refit) <= row_error(plain) * (1 + 1e-5)).all())
+    errors = [output_error(weight, q.dequantize(), x) for q in (plain, refit)]
+    assert errors[1] < 0.97 * errors[0], errors
+
+
 def test_dynamic_groups_follow_the_updated_weights_and_beat_rtn():
     weight = 0.02 * torch.randn(64, 192, generator=torch.Generator().manual_seed(2))
     x = correlated_inputs(1024, 192, seed=3)
