@@ -120,15 +120,50 @@ def run(
     junit: Annotated[
         Path | None, typer.Option("--junit", help="Write a JUnit XML file, one testcase per stage.")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            help="local (this machine) or ray (each stage a Ray task; the run directory must be "
+            "on storage every node sees). Default: the recipe's `executor.kind`, else local.",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="local: run up to N independent stages at once, each in a worker process.",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="ray: the cluster to join (auto, ray://host:port); default: start Ray here.",
+        ),
+    ] = None,
 ) -> None:
     """Run a recipe. Exit codes: 0 ok, 1 stage failed, 2 recipe/usage error, 3 validation gate
-    failed, 130 interrupted."""
+    failed, 130 interrupted.
+
+    Stages run one after another in this process; `--jobs 4` runs independent ones (the
+    combinations of a matrix) four at a time on this machine, `--executor ray` on a Ray
+    cluster, each stage placed on a node with the `resources:` it asks for."""
     from gcupipe.engine import Events, JsonLinesSink, JUnitSink, default_run_dir, run_recipe
     from gcupipe.engine.events import Sink
+    from gcupipe.engine.executors import make_executor
     from gcupipe.engine.view import RichView
 
     try:
         loaded = _load(recipe, overrides)
+        settings = loaded.executor
+        chosen = make_executor(
+            executor or settings.kind,
+            jobs or settings.jobs,
+            ray_address or settings.ray_address,
+        )
         sinks: list[Sink] = [JsonLinesSink() if json_lines else RichView(console)]
         if junit:
             sinks.append(JUnitSink(junit, loaded.name))
@@ -140,6 +175,7 @@ def run(
                 workdir or default_run_dir(loaded),
                 _selection(only, from_, to, force),
                 events,
+                chosen,
             )
         finally:
             events.close()

@@ -42,12 +42,19 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def write_lock(run_dir: Path, recipe: Recipe, results: list[StageResult], outcome: str) -> Path:
+def write_lock(
+    run_dir: Path,
+    recipe: Recipe,
+    results: list[StageResult],
+    outcome: str,
+    executor: str = "local",
+) -> Path:
     path = run_dir / LOCK_NAME
     record: dict[str, Any] = {
         "lock_version": 1,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "outcome": outcome,
+        "executor": executor,
         "recipe": {
             "name": recipe.name,
             "source": str(recipe.source) if recipe.source else None,

@@ -22,6 +22,8 @@ class StageResult:
     started_at: float | None = None
     duration_s: float = 0.0
     message: str | None = None
+    node: str | None = None  # where it ran: the host, or the Ray node id
+    attempt: int = 1  # > 1 after its worker was lost and it was retried
 
 
 @dataclass

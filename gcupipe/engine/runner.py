@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gcupipe.engine.cache import CacheKey, Decision, cache_key, decide
 from gcupipe.engine.digest import content_digest, json_digest, stat_fingerprint
 from gcupipe.engine.events import Events
+from gcupipe.engine.executors import Executor, Finished, InlineExecutor, StageJob
 from gcupipe.engine.lock import write_lock
 from gcupipe.engine.results import RunResult, StageResult
 from gcupipe.engine.selection import Selection, matching, select_stages
@@ -16,24 +18,50 @@ from gcupipe.engine.store import OUTPUT_DIR_NAME, RunStore, StageRecord
 from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError
 from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
-from gcupipe.secrets import redact, register_secret
-from gcupipe.stages.base import ProgressTask, StageContext, StageOutputs
+from gcupipe.secrets import redact
+from gcupipe.stages.base import StageOutputs
+
+
+@dataclass
+class _Attempt:
+    """A stage submitted to the executor: what the driver needs to commit or retry it."""
+
+    stage: PlannedStage
+    config: Any
+    key: CacheKey
+    decision: Decision
+    folder: Path
+    scratch: Path
+    number: int
+    submitted_at: float
 
 
 class Runner:
-    def __init__(self, recipe: Recipe, run_dir: Path, events: Events | None = None):
+    """Runs a recipe's stages in dependency order; the executor decides where their bodies
+    run (in this process, in local worker processes, on Ray), the runner keeps everything
+    else: cache decisions, atomic outputs, retries, events and the lock file."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        events: Events | None = None,
+        executor: Executor | None = None,
+    ):
         self.recipe = recipe
         self.store = RunStore(run_dir.resolve())
         self.events = events or Events()
+        self.executor = executor or InlineExecutor()
         self.outputs: dict[str, StageOutputs] = {}
         self.digests: dict[str, str] = {}
+        self._running: dict[str, _Attempt] = {}
 
     def run(self, selection: Selection | None = None) -> RunResult:
         selection = selection or Selection()
         chosen = select_stages(self.recipe, selection)
         forced = {sid for name in selection.force for sid in matching(self.recipe, name)}
         self.store.open()
-        results: list[StageResult] = []
+        results: dict[str, StageResult] = {}
         error: GcupipeError | None = None
         outcome = "ok"
         self.events.emit(
@@ -41,67 +69,98 @@ class Runner:
             recipe=self.recipe.name,
             run_dir=str(self.store.run_dir),
             stages=list(self.recipe.stages),
+            executor=self.executor.name,
         )
+        waiting = list(self.recipe.stages.values())
         try:
-            for stage in self.recipe.stages.values():
-                if error is not None:
-                    results.append(
-                        StageResult(stage.id, stage.uses, "not-run", "an earlier stage failed")
-                    )
+            while waiting or self._running:
+                if error is not None:  # no new stage starts; the running ones finish
+                    for stage in waiting:
+                        results[stage.id] = StageResult(
+                            stage.id, stage.uses, "not-run", "an earlier stage failed"
+                        )
+                    waiting.clear()
+                for stage in self._ready(waiting, results):
+                    if (
+                        self.executor.slots is not None
+                        and len(self._running) >= self.executor.slots
+                    ):
+                        break
+                    waiting.remove(stage)
+                    started = time.time()
+                    try:
+                        result = self._start(stage, stage.id in chosen, stage.id in forced)
+                    except GcupipeError as exc:
+                        error, outcome = exc, "failed"
+                        results[stage.id] = self._failed(stage, exc, started)
+                        break
+                    if result is not None:
+                        results[stage.id] = result
+                if not self._running:
                     continue
-                started = time.time()
-                try:
-                    results.append(self._stage(stage, stage.id in chosen, stage.id in forced))
-                except KeyboardInterrupt:
-                    error = Interrupted("interrupted")
-                    outcome = "interrupted"
-                    self.events.emit(
-                        "stage_failed",
-                        stage.id,
-                        message="interrupted",
-                        error="Interrupted",
-                        exit_code=error.exit_code,
-                    )
-                    results.append(
-                        StageResult(
-                            stage.id,
-                            stage.uses,
-                            "interrupted",
-                            "interrupted",
-                            started_at=started,
-                            duration_s=time.time() - started,
+                for finished in self.executor.wait(self.events.emit):
+                    attempt = self._running.pop(finished.stage_id)
+                    try:
+                        result = self._finish(attempt, finished)
+                    except GcupipeError as exc:
+                        if error is None:
+                            error, outcome = exc, "failed"
+                        result = self._failed(
+                            attempt.stage, exc, finished.started_at or attempt.submitted_at
                         )
-                    )
-                except GcupipeError as exc:
-                    error = exc
-                    outcome = "failed"
-                    self.events.emit(
-                        "stage_failed",
-                        stage.id,
-                        message=str(exc),
-                        error=type(exc).__name__,
-                        exit_code=exc.exit_code,
-                    )
-                    results.append(
-                        StageResult(
-                            stage.id,
-                            stage.uses,
-                            "failed",
-                            "failed",
-                            started_at=started,
-                            duration_s=time.time() - started,
-                            message=str(exc),
-                        )
-                    )
+                        result.node, result.attempt = finished.node, attempt.number
+                    if result is not None:
+                        results[attempt.stage.id] = result
+        except KeyboardInterrupt:
+            error, outcome = Interrupted("interrupted"), "interrupted"
+            self.executor.close()
+            for attempt in self._running.values():
+                self._discard(attempt)
+                results[attempt.stage.id] = self._failed(
+                    attempt.stage, error, attempt.submitted_at, outcome="interrupted"
+                )
+            self._running.clear()
+            for stage in waiting:
+                results.setdefault(
+                    stage.id, StageResult(stage.id, stage.uses, "not-run", "interrupted")
+                )
         finally:
-            write_lock(self.store.run_dir, self.recipe, results, outcome)
+            self.executor.close()
+            ordered = [results[sid] for sid in self.recipe.stages if sid in results]
+            write_lock(self.store.run_dir, self.recipe, ordered, outcome, self.executor.name)
             self.store.close()
             self.events.emit(
                 "run_finished",
                 outcome=outcome,
                 lock_file=str(self.store.run_dir / "gcupipe.lock.json"),
             )
-        return RunResult(self.recipe.name, self.store.run_dir, results, outcome, error)
+        return RunResult(self.recipe.name, self.store.run_dir, ordered, outcome, error)
+
+    def _ready(
+        self, waiting: list[PlannedStage], results: dict[str, StageResult]
+    ) -> list[PlannedStage]:
+        """Waiting stages whose upstream stages have all finished, in recipe order."""
+        return [stage for stage in waiting if all(need in results for need in stage.needs)]
+
+    def _failed(
+        self, stage: PlannedStage, exc: GcupipeError, started: float, outcome: str = "failed"
+    ) -> StageResult:
+        self.events.emit(
+            "stage_failed",
+            stage.id,
+            message=str(exc),
+            error=type(exc).__name__,
+            exit_code=exc.exit_code,
+        )
+        return StageResult(
+            stage.id,
+            stage.uses,
+            outcome,
+            outcome,
+            started_at=started,
+            duration_s=time.time() - started,
+            message=None if outcome == "interrupted" else str(exc),
+        )
 
     def plan(self, selection: Selection | None = None) -> list[StageResult]:
         """What `run` would do and why, without running or writing anything."""
@@ -148,7 +207,8 @@ class Runner:
         return results
 
     # -- one stage ---------------------------------------------------------------------------
-    def _stage(self, stage: PlannedStage, selected: bool, forced: bool) -> StageResult:
+    def _start(self, stage: PlannedStage, selected: bool, forced: bool) -> StageResult | None:
+        """The result of a stage that needs no run (skipped, cached), else None: submitted."""
         record = self.store.read_record(stage.id)
         if not selected:
             if record is not None:
@@ -171,62 +231,84 @@ class Runner:
                 record.outputs_digest,
                 key.upstream,
             )
-        return self._execute(stage, config, key, decision)
-
-    def _execute(
-        self, stage: PlannedStage, config: Any, key: CacheKey, decision: Decision
-    ) -> StageResult:
-        started = time.time()
         self.events.emit("stage_started", stage.id, uses=stage.uses, reason=decision.reason)
+        self._submit(stage, config, key, decision, 1)
+        return None
+
+    def _submit(
+        self, stage: PlannedStage, config: Any, key: CacheKey, decision: Decision, number: int
+    ) -> None:
+        """One attempt: a fresh temp stage directory, and the stage body to the executor."""
         folder, scratch = self.store.begin(stage.id, key.key)
-        out_dir = folder / OUTPUT_DIR_NAME
-        ctx = StageContext(
+        attempt = _Attempt(stage, config, key, decision, folder, scratch, number, time.time())
+        job = StageJob(
             stage_id=stage.id,
-            output_dir=out_dir,
+            stage_class=stage.stage_class,
+            config=config,
+            output_dir=folder / OUTPUT_DIR_NAME,
             scratch_dir=scratch,
             cache_dir=self.store.cache_dir,
             run_dir=self.store.run_dir,
             upstream={name: self.outputs[name] for name in stage.needs},
-            log=lambda message: self.events.emit("log", stage.id, message=str(message)),
-            progress_factory=self._progress_factory(stage.id),
-            secrets=register_secret,
+            resources=stage.stage_class().resources(config).merged(stage.resources),
+            attempt=number,
         )
         try:
-            outputs = stage.stage_class().run(config, ctx)
-            if not isinstance(outputs, stage.stage_class.Outputs):
-                raise StageError(
-                    f"stage '{stage.uses}' returned {type(outputs).__name__}, "
-                    f"not {stage.stage_class.Outputs.__name__}"
-                )
-            final_out = self.store.output_dir(stage.id)
-            relocated = _relocate(outputs.model_dump(mode="json"), str(out_dir), str(final_out))
-            record = StageRecord(
-                id=stage.id,
-                uses=stage.uses,
-                stage_version=stage.stage_class.version,
-                cache_key=key.key,
-                config=redact(key.config),
-                upstream=key.upstream,
-                outputs=relocated,
-                outputs_digest=_outputs_digest(content_digest(out_dir), relocated, str(final_out)),
-                outputs_fingerprint=stat_fingerprint([out_dir]),
-                started_at=started,
-                duration_s=time.time() - started,
-            )
-            self.store.commit(stage.id, folder, record)
-        except BaseException as exc:
+            self.executor.submit(job)
+        except BaseException:
             self.store.discard(folder)
-            kept = sum(f.stat().st_size for f in scratch.rglob("*") if f.is_file())
-            if kept:
-                self.events.emit(
-                    "log",
-                    stage.id,
-                    message=f"kept {kept / 1e9:.2f} GB of finished work in {scratch}: the next "
-                    f"run resumes from it (`gcupipe clean --stage {stage.id}` drops it)",
+            raise
+        self._running[stage.id] = attempt
+
+    def _finish(self, attempt: _Attempt, finished: Finished) -> StageResult | None:
+        """Commit a finished attempt; retry one whose worker was lost (None); raise the
+        stage's error."""
+        stage = attempt.stage
+        if finished.outputs is None:
+            self._discard(attempt)
+            if finished.lost is not None:
+                tries = stage.retries + 1
+                if attempt.number < tries:
+                    self.events.emit(
+                        "stage_retry",
+                        stage.id,
+                        message=f"attempt {attempt.number} of {tries} failed: {finished.lost}; "
+                        "running it again",
+                        node=finished.node,
+                        attempt=attempt.number + 1,
+                    )
+                    self._submit(
+                        stage, attempt.config, attempt.key, attempt.decision, attempt.number + 1
+                    )
+                    return None
+                raise StageError(
+                    f"stage '{stage.id}' failed: {finished.lost} (attempt {attempt.number} of "
+                    f"{tries}; `retries:` sets how many more)"
                 )
-            if isinstance(exc, KeyboardInterrupt | GcupipeError):
-                raise
+            exc = finished.error
+            if isinstance(exc, GcupipeError):
+                raise exc
             raise StageError(f"stage '{stage.id}' crashed: {type(exc).__name__}: {exc}") from exc
+        started = finished.started_at or attempt.submitted_at
+        out_dir = attempt.folder / OUTPUT_DIR_NAME
+        final_out = self.store.output_dir(stage.id)
+        relocated = _relocate(
+            finished.outputs.model_dump(mode="json"), str(out_dir), str(final_out)
+        )
+        record = StageRecord(
+            id=stage.id,
+            uses=stage.uses,
+            stage_version=stage.stage_class.version,
+            cache_key=attempt.key.key,
+            config=redact(attempt.key.config),
+            upstream=attempt.key.upstream,
+            outputs=relocated,
+            outputs_digest=_outputs_digest(content_digest(out_dir), relocated, str(final_out)),
+            outputs_fingerprint=stat_fingerprint([out_dir]),
+            started_at=started,
+            duration_s=time.time() - started,
+        )
+        self.store.commit(stage.id, attempt.folder, record)
         self._adopt(stage, record)
         self.events.emit(
             "stage_finished", stage.id, duration_s=record.duration_s, outputs=record.outputs
@@ -235,14 +317,28 @@ class Runner:
             stage.id,
             stage.uses,
             "ran",
-            decision.reason,
-            key.key,
+            attempt.decision.reason,
+            attempt.key.key,
             record.outputs,
             record.outputs_digest,
-            key.upstream,
+            attempt.key.upstream,
             started,
             record.duration_s,
+            node=finished.node,
+            attempt=attempt.number,
         )
+
+    def _discard(self, attempt: _Attempt) -> None:
+        """Drop an attempt's temp directory; say what it kept in its scratch for a resume."""
+        self.store.discard(attempt.folder)
+        kept = sum(f.stat().st_size for f in attempt.scratch.rglob("*") if f.is_file())
+        if kept:
+            self.events.emit(
+                "log",
+                attempt.stage.id,
+                message=f"kept {kept / 1e9:.2f} GB of finished work in {attempt.scratch}: the "
+                f"next run resumes from it (`gcupipe clean --stage {attempt.stage.id}` drops it)",
+            )
 
     def _adopt(self, stage: PlannedStage, record: StageRecord) -> None:
         self.outputs[stage.id] = stage.stage_class.Outputs.model_validate(record.outputs)
@@ -262,40 +358,6 @@ class Runner:
         upstream = {name: self.digests[name] for name in stage.needs}
         return cache_key(stage, stage.stage_class(), config, upstream)
 
-    def _progress_factory(self, stage_id: str):  # type: ignore[no-untyped-def]
-        def factory(description: str, total: float | None, unit: str):  # type: ignore[no-untyped-def]
-            state = {"total": total}
-
-            def update(completed: float | None, new_total: float | None) -> None:
-                if new_total is not None:
-                    state["total"] = new_total
-                self.events.emit(
-                    "progress",
-                    stage_id,
-                    description=description,
-                    completed=completed,
-                    total=state["total"],
-                    unit=unit,
-                )
-
-            task = ProgressTask(update)
-            update(0.0, None)
-
-            def finish() -> None:
-                self.events.emit(
-                    "progress",
-                    stage_id,
-                    description=description,
-                    completed=task.completed,
-                    total=state["total"],
-                    unit=unit,
-                    done=True,
-                )
-
-            return task, finish
-
-        return factory
-
 
 def _relocate(value: Any, old: str, new: str) -> Any:
     if isinstance(value, str) and (value == old or value.startswith(old + "/")):
@@ -314,10 +376,14 @@ def _outputs_digest(files_digest: str, outputs: dict[str, Any], out_dir: str) ->
 
 
 def run_recipe(
-    recipe: Recipe, run_dir: Path, selection: Selection | None = None, events: Events | None = None
+    recipe: Recipe,
+    run_dir: Path,
+    selection: Selection | None = None,
+    events: Events | None = None,
+    executor: Executor | None = None,
 ) -> RunResult:
     """Run a loaded recipe in `run_dir`; the Python API behind `gcupipe run`."""
-    return Runner(recipe, run_dir, events).run(selection)
+    return Runner(recipe, run_dir, events, executor).run(selection)
 
 
 def default_run_dir(recipe: Recipe) -> Path:

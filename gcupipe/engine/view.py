@@ -111,6 +111,18 @@ class RichView:
             escape(str(event.stage)), total=None, detail=""
         )
 
+    def _on_stage_running(self, event: Event) -> None:
+        """Where a stage runs, when that is not this process (a worker, a Ray node)."""
+        if event.data.get("pid") != os.getpid():
+            node = str(event.data["node"])
+            node = escape(f"node {node[:12]}" if len(node) == 56 else node)  # a Ray node id
+            self._print(
+                f"  [dim]{escape(str(event.stage))}:[/] running on {node} (pid {event.data['pid']})"
+            )
+
+    def _on_stage_retry(self, event: Event) -> None:
+        self._print(f"[yellow]↻ {escape(str(event.stage))}[/] {escape(event.data['message'])}")
+
     def _on_progress(self, event: Event) -> None:
         key = (event.stage, str(event.data["description"]))
         total = event.data.get("total")

@@ -92,7 +92,9 @@ class _Builder:
         for stage in planned.values():
             check_stage(stage, planned, self.positions, self.errors)
         self._raise_errors()
-        return Recipe(self.model.name, self.path, self.data, planned, self.positions)
+        return Recipe(
+            self.model.name, self.path, self.data, planned, self.positions, self.model.executor
+        )
 
     # -- vars and interpolation -------------------------------------------------------------
     def _resolve_vars(self) -> dict[str, Any]:

@@ -160,6 +160,8 @@ def expand_stages(
                 matrix=combo,
                 description=spec.description,
                 ref_targets=targets,
+                resources=spec.resources,
+                retries=spec.retries,
             )
     return planned
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gcupipe.errors import RecipeError, did_you_mean
 from gcupipe.recipe.source import KeyPath, Positions, format_path
+from gcupipe.stages.resources import Resources
 
 STAGE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 
@@ -34,6 +35,41 @@ class StageSpec(BaseModel):
         description="Run the stage once per combination: axis -> values, plus include/exclude.",
     )
     description: str | None = Field(default=None, description="Free text shown by `plan`.")
+    resources: Resources | None = Field(
+        default=None,
+        description="What the stage needs where it runs (cpus, memory_gb, gpus, custom such as "
+        "GCU: 1); replaces the stage type's defaults key by key. Ray places the stage on a node "
+        "that has them; locally they are informational.",
+    )
+    retries: int = Field(
+        default=1,
+        ge=0,
+        description="Times the stage runs again when its worker dies under it (killed, out of "
+        "memory, node lost); a stage that fails by itself is not retried.",
+    )
+
+
+class ExecutorSettings(BaseModel):
+    """`executor:` of a recipe: where its stages run (`gcupipe run --executor/--jobs/
+    --ray-address` win over it; `GCUPIPE__executor__kind=ray` sets it from the environment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: this machine; ray: every stage a Ray task on the cluster.",
+    )
+    jobs: int = Field(
+        default=1,
+        ge=1,
+        description="local: independent stages run at once, each in its own worker process "
+        "(1: one after another in the gcupipe process).",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="ray: the cluster to join (auto, ray://host:port); none: start Ray on this "
+        "machine.",
+    )
 
 
 class RecipeModel(BaseModel):
@@ -57,6 +93,9 @@ class RecipeModel(BaseModel):
         default_factory=dict, description="Values for ${vars.NAME} interpolation."
     )
     stages: dict[str, StageSpec] = Field(min_length=1, description="Stage id -> stage.")
+    executor: ExecutorSettings = Field(
+        default_factory=ExecutorSettings, description="Where the stages run."
+    )
 
     @field_validator("target")
     @classmethod

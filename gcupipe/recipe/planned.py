@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gcupipe.recipe.model import ExecutorSettings
 from gcupipe.recipe.source import KeyPath, Positions
 from gcupipe.stages.base import Stage
+from gcupipe.stages.resources import Resources
 
 
 @dataclass
@@ -24,6 +26,8 @@ class PlannedStage:
     matrix: dict[str, Any] = field(default_factory=dict)
     description: str | None = None
     ref_targets: dict[str, str] = field(default_factory=dict)  # base id -> expanded id
+    resources: Resources | None = None  # the recipe's `resources:` (over the type's defaults)
+    retries: int = 1
 
     @property
     def path(self) -> KeyPath:
@@ -37,3 +41,4 @@ class Recipe:
     document: dict[str, Any]  # merged and overridden, before interpolation (for the lock file)
     stages: dict[str, PlannedStage]  # in an order where every stage follows its needs
     positions: Positions
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)

@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gcupipe.stages.resources import Resources
+
 
 class StageConfig(BaseModel):
     """Base of every stage's `with:` block. Unknown keys are errors, never silently ignored."""
@@ -131,6 +133,11 @@ class Stage(abc.ABC, Generic[ConfigT, OutputsT]):
     def check(self, config: ConfigT) -> list[Problem]:
         """Problems visible before running (lint/plan). Default: none beyond the Config's own."""
         return []
+
+    def resources(self, config: ConfigT) -> Resources:
+        """What one run of the stage needs where it runs (one CPU by default); a recipe's
+        `resources:` replaces these key by key."""
+        return Resources()
 
     def describe(self, config: ConfigT, cache_dir: Path) -> str | None:
         """One line for `gcupipe plan` (e.g. where a model will come from). Default: none."""

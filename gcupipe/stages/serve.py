@@ -22,6 +22,7 @@ from gcupipe.serving.args import (
 )
 from gcupipe.serving.platform import detect_platform, platform_env
 from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
+from gcupipe.stages.resources import Resources
 from gcupipe.targets.base import Target
 from gcupipe.targets.registry import TARGETS
 
@@ -99,6 +100,13 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
     Config = ServeConfig
     Outputs = ServeOutputs
     version = "1"
+
+    def resources(self, config: ServeConfig) -> Resources:
+        """The accelerators vLLM will use: tensor_parallel_size of the target's devices."""
+        if config.target is None:  # the machine it lands on decides
+            return Resources()
+        device = TARGETS.get(config.target).device_resource
+        return Resources.devices(device, config.tensor_parallel_size)
 
     def check(self, config: ServeConfig) -> list[Problem]:
         problems = []

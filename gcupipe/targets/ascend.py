@@ -47,6 +47,7 @@ CASTABLE = frozenset({"F32", "F16", "BF16"})
 class AscendTarget(Target):
     name = "ascend"
     summary = "vllm-ascend"
+    device_resource = "NPU"
     sources = "vllm-project/vllm-ascend 182b75e"
     formats = ("modelslim", "compressed-tensors")
 

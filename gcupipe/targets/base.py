@@ -70,6 +70,7 @@ class Target:
     summary: ClassVar[str] = ""
     sources: ClassVar[str] = ""  # which loader sources the facts were read from
     formats: ClassVar[tuple[str, ...]] = ()  # the layouts its loaders read
+    device_resource: ClassVar[str | None] = None  # the Ray resource of one of its accelerators
 
     def loads(self, fmt: Format) -> bool:
         return fmt.name in self.formats or self.name in fmt.targets

@@ -55,6 +55,7 @@ EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 class GcuTarget(Target):
     name = "gcu"
     summary = "vLLM-GCU"
+    device_resource = "GCU"
     sources = "EnflameTechnology/vllm-gcu 7b5aaca, which patches vLLM 0.9.2"
     formats = ("modelslim", "gcu", "compressed-tensors")
 

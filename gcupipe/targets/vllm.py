@@ -101,6 +101,7 @@ class VllmTarget(Target):
 class CudaTarget(VllmTarget):
     name = "cuda"
     summary = "vLLM on CUDA"
+    device_resource = "GPU"
 
 
 CPU_KERNELS = "vllm/model_executor/layers/quantization/utils/marlin_utils.py, CPUWNA16LinearKernel"
