@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _llmcompressor import calibration_tokens, run_peer  # noqa: E402
+from _peers import calibration_tokens, run_peer  # noqa: E402
 from _results import write_results  # noqa: E402
 
 # (label, quantize-stage config)
@@ -114,7 +114,7 @@ def main() -> None:
         f"{args.calib_seq_len} tokens of the calibration text. Each gcupipe model is written as "
         "modelslim, read back and run on the reference runtime (target-kernel math); "
         "llmcompressor's W8A8 preset runs in its benchmark venv on the same tokens "
-        "(benchmarks/_llmcompressor.py).",
+        "(benchmarks/_peers.py).",
         "",
         "| method | ppl | vs float | quantize time (s) |",
         "|---|---|---|---|",

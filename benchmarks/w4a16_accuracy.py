@@ -1,12 +1,13 @@
-"""W4A16 accuracy and speed on SmolLM2-135M: float, RTN, GPTQ and AWQ (gcupipe) vs llmcompressor.
+"""W4A16 accuracy and speed on SmolLM2-135M: gcupipe RTN, GPTQ, AWQ vs llmcompressor, auto-round.
 
 Every model is scored on the same eval tokens (Botchan eval text, window 512, stride 512, the
 DATA.md convention) and every calibrated method gets the same 64 x 256 calibration tokens of the
 calibration text. gcupipe's methods run through the real stage path (streaming quantizer ->
-modelslim files -> reader -> reference runtime). llmcompressor's GPTQModifier runs in its own
-benchmark-only venv (benchmarks/_llmcompressor.py) as a subprocess on the same token ids.
+modelslim files -> reader -> reference runtime). llmcompressor's GPTQModifier and auto-round's
+SignRound each run in their own benchmark-only venv (benchmarks/_peers.py) as a subprocess on the
+same token ids.
 
-    python benchmarks/w4a16_accuracy.py                      # full table (~15 min on 2 cores)
+    python benchmarks/w4a16_accuracy.py                      # full table (~45 min on 2 cores)
     python benchmarks/w4a16_accuracy.py --eval-tokens 4096   # quick look while developing
     # the time ratio, alone on the machine (other load slows llmcompressor's threads far more):
     python benchmarks/w4a16_accuracy.py --eval-tokens 4096 --results w4a16_timing \
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _llmcompressor import calibration_tokens, run_peer  # noqa: E402
+from _peers import calibration_tokens, run_peer  # noqa: E402
 
 GROUP_SIZE = 64
 BITS = 4
@@ -111,6 +112,9 @@ GCUPIPE_ROWS = [
     ("GPTQ w4 g64 asym", "gptq", {}, False),
 ]
 PEER = "llmcompressor GPTQModifier w4 g64 sym"
+BEST_PEER = "auto-round SignRound w4 g64 sym"
+PEER_PRESETS = {PEER: "gptq-w4-g64-sym", BEST_PEER: "autoround-w4-g64-sym"}
+PEER_COLUMNS = (("llmcompressor", PEER), ("auto-round", BEST_PEER))
 
 
 OTHERS_LIMIT = 0.1
@@ -119,7 +123,7 @@ OTHERS_LIMIT = 0.1
 
 def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     float_ppl = rows.get("float", {}).get("ppl")
-    peer = rows.get(PEER)
+    peers = [(short, rows[label]) for short, label in PEER_COLUMNS if label in rows]
     lines = [
         "# W4A16 on SmolLM2-135M-Instruct (Botchan eval text)",
         "",
@@ -127,14 +131,17 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         f"calibration text; eval: {meta['scored_tokens']} scored tokens (window 512, stride "
         f"512); {meta['threads']} torch threads, CPU. gcupipe's "
         f"calibration forwards in {meta.get('calibration_dtype', 'float32')} (`calibration.dtype: "
-        "auto`), llmcompressor's in float32 (the model's dtype as loaded). Times: quantization "
-        "only (gcupipe: streaming quantizer incl. reading and writing files; llmcompressor: "
-        "`oneshot`); CPU s "
-        "= process CPU time of the same span (all threads), the figure least moved by other "
-        "load on the machine.",
+        "auto`), the peers' in float32 (the model's dtype as loaded). auto-round runs SignRound "
+        "(200 iterations) and exports the GPTQ layout, scored through gcupipe's reader of that "
+        "layout. Times: quantization only (gcupipe: streaming quantizer incl. reading and writing "
+        "files; llmcompressor: `oneshot`; auto-round: `quantize_and_save`); CPU s = process CPU "
+        "time of the same span (all threads), the figure least moved by other load on the "
+        "machine.",
         "",
-        "| model | ppl | vs float | quantize s | CPU s | ppl / peer | time / peer | CPU / peer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | ppl | vs float | quantize s | CPU s | "
+        + " | ".join(f"ppl / {short} | time / {short}" for short, _ in peers)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(peers),
     ]
     loaded = meta.get("other_processes_cpu_share", 0.0) > OTHERS_LIMIT
     if loaded:  # perplexities stand; times from a loaded run are not results
@@ -145,19 +152,18 @@ def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         ]
     for label, row in rows.items():
         vs_float = f"{row['ppl'] / float_ppl - 1:+.1%}" if float_ppl else "-"
-        cpu = row.get("quantize_cpu_s", 0.0)
-        if peer and label != "float":
-            ppl_ratio = f"{row['ppl'] / peer['ppl']:.3f}"
-            time_ratio = f"{row['quantize_s'] / peer['quantize_s']:.2f}"
-            cpu_ratio = f"{cpu / peer['quantize_cpu_s']:.2f}" if peer.get("quantize_cpu_s") else "-"
-        else:
-            ppl_ratio = time_ratio = cpu_ratio = "-"
-        times = f"{row['quantize_s']:.1f} | {cpu:.1f}"
+        times = f"{row['quantize_s']:.1f} | {row.get('quantize_cpu_s', 0.0):.1f}"
         if loaded:
-            times, time_ratio, cpu_ratio = "loaded | loaded", "-", "-"
+            times = "loaded | loaded"
+        ratios = []
+        for _, peer in peers:
+            if label == "float":
+                ratios.append("- | -")
+                continue
+            time_ratio = "-" if loaded else f"{row['quantize_s'] / peer['quantize_s']:.2f}"
+            ratios.append(f"{row['ppl'] / peer['ppl']:.3f} | {time_ratio}")
         lines.append(
-            f"| {label} | {row['ppl']:.2f} | {vs_float} | {times} | {ppl_ratio} | {time_ratio} "
-            f"| {cpu_ratio} |"
+            f"| {label} | {row['ppl']:.2f} | {vs_float} | {times} | " + " | ".join(ratios) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -168,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--only", default="", help="comma-separated row labels to run")
-    parser.add_argument("--no-peer", action="store_true", help="skip llmcompressor")
+    parser.add_argument(
+        "--no-peer", action="store_true", help="skip the peers (llmcompressor, auto-round)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--results",
@@ -225,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                         method, options, symmetric, model_dir, tokens, eval_ids, work / slug
                     ),
                 )
-            if index == 0 and not args.no_peer and wanted(PEER):
-                try:
-                    record(PEER, run_peer("gptq-w4-g64-sym", model_dir, tokens, eval_ids, work))
-                except (OSError, subprocess.CalledProcessError) as exc:
-                    print(f"{PEER} failed: {exc}", flush=True)
+            if index == 0 and not args.no_peer:
+                for peer, preset in PEER_PRESETS.items():
+                    if not wanted(peer):
+                        continue
+                    try:
+                        record(peer, run_peer(preset, model_dir, tokens, eval_ids, work))
+                    except (OSError, subprocess.CalledProcessError) as exc:
+                        print(f"{peer} failed: {exc}", flush=True)
     print(markdown(rows, meta))
     return 0
 
