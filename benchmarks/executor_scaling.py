@@ -2,10 +2,10 @@
 
 Each executor runs the same recipe in a fresh run directory (downloads excluded: the model is
 converted once, before the clock starts). Prints wall times as ratios against the serial run of
-the same invocation, and Ray's overhead per stage (Ray wall time minus the serial run's share of
-stage time on the same concurrency), and writes benchmarks/results/executor_scaling.{json,md}.
+the same invocation and each 2-way executor's overhead per stage (its wall time minus half the
+serial wall time, per stage), and writes benchmarks/results/executor_scaling.{json,md}.
 
-    python benchmarks/executor_scaling.py        # ~10 min on 2 cores; nothing else running
+    python benchmarks/executor_scaling.py        # ~1 min on 2 cores; nothing else running
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def main() -> int:
     from gcupipe.testing.real_data import smollm2_checkpoint
 
     model = smollm2_checkpoint()
-    quiet = QuietMachine(others_limit=0.1)
+    QuietMachine()  # waits for an idle machine; the worker processes and Ray's are this
+    # benchmark's own, so the others-share check of the one-process benchmarks does not apply
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         folder = Path(tmp)
@@ -90,7 +91,8 @@ def main() -> int:
         "# Executor scaling: a quantize matrix on SmolLM2-135M",
         "",
         f"{serial['stages']} quantize stages (w8a16 and w4a16, symmetric and asymmetric, RTN), "
-        "each in a fresh run directory. Ratio = wall time / the serial run's. Overhead per stage "
+        "each in a fresh run directory, started on an idle machine (1-minute load < 0.5). "
+        "Ratio = wall time / the serial run's. Overhead per stage "
         "= (wall time - serial wall time x 1/2) / stages for the 2-way executors: what the "
         "executor adds beyond perfect halving.",
         "",
@@ -107,12 +109,9 @@ def main() -> int:
         lines.append(
             f"| {label} | {row['wall_s']:.1f} | {ratio:.2f} | {overhead} | {len(row['nodes'])} |"
         )
-    share = quiet.others_share()
-    if share > 0.1:
-        lines[4:4] = [f"Other processes took {share:.0%} of the CPU: not a result.", ""]
     table = "\n".join(lines) + "\n"
     print(table)
-    write_results("executor_scaling", {"rows": rows, "other_processes_cpu_share": share}, table)
+    write_results("executor_scaling", {"rows": rows}, table)
     return 0
 
 
