@@ -20,6 +20,7 @@ from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
 from gcupipe.secrets import redact
 from gcupipe.stages.base import StageOutputs
+from gcupipe.stages.resources import Resources, describe_request
 
 
 @dataclass
@@ -179,11 +180,12 @@ class Runner:
                     self._adopt(stage, record)
                 continue
             note = None
+            config: Any = None
             if pending:
                 decision = Decision(True, f"upstream will run: {', '.join(pending)}")
-                preview = preview_stage_config(stage, self.outputs, self.recipe.positions)
-                if preview is not None:
-                    note = stage.stage_class().describe(preview, self.store.cache_dir)
+                config = preview_stage_config(stage, self.outputs, self.recipe.positions)
+                if config is not None:
+                    note = stage.stage_class().describe(config, self.store.cache_dir)
             else:
                 config = resolve_stage_config(
                     stage, self._upstream_or_fail(stage), self.recipe.positions
@@ -195,6 +197,9 @@ class Runner:
                     self._adopt(stage, record)
             if decision.run:
                 will_run.add(stage.id)
+                if config is not None and stage_resources(stage, config) != Resources():
+                    asks = describe_request(stage_resources(stage, config).ray_request())
+                    note = "\n".join(filter(None, [note, f"resources: {asks}"]))
             results.append(
                 StageResult(
                     stage.id,
@@ -250,7 +255,7 @@ class Runner:
             cache_dir=self.store.cache_dir,
             run_dir=self.store.run_dir,
             upstream={name: self.outputs[name] for name in stage.needs},
-            resources=stage.stage_class().resources(config).merged(stage.resources),
+            resources=stage_resources(stage, config),
             attempt=number,
         )
         try:
@@ -357,6 +362,11 @@ class Runner:
     def _key(self, stage: PlannedStage, config: Any) -> CacheKey:
         upstream = {name: self.digests[name] for name in stage.needs}
         return cache_key(stage, stage.stage_class(), config, upstream)
+
+
+def stage_resources(stage: PlannedStage, config: Any) -> Resources:
+    """What one run of the stage asks for: its type's defaults, the recipe's keys over them."""
+    return stage.stage_class().resources(config).merged(stage.resources)
 
 
 def _relocate(value: Any, old: str, new: str) -> Any:

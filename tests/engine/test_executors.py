@@ -167,3 +167,17 @@ def test_a_bad_resource_amount_is_a_recipe_error_at_its_line(tmp_path):
         load_recipe(recipe, [], environ={})
     message = str(caught.value)
     assert "recipe.yaml:6:" in message and "custom resource 'GCU' needs a number" in message
+
+
+def test_plan_shows_what_a_stage_will_ask_for(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, MATRIX, sleep=0)
+    recipe.write_text(
+        recipe.read_text().replace(
+            "    uses: command\n    matrix:",
+            "    uses: command\n    resources: {GCU: 1}\n    matrix:",
+        )
+    )
+    planned = Runner(load_recipe(recipe, [], environ={}), tmp_path / "run").plan()
+    notes = {stage.id: stage.message or "" for stage in planned}
+    assert notes["work[n=1]"].splitlines()[-1] == "resources: CPU=1, GCU=1"
+    assert "resources" not in notes["gather[n=1]"]  # the default (one CPU) is not news
