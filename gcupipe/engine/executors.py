@@ -208,16 +208,21 @@ def _relay(message: tuple[Any, ...], emit: Emit) -> tuple[Any, ...] | None:
     return message
 
 
+def _work(job: StageJob, send: Callable[[tuple[Any, ...]], None], node: str) -> tuple[str, Any]:
+    """A worker's side of one attempt: say where it runs, run the stage, and answer ("done",
+    outputs) or ("error", the exception)."""
+    emit, secrets = _worker_events(send)
+    send(("running", job.stage_id, node, os.getpid(), time.time()))
+    try:
+        return "done", run_job(job, emit, secrets)
+    except BaseException as exc:
+        return "error", _portable(exc)
+
+
 def _process_main(job: StageJob, channel: Any) -> None:
     """Body of a local worker process; `channel` is its own pipe to the driver."""
-    emit, secrets = _worker_events(channel.send)
-    channel.send(("running", job.stage_id, node_name(), os.getpid(), time.time()))
-    try:
-        outputs = run_job(job, emit, secrets)
-    except BaseException as exc:
-        channel.send(("error", job.stage_id, _portable(exc)))
-    else:
-        channel.send(("done", job.stage_id, outputs))
+    kind, value = _work(job, channel.send, node_name())
+    channel.send((kind, job.stage_id, value))
 
 
 @dataclass
@@ -313,19 +318,11 @@ class ProcessExecutor:
 
 
 # -- Ray -------------------------------------------------------------------------------------
-def _ray_main(job: StageJob, queue: Any) -> tuple[str, Any, float]:
+def _ray_main(job: StageJob, queue: Any) -> tuple[str, Any]:
     """Body of a Ray task: the stage, with its events through the driver's queue actor."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    emit, secrets = _worker_events(queue.put)
-    started = time.time()
-    queue.put(("running", job.stage_id, node, os.getpid(), started))
-    try:
-        outputs = run_job(job, emit, secrets)
-    except BaseException as exc:
-        return ("error", _portable(exc), started)
-    return ("done", outputs, started)
+    return _work(job, queue.put, ray.get_runtime_context().get_node_id())
 
 
 class RayExecutor:
@@ -395,7 +392,7 @@ class RayExecutor:
                 node, started = self._nodes.pop(job.stage_id, (None, None))
                 ended = Finished(job.stage_id, node=node, started_at=started)
                 try:
-                    kind, value, ended.started_at = self._ray.get(ref)
+                    kind, value = self._ray.get(ref)
                 except (
                     exceptions.WorkerCrashedError,
                     exceptions.NodeDiedError,

@@ -197,9 +197,10 @@ class Runner:
                     self._adopt(stage, record)
             if decision.run:
                 will_run.add(stage.id)
-                if config is not None and stage_resources(stage, config) != Resources():
-                    asks = describe_request(stage_resources(stage, config).ray_request())
-                    note = "\n".join(filter(None, [note, f"resources: {asks}"]))
+                asks = None if config is None else stage_resources(stage, config)
+                if asks is not None and asks != Resources():
+                    line = f"resources: {describe_request(asks.ray_request())}"
+                    note = "\n".join(filter(None, [note, line]))
             results.append(
                 StageResult(
                     stage.id,

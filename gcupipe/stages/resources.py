@@ -61,7 +61,7 @@ class Resources(BaseModel):
             request["GPU"] = self.gpus
         if self.memory_gb:
             request["memory"] = self.memory_gb * GIB
-        request.update({name: float(amount) for name, amount in self.custom.items() if amount})
+        request.update(self._custom_request())
         return request
 
     def ray_options(self) -> dict[str, Any]:
@@ -69,10 +69,13 @@ class Resources(BaseModel):
         options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus}
         if self.memory_gb:
             options["memory"] = int(self.memory_gb * GIB)
-        custom = {name: float(amount) for name, amount in self.custom.items() if amount}
+        custom = self._custom_request()
         if custom:
             options["resources"] = custom
         return options
+
+    def _custom_request(self) -> dict[str, float]:
+        return {name: float(amount) for name, amount in self.custom.items() if amount}
 
 
 def describe_request(request: dict[str, float]) -> str:
