@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,10 +78,11 @@ def build_manifest(
 def write_manifest(
     path: Path, entries: list[ManifestEntry], *, source: str, model_dir: Path, hub_checked: int
 ) -> None:
-    """Write the manifest json. `hub_checked` counts files whose hash the hub vouched for."""
+    """Write the manifest json. `hub_checked` counts files whose hash the hub vouched for;
+    `model_dir` is recorded relative to the manifest, so the stage directory can move."""
     payload = {
         "source": source,
-        "model_dir": str(model_dir),
+        "model_dir": os.path.relpath(model_dir, path.parent),
         "hub_hashes_checked": hub_checked,
         "total_bytes": sum(entry.size for entry in entries),
         "files": [asdict(entry) for entry in entries],
