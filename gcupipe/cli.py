@@ -62,10 +62,12 @@ ForceOpt = Annotated[
 def _fail(error: BaseException) -> NoReturn:
     if _state["debug"]:
         raise error
+    from rich.markup import escape
+
     from gcupipe.secrets import redact
 
     if isinstance(error, GcupipeError):
-        text = redact(str(error))
+        text = escape(redact(str(error)))  # `work[n=1]`, `gcupipe[s3]` are not markup
         errors.print(
             f"[red]error:[/] {text}" if "\n" not in text else f"[red]error:[/]\n{text}",
             highlight=False,
@@ -74,7 +76,7 @@ def _fail(error: BaseException) -> NoReturn:
         )
         raise typer.Exit(error.exit_code)
     errors.print(
-        f"[red]internal error:[/] {type(error).__name__}: {redact(str(error))}\n"
+        f"[red]internal error:[/] {type(error).__name__}: {escape(redact(str(error)))}\n"
         "run again with --debug for the traceback",
         highlight=False,
     )
