@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gcupipe.engine.digest import json_digest, stat_fingerprint
 from gcupipe.engine.store import RunStore, StageRecord
 from gcupipe.recipe.planned import PlannedStage
 from gcupipe.stages.base import Stage, StageConfig
+
+RUN_PLACEHOLDER = "<run>"
+OUT_PLACEHOLDER = "<out>"  # a stage's own output directory, in records that leave the run
+
+
+def relocate(value: Any, old: str, new: str) -> Any:
+    """`value` with every mention of the path `old` in its strings moved to `new`: whole
+    values (`<old>/model`) and paths inside text (a command's `cat <old>/n.txt`), never a
+    longer name (`<old>2`)."""
+    if isinstance(value, str):
+        return re.sub(re.escape(old) + r"(?![\w.-])", lambda _: new, value)
+    if isinstance(value, dict):
+        return {key: relocate(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [relocate(item, old, new) for item in value]
+    return value
+
+
+def portable(value: Any, out_dir: Path, run_dir: Path) -> Any:
+    """A stage's outputs without the paths of this run: `<out>/...`, `<run>/...`."""
+    return relocate(relocate(value, str(out_dir), OUT_PLACEHOLDER), str(run_dir), RUN_PLACEHOLDER)
+
+
+def localized(value: Any, out_dir: Path, run_dir: Path) -> Any:
+    """The inverse of `portable`, for the stage directory `out_dir` of `run_dir`."""
+    return relocate(relocate(value, OUT_PLACEHOLDER, str(out_dir)), RUN_PLACEHOLDER, str(run_dir))
 
 
 @dataclass(frozen=True)
@@ -24,10 +52,18 @@ def cache_key(
     instance: Stage,  # type: ignore[type-arg]
     config: StageConfig,
     upstream: dict[str, str],
+    run_dir: Path,
 ) -> CacheKey:
-    """stage type + plugin version + resolved config + upstream output digests + input stats."""
-    config_json = config.model_dump(mode="json")
-    inputs = stat_fingerprint(instance.cache_inputs(config))
+    """stage type + plugin version + resolved config + upstream output digests + input stats.
+
+    Nothing of the run directory's own path enters it: paths into the run (an upstream's
+    outputs) read as `<run>/...` and their content counts through the upstream digests, so
+    equal work in two run directories, or on two machines, has one key (the remote cache)."""
+    config_json = relocate(config.model_dump(mode="json"), str(run_dir), RUN_PLACEHOLDER)
+    outside = [
+        path for path in instance.cache_inputs(config) if not path.resolve().is_relative_to(run_dir)
+    ]
+    inputs = stat_fingerprint(outside)
     key = json_digest(
         {
             "uses": stage.uses,
@@ -40,6 +76,9 @@ def cache_key(
     return CacheKey(key, config_json, upstream, inputs)
 
 
+FORCED = "forced with --force"
+
+
 @dataclass(frozen=True)
 class Decision:
     run: bool
@@ -50,7 +89,7 @@ def decide(
     stage: PlannedStage, key: CacheKey, record: StageRecord | None, store: RunStore, forced: bool
 ) -> Decision:
     if forced:
-        return Decision(True, "forced with --force")
+        return Decision(True, FORCED)
     if not stage.cache:
         return Decision(True, "cache: false")
     if record is None:

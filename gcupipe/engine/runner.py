@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gcupipe.engine.cache import CacheKey, Decision, cache_key, decide
+from gcupipe.engine.cache import (
+    FORCED,
+    CacheKey,
+    Decision,
+    cache_key,
+    decide,
+    localized,
+    portable,
+    relocate,
+)
 from gcupipe.engine.digest import content_digest, json_digest, stat_fingerprint
 from gcupipe.engine.events import Events
 from gcupipe.engine.executors import Executor, Finished, InlineExecutor, StageJob
 from gcupipe.engine.lock import write_lock
+from gcupipe.engine.remote_cache import Entry, RemoteCache
 from gcupipe.engine.results import RunResult, StageResult
 from gcupipe.engine.selection import Selection, matching, select_stages
 from gcupipe.engine.store import OUTPUT_DIR_NAME, RunStore, StageRecord
@@ -56,6 +67,12 @@ class Runner:
         self.outputs: dict[str, StageOutputs] = {}
         self.digests: dict[str, str] = {}
         self._running: dict[str, _Attempt] = {}
+        settings = recipe.remote_cache
+        self.remote = (
+            None
+            if settings is None
+            else RemoteCache(settings.url, settings.options, push=settings.push)
+        )
 
     def run(self, selection: Selection | None = None) -> RunResult:
         selection = selection or Selection()
@@ -195,6 +212,11 @@ class Runner:
                 decision = decide(stage, key, record, self.store, stage.id in forced)
                 if not decision.run and record:
                     self._adopt(stage, record)
+                elif self.remote is not None and self._remote_usable(stage, decision):
+                    entry = self._remote_entry(stage.id, key.key)
+                    if entry is not None:
+                        decision = Decision(False, f"in the remote cache {self.remote.url}")
+                        self._adopt(stage, self._local_record(stage, entry, ""))
             if decision.run:
                 will_run.add(stage.id)
                 asks = None if config is None else stage_resources(stage, config)
@@ -224,6 +246,12 @@ class Runner:
         config = resolve_stage_config(stage, self._upstream_or_fail(stage), self.recipe.positions)
         key = self._key(stage, config)
         decision = decide(stage, key, record, self.store, forced)
+        if not decision.run and record is not None:
+            self._push(stage, record)
+        elif self.remote is not None and self._remote_usable(stage, decision):
+            record = self._restore(stage, key)
+            if record is not None:
+                decision = Decision(False, f"restored from the remote cache {self.remote.url}")
         if not decision.run and record is not None:
             self._adopt(stage, record)
             self.events.emit("stage_skipped", stage.id, reason=decision.reason, cached=True)
@@ -298,9 +326,7 @@ class Runner:
         started = finished.started_at or attempt.submitted_at
         out_dir = attempt.folder / OUTPUT_DIR_NAME
         final_out = self.store.output_dir(stage.id)
-        relocated = _relocate(
-            finished.outputs.model_dump(mode="json"), str(out_dir), str(final_out)
-        )
+        relocated = relocate(finished.outputs.model_dump(mode="json"), str(out_dir), str(final_out))
         record = StageRecord(
             id=stage.id,
             uses=stage.uses,
@@ -309,13 +335,14 @@ class Runner:
             config=redact(attempt.key.config),
             upstream=attempt.key.upstream,
             outputs=relocated,
-            outputs_digest=_outputs_digest(content_digest(out_dir), relocated, str(final_out)),
+            outputs_digest=self._outputs_digest(content_digest(out_dir), relocated, stage.id),
             outputs_fingerprint=stat_fingerprint([out_dir]),
             started_at=started,
             duration_s=time.time() - started,
         )
         self.store.commit(stage.id, attempt.folder, record)
         self._adopt(stage, record)
+        self._push(stage, record)
         self.events.emit(
             "stage_finished", stage.id, duration_s=record.duration_s, outputs=record.outputs
         )
@@ -346,6 +373,78 @@ class Runner:
                 f"next run resumes from it (`gcupipe clean --stage {attempt.stage.id}` drops it)",
             )
 
+    # -- the remote cache --------------------------------------------------------------------
+    def _remote_usable(self, stage: PlannedStage, decision: Decision) -> bool:
+        """Whether a stage that must run may come from the remote cache instead: not when the
+        recipe or --force says run it."""
+        return stage.cache and decision.reason != FORCED
+
+    def _say(self, stage_id: str) -> Callable[[str], None]:
+        def say(message: str) -> None:
+            self.events.emit("log", stage_id, message=f"remote cache: {message}")
+
+        return say
+
+    def _remote_entry(self, stage_id: str, key: str) -> Entry | None:
+        assert self.remote is not None
+        try:
+            return self.remote.entry(key)
+        except Exception as exc:  # noqa: BLE001 - whatever the fsspec backend raises
+            self._say(stage_id)(f"not reachable ({type(exc).__name__}: {exc})")
+            return None
+
+    def _local_record(self, stage: PlannedStage, entry: Entry, fingerprint: str) -> StageRecord:
+        """The record of a remote entry as a result of this run directory."""
+        local_out = self.store.output_dir(stage.id)
+        return StageRecord.model_validate(
+            {
+                **entry.record,
+                "outputs": localized(entry.record["outputs"], local_out, self.store.run_dir),
+                "outputs_fingerprint": fingerprint,
+            }
+        )
+
+    def _restore(self, stage: PlannedStage, key: CacheKey) -> StageRecord | None:
+        """Unpack the remote entry of `key` as this stage's result; None: run the stage."""
+        assert self.remote is not None
+        say = self._say(stage.id)
+        folder = self.store.new_folder(stage.id)
+        out_dir = folder / OUTPUT_DIR_NAME
+        try:
+            entry = self.remote.fetch(key.key, out_dir, say)
+            record = None
+            if entry is not None:
+                record = self._local_record(stage, entry, stat_fingerprint([out_dir]))
+                if record.cache_key != key.key:
+                    raise ValueError(f"the entry holds cache key {record.cache_key[:12]}")
+        except Exception as exc:  # noqa: BLE001 - storage errors, a malformed entry
+            say(f"not restored ({type(exc).__name__}: {exc}); running the stage")
+            record = None
+        if record is None:
+            self.store.discard(folder)
+            return None
+        self.store.commit(stage.id, folder, record)
+        return record
+
+    def _push(self, stage: PlannedStage, record: StageRecord) -> None:
+        """Upload a finished or locally cached stage the remote cache lacks; a failure is said,
+        and the run goes on (the result here is complete either way)."""
+        if self.remote is None or not self.remote.push_enabled or not stage.cache:
+            return
+        local_out = self.store.output_dir(stage.id)
+        entry = record.model_dump(mode="json", exclude={"outputs_fingerprint"})
+        entry["outputs"] = portable(record.outputs, local_out, self.store.run_dir)
+        try:
+            self.remote.push(record.cache_key, entry, local_out, self._say(stage.id))
+        except Exception as exc:  # noqa: BLE001 - whatever the fsspec backend raises
+            self._say(stage.id)(f"push failed ({type(exc).__name__}: {exc})")
+
+    def _outputs_digest(self, files_digest: str, outputs: dict[str, Any], stage_id: str) -> str:
+        """Digest of what downstream stages receive: the files plus the non-file output
+        values, the same in every run directory."""
+        values = portable(outputs, self.store.output_dir(stage_id), self.store.run_dir)
+        return json_digest({"files": files_digest, "outputs": values})
+
     def _adopt(self, stage: PlannedStage, record: StageRecord) -> None:
         self.outputs[stage.id] = stage.stage_class.Outputs.model_validate(record.outputs)
         self.digests[stage.id] = record.outputs_digest
@@ -362,28 +461,12 @@ class Runner:
 
     def _key(self, stage: PlannedStage, config: Any) -> CacheKey:
         upstream = {name: self.digests[name] for name in stage.needs}
-        return cache_key(stage, stage.stage_class(), config, upstream)
+        return cache_key(stage, stage.stage_class(), config, upstream, self.store.run_dir)
 
 
 def stage_resources(stage: PlannedStage, config: Any) -> Resources:
     """What one run of the stage asks for: its type's defaults, the recipe's keys over them."""
     return stage.stage_class().resources(config).merged(stage.resources)
-
-
-def _relocate(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
-        return new + value[len(old) :]
-    if isinstance(value, dict):
-        return {key: _relocate(item, old, new) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_relocate(item, old, new) for item in value]
-    return value
-
-
-def _outputs_digest(files_digest: str, outputs: dict[str, Any], out_dir: str) -> str:
-    """Digest of what downstream stages receive: the files plus the non-file output values."""
-    portable = _relocate(outputs, out_dir, "<out>")
-    return json_digest({"files": files_digest, "outputs": portable})
 
 
 def run_recipe(

@@ -107,8 +107,7 @@ class RunStore:
     def begin(self, stage_id: str, key: str) -> tuple[Path, Path]:
         """A fresh temp stage directory with `out/` inside, and the stage's scratch directory
         for this cache key (kept from an interrupted run of the same key, else empty)."""
-        folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(stage_id)}-", dir=self.tmp_dir))
-        folder.chmod(0o755)
+        folder = self.new_folder(stage_id)
         (folder / OUTPUT_DIR_NAME).mkdir()
         scratch = self.scratch_dir(stage_id, key)
         if scratch.parent.is_dir():
@@ -117,6 +116,12 @@ class RunStore:
                     shutil.rmtree(other, ignore_errors=True)
         scratch.mkdir(parents=True, exist_ok=True)
         return folder, scratch
+
+    def new_folder(self, stage_id: str) -> Path:
+        """An empty temp stage directory, to be committed or discarded."""
+        folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(stage_id)}-", dir=self.tmp_dir))
+        folder.chmod(0o755)
+        return folder
 
     def commit(self, stage_id: str, folder: Path, record: StageRecord) -> None:
         """Write the record and move the finished stage into place, replacing an older result."""

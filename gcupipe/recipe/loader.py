@@ -93,7 +93,13 @@ class _Builder:
             check_stage(stage, planned, self.positions, self.errors)
         self._raise_errors()
         return Recipe(
-            self.model.name, self.path, self.data, planned, self.positions, self.model.executor
+            self.model.name,
+            self.path,
+            self.data,
+            planned,
+            self.positions,
+            self.model.executor,
+            self.model.cache,
         )
 
     # -- vars and interpolation -------------------------------------------------------------

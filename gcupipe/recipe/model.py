@@ -72,6 +72,27 @@ class ExecutorSettings(BaseModel):
     )
 
 
+class RemoteCacheSettings(BaseModel):
+    """`cache:` of a recipe: a stage cache shared by every run directory and machine that
+    points at it (`GCUPIPE__cache__url=s3://...` sets it from the environment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        description="Any fsspec URL: s3://bucket/prefix (pip install 'gcupipe[s3]'; endpoint "
+        "and credentials from the AWS_* environment as for boto3), gs://..., file:///shared/dir."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options, e.g. {endpoint_url: http://minio:9000}; keep "
+        "secrets in the environment.",
+    )
+    push: bool = Field(
+        default=True,
+        description="Upload the stages this run finishes; false: only reuse what others pushed.",
+    )
+
+
 class RecipeModel(BaseModel):
     """The top level of a recipe, after extends/include have been merged."""
 
@@ -95,6 +116,11 @@ class RecipeModel(BaseModel):
     stages: dict[str, StageSpec] = Field(min_length=1, description="Stage id -> stage.")
     executor: ExecutorSettings = Field(
         default_factory=ExecutorSettings, description="Where the stages run."
+    )
+    cache: RemoteCacheSettings | None = Field(
+        default=None,
+        description="A remote stage cache: a stage whose cache key some run already pushed is "
+        "restored from it instead of run.",
     )
 
     @field_validator("target")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gcupipe.recipe.model import ExecutorSettings
+from gcupipe.recipe.model import ExecutorSettings, RemoteCacheSettings
 from gcupipe.recipe.source import KeyPath, Positions
 from gcupipe.stages.base import Stage
 from gcupipe.stages.resources import Resources
@@ -42,3 +42,4 @@ class Recipe:
     stages: dict[str, PlannedStage]  # in an order where every stage follows its needs
     positions: Positions
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    remote_cache: RemoteCacheSettings | None = None

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gcupipe.engine.events import Event
-from gcupipe.engine.executors import RayExecutor
+from gcupipe.engine.executors import InlineExecutor, RayExecutor
 
 from .test_executors import MATRIX, Recorder, overlap, run, write_recipe
 
@@ -104,3 +104,20 @@ def test_a_killed_ray_worker_is_retried_and_the_run_succeeds(cluster, tmp_path):
     assert "Ray worker was lost" in retry.data["message"]
     assert (Path(stages["work[n=1]"].outputs["output_dir"]) / "n.txt").read_text() == "1\n"
     assert not list((tmp_path / "run" / ".tmp").glob("*"))
+
+
+def test_a_ray_run_fills_the_remote_cache_and_a_local_run_restores_it(cluster, s3_bucket, tmp_path):
+    """The driver pushes what the Ray workers made; a run directory elsewhere reuses it."""
+    from .conftest import BUCKET
+
+    text = MATRIX.replace("stages:", f"cache: {{{{url: s3://{BUCKET}/ray}}}}\nstages:", 1)
+    recipe = write_recipe(tmp_path, text, sleep=0)
+    first = run(recipe, tmp_path / "on-ray", RayExecutor(cluster["address"]))
+    assert first.outcome == "ok", first.error
+    assert {stage.node for stage in first.stages} == {cluster["gcu"], cluster["npu"]}
+    second = run(recipe, tmp_path / "elsewhere", InlineExecutor())
+    assert [stage.outcome for stage in second.stages] == ["cached"] * 4
+    assert all("remote cache" in stage.reason for stage in second.stages)
+    for n in (1, 2):
+        gathered = Path(second.outputs(f"gather[n={n}]")["output_dir"]) / "gathered.txt"
+        assert gathered.read_text().strip() == str(n)
