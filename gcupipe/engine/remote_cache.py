@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from gcupipe.engine.lock import package_versions
 from gcupipe.errors import StageError, UsageError
+from gcupipe.versions import package_versions
 
 ARCHIVE_ROOT = "out"
 Say = Callable[[str], None]

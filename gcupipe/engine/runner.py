@@ -30,7 +30,7 @@ from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError
 from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
 from gcupipe.secrets import redact
-from gcupipe.stages.base import StageOutputs
+from gcupipe.stages.base import Provenance, StageOutputs
 from gcupipe.stages.resources import Resources, describe_request
 
 
@@ -66,6 +66,7 @@ class Runner:
         self.executor = executor or InlineExecutor()
         self.outputs: dict[str, StageOutputs] = {}
         self.digests: dict[str, str] = {}
+        self.records: dict[str, StageRecord] = {}
         self._running: dict[str, _Attempt] = {}
         settings = recipe.remote_cache
         self.remote = (
@@ -284,6 +285,7 @@ class Runner:
             cache_dir=self.store.cache_dir,
             run_dir=self.store.run_dir,
             upstream={name: self.outputs[name] for name in stage.needs},
+            lineage=self._lineage(stage),
             resources=stage_resources(stage, config),
             attempt=number,
         )
@@ -448,6 +450,29 @@ class Runner:
     def _adopt(self, stage: PlannedStage, record: StageRecord) -> None:
         self.outputs[stage.id] = stage.stage_class.Outputs.model_validate(record.outputs)
         self.digests[stage.id] = record.outputs_digest
+        self.records[stage.id] = record
+
+    def _lineage(self, stage: PlannedStage) -> list[Provenance]:
+        """The records of every stage `stage` depends on, directly or further up."""
+        above: set[str] = set()
+        pending = list(stage.needs)
+        while pending:
+            name = pending.pop()
+            if name not in above:
+                above.add(name)
+                pending.extend(self.recipe.stages[name].needs)
+        return [
+            Provenance(
+                sid,
+                record.uses,
+                record.config,
+                record.outputs,
+                record.cache_key,
+                record.outputs_digest,
+            )
+            for sid in self.recipe.stages
+            if sid in above and (record := self.records.get(sid)) is not None
+        ]
 
     def _upstream_or_fail(self, stage: PlannedStage) -> dict[str, StageOutputs]:
         missing = [name for name in stage.needs if name not in self.outputs]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gcupipe.errors import StageError
 from gcupipe.stages.resources import Resources
 
 
@@ -75,6 +76,19 @@ ProgressFactory = Callable[[str, float | None, str], tuple[ProgressTask, Callabl
 """(description, total, unit) -> (task, finish). Provided by the engine."""
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """How one stage upstream (direct or further up) made its result: what a model card or a
+    report states about where an artifact came from."""
+
+    stage_id: str
+    uses: str
+    config: dict[str, Any]  # resolved, secrets redacted, run paths as <run>/...
+    outputs: dict[str, Any]
+    cache_key: str
+    outputs_digest: str
+
+
 @dataclass
 class StageContext:
     """What the engine hands a running stage. Everything a stage writes goes to `output_dir`,
@@ -89,6 +103,7 @@ class StageContext:
     cache_dir: Path
     run_dir: Path
     upstream: dict[str, StageOutputs] = field(default_factory=dict)
+    lineage: list[Provenance] = field(default_factory=list)  # every stage upstream, in order
     log: Callable[[str], None] = print
     progress_factory: ProgressFactory | None = None
     secrets: Callable[[str], None] = lambda value: None
@@ -106,6 +121,26 @@ class StageContext:
             yield task
         finally:
             finish()
+
+    def upstream_model_dir(self, stage_type: str) -> Path:
+        """The one model directory the upstream stages hand on (validate passes quantize's on:
+        still one model); a StageError naming the stage type when there is none or several."""
+        found: dict[Path, list[str]] = {}
+        for stage_id, outputs in self.upstream.items():
+            model_dir = getattr(outputs, "model_dir", None)
+            if model_dir is not None:
+                found.setdefault(Path(model_dir).resolve(), []).append(stage_id)
+        if not found:
+            raise StageError(
+                f"{stage_type}: no model: set `model:` or add a stage that outputs a model_dir "
+                "(download, quantize, validate) to `needs`"
+            )
+        if len(found) > 1:
+            names = ", ".join(sorted(stage for stages in found.values() for stage in stages))
+            raise StageError(
+                f"{stage_type}: several upstream models ({names}): set `model:` to pick one"
+            )
+        return next(iter(found))
 
     def upstream_outputs(self, kind: type[OutputsT]) -> list[OutputsT]:
         """The outputs of upstream stages of one type (e.g. every ModelOutputs this stage needs)."""

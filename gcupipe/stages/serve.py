@@ -216,22 +216,7 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         )
 
     def _model_dir(self, config: ServeConfig, ctx: StageContext) -> Path:
-        if config.model is not None:
-            return config.model
-        found: dict[Path, list[str]] = {}  # validate passes on quantize's dir: one model
-        for stage_id, outputs in ctx.upstream.items():
-            model_dir = getattr(outputs, "model_dir", None)
-            if model_dir is not None:
-                found.setdefault(Path(model_dir).resolve(), []).append(stage_id)
-        if not found:
-            raise StageError(
-                "serve: no model to serve: set `model:` or add a stage that outputs a model_dir "
-                "(download, quantize) to `needs`"
-            )
-        if len(found) > 1:
-            names = ", ".join(sorted(stage for stages in found.values() for stage in stages))
-            raise StageError(f"serve: several upstream models ({names}): set `model:` to pick one")
-        return next(iter(found))
+        return config.model if config.model is not None else ctx.upstream_model_dir("serve")
 
     def _quantization_flag(self, config: ServeConfig) -> str | None:
         """The recipe's `quantization` as vLLM gets it (None: derive from the files)."""

@@ -276,7 +276,7 @@ def test_gcu_platform_gets_the_loader_name_and_the_int8_kv_cache(
 
 def test_model_comes_from_the_one_upstream_model_dir(tmp_path: Path) -> None:
     stage = ServeStage()
-    with pytest.raises(StageError, match="no model to serve"):
+    with pytest.raises(StageError, match="serve: no model: set"):
         stage.run(ServeConfig(), _ctx(tmp_path / "a"))
     two = _ctx(
         tmp_path / "b",
