@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from gcupipe.checksums import remember_sha256
+from gcupipe.formats.bundle import LICENSE_NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -38,12 +39,13 @@ NOT_COPIED = {
 
 
 def copy_side_files(source_dir: Path, out_dir: Path) -> list[str]:
-    """Copy tokenizer, generation config and remote-code files unchanged."""
+    """Copy tokenizer, generation config, remote-code and license files unchanged."""
     copied = []
     for path in sorted(source_dir.iterdir()):
         if not path.is_file() or path.name in NOT_COPIED or path.name.startswith("."):
             continue
-        if path.suffix in SIDE_FILE_SUFFIXES and not path.name.endswith(".safetensors.index.json"):
+        side_file = path.suffix in SIDE_FILE_SUFFIXES or path.name in LICENSE_NAMES
+        if side_file and not path.name.endswith(".safetensors.index.json"):
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)
     return copied

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from gcupipe.formats.bundle import bundle_findings
 from gcupipe.formats.layout import expected_weight_names, fused_groups, moe_expert_names
 from gcupipe.formats.modeldir import ModelDir
 from gcupipe.formats.registry import format_name, format_of
 from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
-from gcupipe.formats.tokenizer import TOKENIZER_FILES
 
 
 def format_rules(md: ModelDir) -> list[Rule]:
@@ -50,20 +50,6 @@ def _required_files(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     for pattern, fix in fmt.required_files if fmt is not None else ():
         if not list(md.path.glob(pattern)):
             findings.append(Finding(f"no {pattern} ({fmt.name} layout)", fix))  # type: ignore[union-attr]
-    if opts.reference_dir is not None:  # only the source tells whether a tokenizer exists
-        lost = [
-            f
-            for f in TOKENIZER_FILES
-            if (opts.reference_dir / f).is_file() and not (md.path / f).is_file()
-        ]
-        if lost:
-            findings.append(
-                Finding(
-                    f"the source model has {lost[0]} but this directory does "
-                    "not (vLLM needs the tokenizer to serve)",
-                    "copy the source model's tokenizer files unchanged",
-                )
-            )
     return findings
 
 
@@ -213,17 +199,27 @@ def _no_int8_kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     ]
 
 
+def _bundle_complete(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    return bundle_findings(md, opts.reference_dir)
+
+
 REQUIRED_FILES = Rule(
     "required-files",
-    "config.json, weights, tokenizer and the layout's own files exist",
+    "config.json, weights and the layout's own files exist",
     _required_files,
+)
+BUNDLE_COMPLETE = Rule(
+    "bundle-complete",
+    "the tokenizer, chat template, generation config, license and remote code the source "
+    "has (or auto_map names) are here",
+    _bundle_complete,
 )
 SAFETENSORS_INTEGRITY = Rule(
     "safetensors-integrity",
     "every shard has an intact header and all its data; the index matches the shards",
     _safetensors_integrity,
 )
-FIRST = (REQUIRED_FILES, SAFETENSORS_INTEGRITY)
+FIRST = (REQUIRED_FILES, BUNDLE_COMPLETE, SAFETENSORS_INTEGRITY)
 SHARED = (
     Rule(
         "weights-complete",

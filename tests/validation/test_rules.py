@@ -70,12 +70,37 @@ def test_required_files_missing_index(good_w8a8_kv, broken):
     assert "index.json" in failed(path)["required-files"].message
 
 
-def test_required_files_lost_tokenizer(good_w8a8_kv, broken, tiny_llama, tmp_path):
+def test_bundle_complete_names_what_the_source_has_and_the_bundle_lost(
+    good_w8a8_kv, broken, tiny_llama
+):
     source = broken(tiny_llama)
     (source / "tokenizer.json").write_text("{}")
+    (source / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    (source / "LICENSE").write_text("Apache-2.0")
+    assert failed(good_w8a8_kv) == {}  # without the source nothing says they exist
     bad = failed(good_w8a8_kv, reference_dir=source)
-    assert set(bad) == {"required-files"}
-    assert "tokenizer.json" in bad["required-files"].message
+    assert set(bad) == {"bundle-complete"}
+    assert bad["bundle-complete"].message.startswith("tokenizer.json is missing")
+    from gcupipe.formats.bundle import missing_files
+    from gcupipe.formats.modeldir import ModelDir
+
+    names = [name for name, _ in missing_files(ModelDir(good_w8a8_kv), source)]
+    assert names == ["tokenizer.json", "tokenizer_config.json", "chat_template", "LICENSE"]
+
+
+def test_bundle_complete_needs_the_remote_code_auto_map_names(good_w8a8_kv, broken):
+    path = broken(good_w8a8_kv)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+        "AutoTokenizer": ["other/repo--tokenization_x.X", None],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "configuration_tiny.py").write_text("")
+    bad = failed(path)
+    assert set(bad) == {"bundle-complete"}
+    assert bad["bundle-complete"].message.startswith("modeling_tiny.py is missing: auto_map")
 
 
 def test_truncated_shard_is_detected(good_w8a8_kv, broken):
