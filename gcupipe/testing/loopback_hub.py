@@ -10,6 +10,7 @@ are those listed in shared/HUBS.md.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+BLOB_UPLOAD = "blob-upload"
+"""The path the blob hrefs of both hubs' batch answers point at: PUT /blob-upload/<sha256>."""
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".parquet", ".arrow")
 """Files the fake HF hub reports as LFS (with a sha256), like large weight files on the real one."""
 
@@ -43,22 +46,59 @@ class Request:
 
 @dataclass
 class Repo:
-    """A model repository: files by path, a commit hash, and the branch names it answers to."""
+    """A repository: its default branch's files and commit, the names that branch answers to,
+    other branches, and the commits that uploads made."""
 
     repo_id: str
     files: dict[str, bytes]
     branches: tuple[str, ...] = ("master", "main")
     commit: str = ""
+    private: bool = False
+    refs: dict[str, tuple[str, dict[str, bytes]]] = field(default_factory=dict)
+    """Other branches: name -> (commit, files)."""
+    commits: list[str] = field(default_factory=list)
+    """Commits made through the upload endpoints, oldest first."""
 
     def __post_init__(self) -> None:
         if not self.commit:
-            digest = hashlib.sha1()
-            for path in sorted(self.files):
-                digest.update(path.encode() + b"\0" + self.files[path])
-            self.commit = digest.hexdigest()
+            self.commit = _commit_id("", self.files, "")
 
     def resolves(self, revision: str) -> bool:
-        return revision in self.branches or revision == self.commit
+        return self.snapshot(revision) is not None
+
+    def snapshot(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit, files) at a branch name or commit id; None when it has neither."""
+        if revision in self.branches or revision == self.commit:
+            return self.commit, self.files
+        for commit, files in self.refs.values():
+            if revision == commit:
+                return commit, files
+        return self.refs.get(revision)
+
+    def apply(self, revision: str, changes: dict[str, bytes | None], message: str) -> str:
+        """Commit `changes` (path -> bytes, None deletes) on a branch; returns the commit."""
+        base = self.snapshot(revision)
+        assert base is not None
+        files = {**base[1]}
+        for path, data in changes.items():
+            if data is None:
+                files.pop(path, None)
+            else:
+                files[path] = data
+        commit = _commit_id(base[0], files, message)
+        if revision in self.branches:
+            self.commit, self.files = commit, files
+        else:
+            self.refs[revision] = (commit, files)
+        self.commits.append(commit)
+        return commit
+
+
+def _commit_id(parent: str, files: dict[str, bytes], message: str) -> str:
+    digest = hashlib.sha1(f"{parent}\0{message}\0".encode())
+    for path in sorted(files):
+        digest.update(path.encode() + b"\0" + files[path])
+    return digest.hexdigest()
 
 
 @dataclass
@@ -74,6 +114,11 @@ class LoopbackHub:
     """Paths whose next GET sends half the bytes, then closes the connection."""
     token: str | None = None
     """When set, every request must carry `Authorization: Bearer <token>`, else 401."""
+    drop_upload_once: set[str] = field(default_factory=set)
+    """Upload steps ("commit", "blob") whose next request is read, then the connection closed
+    without an answer."""
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    """Uploaded large files by sha256 (both hubs' LFS-style blob stores)."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -128,6 +173,13 @@ class LoopbackHub:
         with self._lock:
             self.requests.append(request)
 
+    def _take_drop_upload(self, step: str) -> bool:
+        with self._lock:
+            if step in self.drop_upload_once:
+                self.drop_upload_once.discard(step)
+                return True
+            return False
+
     def _take_drop(self, path: str) -> bool:
         with self._lock:
             if path in self.drop_once:
@@ -135,8 +187,8 @@ class LoopbackHub:
                 return True
             return False
 
-    def content(self, repo: Repo, path: str) -> bytes:
-        data = repo.files[path]
+    def content(self, files: dict[str, bytes], path: str) -> bytes:
+        data = files[path]
         if path in self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return data
@@ -170,23 +222,36 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
 
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
     # -- routing --------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path = unquote(parts.path)
         query = parse_qs(parts.query)
         self.hub._record(Request(method, path, query, self.headers.get("Authorization")))
-        if self.hub.token is not None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        segments = path.strip("/").split("/")
+        presigned = segments[0] == BLOB_UPLOAD  # the HF client sends no token with the bytes
+        if self.hub.token is not None and not presigned:
             if self.headers.get("Authorization") != f"Bearer {self.hub.token}":
                 self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                 return
-        segments = path.strip("/").split("/")
+        if method in ("POST", "PUT"):
+            self._upload(method, segments, body)
+            return
         if segments[:3] in (["api", "v1", "models"], ["api", "v1", "datasets"]) and (
             len(segments) >= 6
         ):
             self._modelscope(segments, query)
         elif segments[:2] in (["api", "models"], ["api", "datasets"]) and len(segments) >= 5:
             self._hf_api(segments, query)
+        elif segments[:2] == ["api", "models"] and len(segments) == 4:  # model info, no revision
+            self._hf_api([*segments, "revision", "main"], query)
         elif "resolve" in segments:
             self._hf_resolve(method, segments)
         else:
@@ -194,16 +259,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo(
         self, repo_id: str, revision: str, kind: str, repo_type: str = "model"
-    ) -> Repo | None:
+    ) -> tuple[Repo, str, dict[str, bytes]] | None:
+        """The repository and its (commit, files) at `revision`, else a 404 sent."""
         repos = self.hub.datasets if repo_type == "dataset" else self.hub.repos
         repo = repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found", kind)
             return None
-        if not repo.resolves(revision):
+        snapshot = repo.snapshot(revision)
+        if snapshot is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", kind)
             return None
-        return repo
+        return repo, *snapshot
 
     # -- ModelScope -----------------------------------------------------------------------
     def _modelscope(self, segments: list[str], query: dict[str, list[str]]) -> None:
@@ -211,9 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = "dataset" if segments[2] == "datasets" else "model"
         repo_id = f"{segments[3]}/{segments[4]}"
         revision = query.get("Revision", ["master"])[0]
-        repo = self._repo(repo_id, revision, "modelscope", repo_type)
-        if repo is None:
+        found = self._repo(repo_id, revision, "modelscope", repo_type)
+        if found is None:
             return
+        _, commit, files_at = found
         listing = ["repo", "tree"] if repo_type == "dataset" else ["repo", "files"]
         if segments[5:] == listing:
             files = [
@@ -223,9 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "Type": "blob",
                     "Size": len(data),
                     "Sha256": hashlib.sha256(data).hexdigest(),
-                    "Revision": repo.commit,
+                    "Revision": commit,
                 }
-                for path, data in sorted(repo.files.items())
+                for path, data in sorted(files_at.items())
             ]
             if "PageSize" in query:  # the dataset tree pages: PageNumber from 1
                 size = int(query["PageSize"][0])
@@ -234,10 +302,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json({"Code": 200, "Success": True, "Data": {"Files": files}})
         elif segments[5:] == ["repo"] and "FilePath" in query:
             file_path = query["FilePath"][0]
-            if file_path not in repo.files:
+            if file_path not in files_at:
                 self._error(404, "EntryNotFound", f"file {file_path} not found", "modelscope")
                 return
-            self._bytes(file_path, self.hub.content(repo, file_path), {})
+            self._bytes(file_path, self.hub.content(files_at, file_path), {})
         else:
             self._error(404, "EntryNotFound", "no such endpoint", "modelscope")
 
@@ -250,23 +318,24 @@ class _Handler(BaseHTTPRequestHandler):
         action, revision = segments[4], "/".join(segments[5:]) or "main"
         if action == "tree":
             revision = segments[5] if len(segments) > 5 else "main"
-        repo = self._repo(repo_id, revision, "hf", repo_type)
-        if repo is None:
+        found = self._repo(repo_id, revision, "hf", repo_type)
+        if found is None:
             return
+        repo, commit, files_at = found
         if action == "revision":
-            siblings = [{"rfilename": path} for path in sorted(repo.files)]
+            siblings = [{"rfilename": path} for path in sorted(files_at)]
             self._json(
                 {
                     "id": repo_id,
                     "modelId": repo_id,
-                    "sha": repo.commit,
+                    "sha": commit,
                     "siblings": siblings,
-                    "private": False,
+                    "private": repo.private,
                 }
             )
         elif action == "tree":
             entries = []
-            for path, data in sorted(repo.files.items()):
+            for path, data in sorted(files_at.items()):
                 entry: dict[str, Any] = {
                     "type": "file",
                     "path": path,
@@ -290,20 +359,21 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = "dataset" if segments[0] == "datasets" and index == 3 else "model"
         repo_id = "/".join(segments[1 if repo_type == "dataset" else 0 : index])
         revision, file_path = segments[index + 1], "/".join(segments[index + 2 :])
-        repo = self._repo(repo_id, revision, "hf", repo_type)
-        if repo is None:
+        found = self._repo(repo_id, revision, "hf", repo_type)
+        if found is None:
             return
-        if file_path not in repo.files:
+        _, commit, files_at = found
+        if file_path not in files_at:
             self._error(404, "EntryNotFound", f"{file_path} does not exist", "hf")
             return
-        true_data = repo.files[file_path]
+        true_data = files_at[file_path]
         lfs = file_path.endswith(LFS_SUFFIXES)
         etag = hashlib.sha256(true_data).hexdigest() if lfs else git_blob_sha1(true_data)
-        headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"'}
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}
         if lfs:
             headers["X-Linked-Etag"] = f'"{etag}"'
             headers["X-Linked-Size"] = str(len(true_data))
-        data = self.hub.content(repo, file_path)
+        data = self.hub.content(files_at, file_path)
         if method == "HEAD":
             self.send_response(200)
             for name, value in headers.items():
@@ -312,6 +382,201 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self._bytes(file_path, data, headers)
+
+    # -- uploads: both hubs' create, blob and commit endpoints (shared/HUBS.md) ---------------
+    def _upload(self, method: str, segments: list[str], body: bytes) -> None:
+        if method == "PUT" and segments[0] == BLOB_UPLOAD and len(segments) == 2:
+            self._blob_put(segments[1], body)
+        elif segments == ["api", "repos", "create"]:
+            self._hf_create(json.loads(body))
+        elif segments == ["api", "validate-yaml"]:
+            self._json({})
+        elif segments[:2] == ["api", "models"] and len(segments) >= 6:
+            repo_id, action, revision = "/".join(segments[2:4]), segments[4], "/".join(segments[5:])
+            if action == "preupload":
+                self._hf_preupload(repo_id, revision, json.loads(body))
+            elif action == "commit":
+                self._hf_commit(repo_id, revision, body)
+            elif action == "branch":
+                self._hf_branch(repo_id, revision)
+            else:
+                self._error(404, "EntryNotFound", f"no route {action}")
+        elif (
+            len(segments) == 6
+            and segments[1].endswith(".git")
+            and segments[2:]
+            == [
+                "info",
+                "lfs",
+                "objects",
+                "batch",
+            ]
+        ):
+            repo_id = f"{segments[0]}/{segments[1].removesuffix('.git')}"
+            if self._known(repo_id, "hf"):
+                self._json({"objects": self._blob_actions(json.loads(body)["objects"])})
+        elif segments == ["api", "v1", "models"]:
+            self._ms_create(json.loads(body))
+        elif segments[:4] == ["api", "v1", "repos", "models"] and len(segments) >= 7:
+            repo_id, rest = "/".join(segments[4:6]), segments[6:]
+            if not self._known(repo_id, "modelscope"):
+                return
+            if rest == ["info", "lfs", "objects", "batch"]:
+                objects = self._blob_actions(json.loads(body)["objects"])
+                self._json({"Code": 200, "Success": True, "Data": {"objects": objects}})
+            elif rest[0] == "commit" and len(rest) >= 2:
+                self._ms_commit(repo_id, "/".join(rest[1:]), json.loads(body))
+            else:
+                self._error(404, "EntryNotFound", "no such endpoint", "modelscope")
+        else:
+            self._error(404, "EntryNotFound", f"no route {'/'.join(segments)}")
+
+    def _known(self, repo_id: str, kind: str) -> bool:
+        if repo_id in self.hub.repos:
+            return True
+        self._error(404, "RepoNotFound", f"Repository {repo_id} not found", kind)
+        return False
+
+    def _drop(self, step: str) -> bool:
+        """Close the connection without an answer, once, for an upload step a test names."""
+        if not self.hub._take_drop_upload(step):
+            return False
+        self.close_connection = True
+        self.connection.shutdown(2)
+        return True
+
+    def _blob_actions(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each blob the store lacks gets an upload href; a stored one gets no `actions`."""
+        answer = []
+        for item in objects:
+            entry: dict[str, Any] = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in self.hub.blobs:
+                href = f"{self.hub.url}/{BLOB_UPLOAD}/{item['oid']}"
+                entry["actions"] = {"upload": {"href": href}}
+            answer.append(entry)
+        return answer
+
+    def _blob_put(self, oid: str, body: bytes) -> None:
+        if self._drop("blob"):
+            return
+        if hashlib.sha256(body).hexdigest() != oid:
+            self._error(400, "BadRequest", f"the bytes do not hash to {oid}")
+            return
+        with self.hub._lock:
+            self.hub.blobs[oid] = body
+        self._json({})
+
+    def _new_repo(self, repo_id: str, private: bool, files: dict[str, bytes]) -> bool:
+        with self.hub._lock:
+            if repo_id in self.hub.repos:
+                return False
+            self.hub.repos[repo_id] = Repo(repo_id, files, private=private)
+            return True
+
+    # Hugging Face
+    def _hf_create(self, request: dict[str, Any]) -> None:
+        repo_id = f"{request.get('organization')}/{request['name']}"
+        url = f"{self.hub.url}/{repo_id}"
+        attributes = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+        if not self._new_repo(repo_id, request.get("visibility") == "private", attributes):
+            self._json({"error": "You already created this model repo", "url": url}, 409)
+            return
+        self._json({"url": url})
+
+    def _hf_preupload(self, repo_id: str, revision: str, request: dict[str, Any]) -> None:
+        found = self._repo(repo_id, revision, "hf")
+        if found is None:
+            return
+        _, _, files_at = found
+        answer = []
+        for item in request["files"]:
+            path = item["path"]
+            lfs = path.endswith(LFS_SUFFIXES) or item["size"] > 10_000_000
+            entry: dict[str, Any] = {
+                "path": path,
+                "uploadMode": "lfs" if lfs else "regular",
+                "shouldIgnore": False,
+            }
+            if path in files_at:
+                data = files_at[path]
+                entry["oid"] = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
+            answer.append(entry)
+        self._json({"files": answer})
+
+    def _hf_commit(self, repo_id: str, revision: str, body: bytes) -> None:
+        if self._drop("commit"):
+            return
+        found = self._repo(repo_id, revision, "hf")
+        if found is None:
+            return
+        repo = found[0]
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        message = ""
+        changes: dict[str, bytes | None] = {}
+        for line in lines:
+            value = line["value"]
+            if line["key"] == "header":
+                message = value.get("summary", "")
+            elif line["key"] == "file":
+                changes[value["path"]] = base64.b64decode(value["content"])
+            elif line["key"] == "lfsFile":
+                if value["oid"] not in self.hub.blobs:
+                    self._error(400, "BadRequest", f"LFS object {value['oid']} was never uploaded")
+                    return
+                changes[value["path"]] = self.hub.blobs[value["oid"]]
+            elif line["key"] in ("deletedFile", "deletedFolder"):
+                changes[value["path"]] = None
+        with self.hub._lock:
+            commit = repo.apply(revision, changes, message)
+        self._json(
+            {
+                "commitUrl": f"{self.hub.url}/{repo_id}/commit/{commit}",
+                "commitOid": commit,
+                "pullRequestUrl": None,
+            }
+        )
+
+    def _hf_branch(self, repo_id: str, branch: str) -> None:
+        if not self._known(repo_id, "hf"):
+            return
+        repo = self.hub.repos[repo_id]
+        with self.hub._lock:
+            if repo.snapshot(branch) is not None:
+                self._error(409, "Conflict", f"branch {branch} exists")
+                return
+            repo.refs[branch] = (repo.commit, dict(repo.files))
+        self._json({})
+
+    # ModelScope
+    def _ms_create(self, request: dict[str, Any]) -> None:
+        repo_id = f"{request['Path']}/{request['Name']}"
+        private = str(request.get("Visibility")) in ("1", "private")
+        if not self._new_repo(repo_id, private, {}):
+            self._json({"Code": 10010101001, "Success": False, "Message": "model exists"}, 409)
+            return
+        self._json({"Code": 200, "Success": True, "Data": {"Path": request["Path"]}})
+
+    def _ms_commit(self, repo_id: str, revision: str, request: dict[str, Any]) -> None:
+        if self._drop("commit"):
+            return
+        repo = self.hub.repos[repo_id]
+        if repo.snapshot(revision) is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", "modelscope")
+            return
+        changes: dict[str, bytes | None] = {}
+        for action in request["actions"]:
+            if action["action"] == "delete":
+                changes[action["path"]] = None
+            elif action["type"] == "lfs":
+                if action["sha256"] not in self.hub.blobs:
+                    self._error(400, "BadRequest", "blob was never uploaded", "modelscope")
+                    return
+                changes[action["path"]] = self.hub.blobs[action["sha256"]]
+            else:
+                changes[action["path"]] = base64.b64decode(action["content"])
+        with self.hub._lock:
+            commit = repo.apply(revision, changes, request.get("commit_message", ""))
+        self._json({"Code": 200, "Success": True, "Data": {"CommitId": commit}})
 
     # -- responses ------------------------------------------------------------------------
     def _bytes(self, path: str, data: bytes, headers: dict[str, str]) -> None:
@@ -330,9 +595,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(data)
 
-    def _json(self, payload: Any) -> None:
+    def _json(self, payload: Any, status: int = 200) -> None:
         body = json.dumps(payload).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
