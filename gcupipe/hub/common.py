@@ -25,6 +25,33 @@ class HubFetch:
     """"model" or "dataset": the hubs keep the two kinds in separate namespaces."""
 
 
+@dataclass(frozen=True)
+class HubPublish:
+    """One folder to publish to a hub repository, resolved from config and environment."""
+
+    repo_id: str
+    revision: str
+    endpoint: str | None
+    token: str | None
+    private: bool
+    commit_message: str
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a publish left on the hub: the commit holding the files, and whether it is new."""
+
+    url: str
+    commit: str | None
+    committed: bool
+
+
+def unchanged(local: dict[str, str], remote: dict[str, str]) -> bool:
+    """Whether the repository already holds every local file with the same hash (files only
+    the repository has, such as .gitattributes, do not count)."""
+    return all(remote.get(path) == digest for path, digest in local.items())
+
+
 class HashMismatch(Exception):
     """A fetched file's bytes do not match the hash the hub published for it."""
 

@@ -23,9 +23,10 @@ def hub_stage_error(
     cache_dir: str,
     attempts: int,
     kind: str = "model",
+    action: str = "download",
 ) -> StageError:
-    """One line naming the model (or dataset: `kind`), the endpoint and the fix. Never
-    includes the token."""
+    """One line naming the model (or dataset: `kind`), the endpoint and the fix, for a
+    download or a publish (`action`). Never includes the token."""
     where = f"{hub} {kind} '{repo_id}' (revision '{revision}')"
     names = {type(link).__name__ for link in _chain(exc)}
     text = " ".join(str(link) for link in _chain(exc))
@@ -46,7 +47,8 @@ def hub_stage_error(
     if code in (401, 403):
         return StageError(
             f"{where}: {endpoint} refused access (HTTP {code}): set ${token_env} to a token "
-            f"that can read this {kind} (or check the {kind} id)."
+            f"that can {'write' if action == 'publish' else 'read'} this {kind} (or check the "
+            f"{kind} id)."
         )
     not_found = next((link for link in _chain(exc) if isinstance(link, NotFound)), None)
     if not_found is not None:
@@ -76,13 +78,18 @@ def hub_stage_error(
             "endpoint setting, or use offline: true with a filled cache."
         )
     if is_transient(exc):
+        fix = (
+            "check the network or the endpoint setting, then publish again (files only land "
+            "with a commit)"
+            if action == "publish"
+            else "check the network, the endpoint setting, or use offline: true with a filled cache"
+        )
         return StageError(
             f"{where}: cannot reach {endpoint} ({_cause_name(exc)}) after {attempts} "
-            "attempt(s): check the network, the endpoint setting, or use offline: true with a "
-            "filled cache."
+            f"attempt(s): {fix}."
         )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StageError(f"{where}: download from {endpoint} failed: {first_line}")
+    return StageError(f"{where}: {action} on {endpoint} failed: {first_line}")
 
 
 def _not_found(

@@ -5,11 +5,19 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from gcupipe.checksums import sha256_file
 from gcupipe.errors import require
-from gcupipe.hub.common import HashMismatch, HubFetch, ProgressSink
+from gcupipe.hub.common import (
+    HashMismatch,
+    HubFetch,
+    HubPublish,
+    ProgressSink,
+    Published,
+    unchanged,
+)
 from gcupipe.hub.manifest import git_blob_sha1_file
 
 NAME = "huggingface"
@@ -18,6 +26,7 @@ TOKEN_ENV = "HF_TOKEN"
 PUBLIC_ENDPOINT = "https://huggingface.co"
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _TRUE = {"1", "true", "yes", "on"}
+Log = Callable[[str], None]
 
 
 def endpoint(configured: str | None) -> str | None:
@@ -146,3 +155,59 @@ def _tqdm_class(sink: ProgressSink) -> type:
             return updated
 
     return _ToGcupipe
+
+
+def repo_url(request: HubPublish) -> str:
+    base = f"{request.endpoint or PUBLIC_ENDPOINT}/{request.repo_id}"
+    return base if request.revision == DEFAULT_REVISION else f"{base}/tree/{request.revision}"
+
+
+def publish(request: HubPublish, folder: Path, files: list[str], log: Log) -> Published:
+    """Commit `files` of `folder` to the repository (created when missing, private as asked;
+    a branch other than main is created from main). When the revision already holds every
+    file with the same hash, nothing is uploaded and no commit is made."""
+    hf = require("huggingface_hub", "hub")
+    api = hf.HfApi(endpoint=request.endpoint, token=request.token or False)
+    remote = _remote_hashes(api, request)
+    if remote is not None:
+        local = {
+            name: sha256_file(folder / name)
+            if remote.get(name, ("", ""))[0] == "sha256"
+            else git_blob_sha1_file(folder / name)
+            for name in files
+        }
+        if unchanged(local, {name: digest for name, (_, digest) in remote.items()}):
+            info = api.model_info(request.repo_id, revision=request.revision)
+            return Published(repo_url(request), info.sha, committed=False)
+    api.create_repo(request.repo_id, private=request.private, exist_ok=True)
+    if request.revision != DEFAULT_REVISION:
+        api.create_branch(request.repo_id, branch=request.revision, exist_ok=True)
+    log(f"uploading to {repo_url(request)}")
+    info = api.upload_folder(
+        repo_id=request.repo_id,
+        folder_path=str(folder),
+        revision=request.revision,
+        commit_message=request.commit_message,
+        allow_patterns=files,
+    )
+    return Published(repo_url(request), info.oid, committed=True)
+
+
+def _remote_hashes(api: object, request: HubPublish) -> dict[str, tuple[str, str]] | None:
+    """path -> ("sha256", hex) for LFS files, ("sha1", git blob id) for the others; None when
+    the repository or the revision does not exist yet."""
+    hf_errors = require("huggingface_hub", "hub").errors
+    try:
+        entries = list(
+            api.list_repo_tree(request.repo_id, revision=request.revision, recursive=True)  # type: ignore[attr-defined]
+        )
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError):
+        return None
+    hashes: dict[str, tuple[str, str]] = {}
+    for entry in entries:
+        lfs = getattr(entry, "lfs", None)
+        if lfs is not None:
+            hashes[entry.path] = ("sha256", lfs.sha256)
+        elif getattr(entry, "blob_id", None):
+            hashes[entry.path] = ("sha1", entry.blob_id)
+    return hashes

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from gcupipe.checksums import sha256_file
 from gcupipe.errors import require
-from gcupipe.hub.common import HubFetch, NotFound, ProgressSink
+from gcupipe.hub.common import HubFetch, HubPublish, NotFound, ProgressSink, Published, unchanged
 
 NAME = "modelscope"
 DEFAULT_REVISION = "master"
@@ -18,6 +21,7 @@ TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 CACHE_ENV = "MODELSCOPE_CACHE"
 PUBLIC_ENDPOINT = "https://modelscope.cn"
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+Log = Callable[[str], None]
 
 
 def endpoint(configured: str | None) -> str | None:
@@ -161,3 +165,61 @@ def _callback_class(sink: ProgressSink) -> type:
             sink.advance(size)
 
     return _ToGcupipe
+
+
+def repo_url(request: HubPublish) -> str:
+    return f"{request.endpoint or PUBLIC_ENDPOINT}/models/{request.repo_id}"
+
+
+def publish(request: HubPublish, folder: Path, files: list[str], log: Log) -> Published:
+    """Commit `files` of `folder` over the client's HTTP upload path (created when missing,
+    private as asked). When the revision already holds every file with the same sha256,
+    nothing is uploaded and no commit is made (the client itself would commit again)."""
+    modelscope = require("modelscope", "hub")
+    remote = _remote_sha256(request)
+    if remote is not None and unchanged({n: sha256_file(folder / n) for n in files}, remote):
+        return Published(repo_url(request), None, committed=False)  # the listing names none
+    api = modelscope.HubApi(endpoint=request.endpoint, token=request.token)
+    api.create_repo(
+        request.repo_id, visibility="private" if request.private else "public", exist_ok=True
+    )
+    log(f"uploading to {repo_url(request)}")
+    printed = io.StringIO()  # the client prints an upload report; stdout may be --json events
+    with _quiet_bars(True), contextlib.redirect_stdout(printed):
+        result = api.upload_folder(
+            repo_id=request.repo_id,
+            folder_path=str(folder),
+            revision=request.revision,
+            commit_message=request.commit_message,
+            allow_patterns=files,
+            use_cache=False,  # else the client writes its tracker into the bundle
+            disable_tqdm=True,
+        )
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            log(line.rstrip())
+    return Published(repo_url(request), _commit_id(result), committed=True)
+
+
+def _remote_sha256(request: HubPublish) -> dict[str, str] | None:
+    """path -> sha256 of the revision's files; None when the repository does not exist yet."""
+    from modelscope_hub import HubApi
+
+    api = HubApi(token=request.token, endpoint=request.endpoint)
+    try:
+        entries = api.list_repo_files(request.repo_id, "model", revision=request.revision)
+    except Exception as exc:
+        if _status(exc) == 404 or type(exc).__name__ == "NotExistError":
+            return None
+        raise
+    return {entry.path: str(entry.sha256) for entry in entries if not entry.is_dir}
+
+
+def _commit_id(result: object) -> str | None:
+    """The commit of the last batch from upload_folder's reply (a dict per batch)."""
+    last = result[-1] if isinstance(result, list) and result else result
+    if isinstance(last, dict):
+        for key in ("CommitId", "commit_id", "Id", "id"):
+            if isinstance(last.get(key), str):
+                return str(last[key])
+    return None

@@ -97,10 +97,26 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
         f"- float reference: {report.reference_dir or '(none: numeric checks skipped)'}",
         "",
     ]
-    metrics = report.metrics
+    plot = paths["plot"].name if "plot" in paths else None
+    lines += accuracy_sections(report.metrics, plot_name=plot)
+    lines += ["## Rules", "", "| rule | status | details |", "|---|---|---|"]
+    for result in report.rules + report.gates:
+        status = {"pass": "pass", "fail": "**FAIL**", "skip": "skip"}[result.status]
+        details = result.message.replace("|", "\\|") if result.status != "pass" else ""
+        lines.append(f"| `{result.rule}` | {status} | {details} |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_sections(
+    metrics: dict[str, Any], heading_level: int = 2, plot_name: str | None = None
+) -> list[str]:
+    """Markdown of the accuracy metrics (perplexity, agreement, worst layers, expert coverage):
+    the report's and the model card's."""
+    heading = "#" * heading_level
+    lines: list[str] = []
     if metrics.get("ppl_quantized") is not None:
         lines += [
-            "## Accuracy",
+            f"{heading} Accuracy",
             "",
             "| metric | value |",
             "|---|---|",
@@ -120,15 +136,15 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
     worst = metrics.get("worst_layers") or []
     if worst:
         sqnr = metrics["sqnr_db"]
-        lines += ["## Worst layers (SQNR, dB)", "", "| layer | SQNR |", "|---|---|"]
-        lines += [f"| `{name}` | {sqnr[name]:.1f} |" for name in worst]
-        if "plot" in paths:
-            lines += ["", f"![per-layer SQNR]({paths['plot'].name})"]
+        lines += [f"{heading} Worst layers (SQNR, dB)", "", "| layer | SQNR |", "|---|---|"]
+        lines += [f"| `{name}` | {_db(sqnr[name])} |" for name in worst]
+        if plot_name:
+            lines += ["", f"![per-layer SQNR]({plot_name})"]
         lines.append("")
     coverage = metrics.get("expert_coverage")
     if coverage:
         lines += [
-            "## MoE experts: calibration tokens routed to each",
+            f"{heading} MoE experts: calibration tokens routed to each",
             "",
             f"{coverage['experts']} experts; tokens min {coverage['min']}, median "
             f"{coverage['median']:g}, max {coverage['max']}.",
@@ -140,12 +156,12 @@ def markdown(report: ValidationReport, paths: dict[str, Path]) -> str:
             "Fewest: " + ", ".join(f"`{name}` {count}" for name, count in coverage["fewest"]),
             "",
         ]
-    lines += ["## Rules", "", "| rule | status | details |", "|---|---|---|"]
-    for result in report.rules + report.gates:
-        status = {"pass": "pass", "fail": "**FAIL**", "skip": "skip"}[result.status]
-        details = result.message.replace("|", "\\|") if result.status != "pass" else ""
-        lines.append(f"| `{result.rule}` | {status} | {details} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _db(value: float | None) -> str:
+    """An SQNR as written: JSON keeps a perfect one (no error at all) as null."""
+    return "exact" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
 
 def junit_xml(report: ValidationReport) -> bytes:

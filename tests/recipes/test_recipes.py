@@ -30,6 +30,10 @@ def test_release_matrix_validates_each_combination() -> None:
     assert len(validates) == 4
     for sid in validates:
         assert loaded.stages[sid].needs[0] == sid.replace("validate", "quantize", 1)
+    publishes = [sid for sid in loaded.stages if sid.startswith("publish[")]
+    assert len(publishes) == 4
+    for sid in publishes:  # published only after its own combination passed its gates
+        assert sid.replace("publish", "validate", 1) in loaded.stages[sid].needs
 
 
 def _tiny_run(recipe: str, arch: str, tmp_path: Path, extra: list[str] = ()) -> dict:
