@@ -154,6 +154,10 @@ class GcuWeightOnlyLinearMethod(_ModelslimLinearMethod):
         )
         from vllm.scalar_type import scalar_types
 
+        unusable = cpu_kernels_unusable()
+        if unusable:
+            _portable(unusable)
+            return None
         if layer.gcu_params_dtype not in (torch.bfloat16, torch.float16):
             # vLLM's weight-only GEMMs (CPU WNA16, Marlin, Machete) take 16-bit activations
             _portable(f"{self.quant_type} in {layer.gcu_params_dtype} (no 16-bit activations)")
@@ -253,6 +257,24 @@ def _on_kernel(kernel, layer, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     return kernel.apply_weights(layer, x.to(dtype), bias).to(x.dtype)  # type: ignore[no-any-return]
 
 
+def cpu_kernels_unusable() -> str | None:
+    """Why vLLM's quantized CPU GEMMs must not be used on this machine, or None.
+
+    vLLM's CPU wheel ships an AVX-512 and an AVX2 build of its ops. The AVX2 one (loaded on a
+    CPU without AVX-512) has no `cpu_gemm_wna16`, so its weight-only kernel fails at the first
+    call, and its int8 scaled GEMM was measured 16% (of the largest output) away from the exact
+    integer result on an AMD EPYC with AVX2 only, where the AVX-512 build is within bf16
+    rounding (tests/vllm_plugin/test_linear.py)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return None
+    return f"vLLM's CPU ops for {capability} have no exact quantized GEMMs"
+
+
 def _portable(reason: str) -> None:
     logger.info_once("gcu quantization: %s; those layers run in plain torch", reason)
 
@@ -285,8 +307,9 @@ class GcuW8A8DynamicLinearMethod(_ModelslimLinearMethod):
 
     def process_weights_after_loading(self, layer) -> None:  # type: ignore[no-untyped-def]
         offset = layer.weight_offset.data.reshape(1, -1).contiguous()
-        if bool(offset.abs().max() > 0):
-            _portable("W8A8_DYNAMIC weights with a weight offset (asymmetric)")
+        unusable = cpu_kernels_unusable()
+        if unusable or bool(offset.abs().max() > 0):
+            _portable(unusable or "W8A8_DYNAMIC weights with a weight offset (asymmetric)")
             layer.weight = frozen_parameter(layer.weight.data.t())  # [k, n] for int8_matmul
             layer.weight_scale = frozen_parameter(layer.weight_scale.data.reshape(1, -1))
             layer.weight_offset = frozen_parameter(offset)
@@ -375,8 +398,9 @@ class GcuW8A8StaticLinearMethod(_ModelslimLinearMethod):
         scales, offsets = layer.input_scale.data.clone(), layer.input_offset.data.clone()
         deq_scale = layer.deq_scale.data.reshape(1, -1).contiguous()
         quant_bias = layer.quant_bias.data.reshape(1, -1).contiguous()
-        if not (torch.all(scales == scales[0]) and torch.all(offsets == offsets[0])):
-            _portable("fused W8A8 layers whose parts have different input scales")
+        unusable = cpu_kernels_unusable()
+        if unusable or not (torch.all(scales == scales[0]) and torch.all(offsets == offsets[0])):
+            _portable(unusable or "fused W8A8 layers whose parts have different input scales")
             layer.weight = frozen_parameter(layer.weight.data.t())  # [k, n] for int8_matmul
             layer.deq_scale = frozen_parameter(deq_scale)
             layer.quant_bias = frozen_parameter(quant_bias)

@@ -94,6 +94,13 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
     return models, outputs
 
 
+def _no_kernels() -> str | None:
+    from gcupipe.vllm_plugin.linear import cpu_kernels_unusable
+
+    return cpu_kernels_unusable()
+
+
+@pytest.mark.skipif(_no_kernels() is not None, reason=f"upstream vLLM here: {_no_kernels()}")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_upstream_vllm_computes_what_the_runtime_computes(served, arch: str, case: str) -> None:  # type: ignore[no-untyped-def]

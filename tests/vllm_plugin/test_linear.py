@@ -50,6 +50,15 @@ def single_process_group():  # type: ignore[no-untyped-def]
         parallel_state.destroy_distributed_environment()
 
 
+def _no_kernels() -> str | None:
+    from gcupipe.vllm_plugin.linear import cpu_kernels_unusable
+
+    return cpu_kernels_unusable()
+
+
+ON_KERNELS = pytest.mark.skipif(_no_kernels() is not None, reason=str(_no_kernels()))
+
+
 def _quantized(spec: LayerSpec, seed: int, bias: bool = False) -> list[QuantizedLinear]:
     """One quantized linear per part; static activations get a calibrated range of their own
     (the parts' ranges differ unless `seed` repeats)."""
@@ -118,6 +127,7 @@ def _kernel_name(method) -> str:  # type: ignore[no-untyped-def]
     return type(kernel).__name__
 
 
+@ON_KERNELS
 def test_w8a8_dynamic_runs_on_vllms_int8_gemm() -> None:
     parts = _quantized(LayerSpec(bits=8, activation=ActivationScheme.DYNAMIC), seed=1)
     method, layer = _vllm_layer("W8A8_DYNAMIC", parts, torch.bfloat16)
@@ -129,6 +139,15 @@ def test_w8a8_dynamic_runs_on_vllms_int8_gemm() -> None:
     # sensitive: the reference with the parts' scales swapped is far outside the tolerance
     swapped = [parts[0], dataclasses.replace(parts[1], weight_scale=parts[1].weight_scale.flip(0))]
     assert _relative_error(got, _reference(swapped, x)) > 10 * BF16_RTOL
+
+
+@pytest.mark.skipif(_no_kernels() is None, reason="vLLM's quantized CPU GEMMs are exact here")
+def test_without_exact_cpu_kernels_the_layers_run_the_integer_math_in_torch() -> None:
+    parts = _quantized(LayerSpec(bits=8, activation=ActivationScheme.DYNAMIC), seed=1)
+    method, layer = _vllm_layer("W8A8_DYNAMIC", parts, torch.bfloat16)
+    assert method.kernel is None
+    x = _inputs(torch.bfloat16)
+    assert _relative_error(method.apply(layer, x), _reference(parts, x)) < BF16_RTOL
 
 
 def test_asymmetric_w8a8_dynamic_weights_run_in_torch() -> None:
@@ -153,6 +172,7 @@ def test_asymmetric_w8a8_dynamic_weights_run_in_torch() -> None:
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["one-input-range", "two-input-ranges"])
+@ON_KERNELS
 def test_static_w8a8_runs_on_vllms_int8_gemm_when_the_parts_share_one_input_scale(
     shared: bool,
 ) -> None:
@@ -177,6 +197,7 @@ def test_static_w8a8_runs_on_vllms_int8_gemm_when_the_parts_share_one_input_scal
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["uint4b8", "uint4-zero-points"])
+@ON_KERNELS
 def test_w4a16_runs_on_vllms_weight_only_kernel_and_stays_int4(symmetric: bool) -> None:
     spec = LayerSpec(bits=4, group_size=64, symmetric=symmetric)
     parts = _quantized(spec, seed=5)
