@@ -107,8 +107,26 @@ def test_missing_field_names_the_file_and_line(hub, tmp_path):
     )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow installed")
-def test_parquet_without_pyarrow_says_what_to_install(hub, tmp_path):
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_parquet_splits_are_read_when_pyarrow_is_installed(prefix, hub, tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pyarrow.table({"id": [0, 1], "text": TRAIN}), buffer)
+    hub.add_dataset("org/pq", {"data/train-00000-of-00001.parquet": buffer.getvalue()})
+    assert fetch(f"{prefix}:org/pq", tmp_path) == TRAIN
+
+
+def test_parquet_without_pyarrow_says_what_to_install(hub, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "pyarrow" else find_spec(name, *a),
+    )
     hub.add_dataset("org/pq", {"data/train-00000-of-00001.parquet": b"PAR1 not read PAR1"})
     with pytest.raises(StageError, match=r"stored as parquet .*pip install pyarrow"):
         fetch("modelscope:org/pq", tmp_path)
