@@ -76,9 +76,6 @@ def cache_key(
     return CacheKey(key, config_json, upstream, inputs)
 
 
-FORCED = "forced with --force"
-
-
 @dataclass(frozen=True)
 class Decision:
     run: bool
@@ -89,7 +86,7 @@ def decide(
     stage: PlannedStage, key: CacheKey, record: StageRecord | None, store: RunStore, forced: bool
 ) -> Decision:
     if forced:
-        return Decision(True, FORCED)
+        return Decision(True, "forced with --force")
     if not stage.cache:
         return Decision(True, "cache: false")
     if record is None:

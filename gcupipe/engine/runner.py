@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.engine.cache import (
-    FORCED,
     CacheKey,
     Decision,
     cache_key,
@@ -213,7 +212,7 @@ class Runner:
                 decision = decide(stage, key, record, self.store, stage.id in forced)
                 if not decision.run and record:
                     self._adopt(stage, record)
-                elif self.remote is not None and self._remote_usable(stage, decision):
+                elif self.remote is not None and self._remote_usable(stage, stage.id in forced):
                     entry = self._remote_entry(stage.id, key.key)
                     if entry is not None:
                         decision = Decision(False, f"in the remote cache {self.remote.url}")
@@ -249,7 +248,7 @@ class Runner:
         decision = decide(stage, key, record, self.store, forced)
         if not decision.run and record is not None:
             self._push(stage, record)
-        elif self.remote is not None and self._remote_usable(stage, decision):
+        elif self.remote is not None and self._remote_usable(stage, forced):
             record = self._restore(stage, key)
             if record is not None:
                 decision = Decision(False, f"restored from the remote cache {self.remote.url}")
@@ -376,10 +375,10 @@ class Runner:
             )
 
     # -- the remote cache --------------------------------------------------------------------
-    def _remote_usable(self, stage: PlannedStage, decision: Decision) -> bool:
+    def _remote_usable(self, stage: PlannedStage, forced: bool) -> bool:
         """Whether a stage that must run may come from the remote cache instead: not when the
-        recipe or --force says run it."""
-        return stage.cache and decision.reason != FORCED
+        recipe (`cache: false`) or --force says run it."""
+        return stage.cache and not forced
 
     def _say(self, stage_id: str) -> Callable[[str], None]:
         def say(message: str) -> None:

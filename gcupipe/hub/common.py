@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,9 @@ class HubFetch:
     max_workers: int = 4
     repo_type: str = "model"
     """"model" or "dataset": the hubs keep the two kinds in separate namespaces."""
+
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from gcupipe.checksums import sha256_file
@@ -14,6 +13,7 @@ from gcupipe.hub.common import (
     HashMismatch,
     HubFetch,
     HubPublish,
+    Log,
     ProgressSink,
     Published,
     unchanged,
@@ -26,7 +26,6 @@ TOKEN_ENV = "HF_TOKEN"
 PUBLIC_ENDPOINT = "https://huggingface.co"
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _TRUE = {"1", "true", "yes", "on"}
-Log = Callable[[str], None]
 
 
 def endpoint(configured: str | None) -> str | None:

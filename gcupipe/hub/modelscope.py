@@ -6,14 +6,22 @@ import contextlib
 import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from gcupipe.checksums import sha256_file
 from gcupipe.errors import require
-from gcupipe.hub.common import HubFetch, HubPublish, NotFound, ProgressSink, Published, unchanged
+from gcupipe.hub.common import (
+    HubFetch,
+    HubPublish,
+    Log,
+    NotFound,
+    ProgressSink,
+    Published,
+    unchanged,
+)
 
 NAME = "modelscope"
 DEFAULT_REVISION = "master"
@@ -21,7 +29,6 @@ TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 CACHE_ENV = "MODELSCOPE_CACHE"
 PUBLIC_ENDPOINT = "https://modelscope.cn"
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-Log = Callable[[str], None]
 
 
 def endpoint(configured: str | None) -> str | None:

@@ -142,6 +142,17 @@ class StageContext:
             )
         return next(iter(found))
 
+    def source_model_dir(self) -> Path | None:
+        """The float model the upstream chain started from: the nearest stage above that names
+        a `source_model_dir` (quantize), else a download's `model_dir`."""
+        for record in reversed(self.lineage):
+            value = record.outputs.get("source_model_dir") or (
+                record.outputs.get("model_dir") if record.uses == "download" else None
+            )
+            if value:
+                return Path(value)
+        return None
+
     def upstream_outputs(self, kind: type[OutputsT]) -> list[OutputsT]:
         """The outputs of upstream stages of one type (e.g. every ModelOutputs this stage needs)."""
         return [outputs for outputs in self.upstream.values() if isinstance(outputs, kind)]

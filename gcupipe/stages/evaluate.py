@@ -32,7 +32,7 @@ class EvaluateConfig(StageConfig):
     )
     reference: Path | None = Field(
         default=None,
-        description="Float model; default: the upstream quantize stage's source_model_dir.",
+        description="Float model; default: the model the upstream chain was quantized from.",
     )
     engine: Literal["reference"] = Field(
         default="reference",
@@ -88,12 +88,10 @@ class EvaluateStage(Stage[EvaluateConfig, EvaluateOutputs]):
         return []
 
     def describe(self, config: EvaluateConfig, cache_dir: Path) -> str | None:
-        gates = [f"recovery >= {config.min_recovery:g}"] if config.min_recovery else []
-        gates += [f"drop <= {config.max_drop:g}"] if config.max_drop is not None else []
         limit = f"{config.limit} documents each" if config.limit else "every document"
         return (
             f"lm-eval tasks {', '.join(config.tasks)} on the {config.engine} engine, {limit}, "
-            f"float and quantized; gates: {', '.join(gates) or 'none (reports only)'}"
+            f"float and quantized; gates: {_gates(config) or 'none (reports only)'}"
         )
 
     def run(self, config: EvaluateConfig, ctx: StageContext) -> EvaluateOutputs:
@@ -105,7 +103,7 @@ class EvaluateStage(Stage[EvaluateConfig, EvaluateOutputs]):
         )
 
         quantized = config.model or ctx.upstream_model_dir("evaluate")
-        reference = config.reference or _source_model(ctx)
+        reference = config.reference or ctx.source_model_dir()
         if reference is None:
             raise StageError("evaluate: no float model: set `reference:`")
         names, include = [], []
@@ -149,14 +147,6 @@ class EvaluateStage(Stage[EvaluateConfig, EvaluateOutputs]):
                 f"({_gates(config)}); report: {paths['report_markdown']}"
             )
         return outputs
-
-
-def _source_model(ctx: StageContext) -> Path | None:
-    for outputs in ctx.upstream.values():
-        source = getattr(outputs, "source_model_dir", None)
-        if source is not None:
-            return Path(source)
-    return None
 
 
 def _fails(result: TaskResult, config: EvaluateConfig) -> bool:

@@ -121,7 +121,7 @@ class PublishStage(Stage[PublishConfig, PublishOutputs]):
             card.unlink(missing_ok=True)  # the source's own card, copied by quantize
             card.write_text(render(facts), encoding="utf-8")
             files = sorted({*files, CARD_NAME})
-        source = _source_dir(ctx)
+        source = ctx.source_model_dir()
         lacking = missing_files(ModelDir(bundle), source, require_tokenizer=True)
         if lacking:
             shown = "; ".join(f"{name} ({why})" for name, why in lacking)
@@ -207,17 +207,6 @@ def _link_bundle(model_dir: Path, bundle: Path) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to((model_dir / name).resolve())
     return names
-
-
-def _source_dir(ctx: StageContext) -> Path | None:
-    """The float model the bundle was made from, as the lineage knows it."""
-    for record in reversed(ctx.lineage):
-        value = record.outputs.get("source_model_dir") or (
-            record.outputs.get("model_dir") if record.uses == "download" else None
-        )
-        if value:
-            return Path(value)
-    return None
 
 
 def _token(config: PublishConfig, hub: ModuleType, ctx: StageContext) -> str | None:
