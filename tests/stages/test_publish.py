@@ -40,8 +40,9 @@ stages:
     uses: quantize
     with:
       model: ${{stages.download.outputs.model_dir}}
-      method: w8a8_dynamic
+      method: w8a8
       format: modelslim
+      calibration: {{text_file: {calibration}, samples: 4, seq_len: 32}}
   validate:
     uses: validate
     with:
@@ -62,6 +63,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = servable_tiny_model("llama", tmp_path_factory.mktemp("publish") / "tiny")
     (model / "LICENSE").write_text("Apache License 2.0\n")
     (model / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    (model.parent / "calibration.txt").write_text(
+        " ".join(f"word{i % 89} of line {i}" for i in range(600))
+    )
     return model
 
 
@@ -83,7 +87,14 @@ def publish(
 ) -> RunResult:
     recipe = folder / "recipe.yaml"
     recipe.write_text(
-        RECIPE.format(source=source, hub=name, repo=REPO, endpoint=hub.url, extra=extra)
+        RECIPE.format(
+            source=source,
+            hub=name,
+            repo=REPO,
+            endpoint=hub.url,
+            extra=extra,
+            calibration=source.parent / "calibration.txt",
+        )
     )
     return run_recipe(load_recipe(recipe), run_dir, Selection(force=["publish"]))
 
@@ -106,7 +117,8 @@ def test_publish_round_trips_with_its_card_and_a_second_publish_makes_no_commit(
     card = (bundle / "README.md").read_text()
     front = front_matter(bundle / "README.md")
     assert front["license"] == "apache-2.0"
-    assert {"gcupipe", "quantized", "w8a8_dynamic", "modelslim"} <= set(front["tags"])
+    assert {"gcupipe", "quantized", "w8a8", "modelslim"} <= set(front["tags"])
+    assert "base_model" not in front  # a local source has no hub id to point at
     validate = result.outputs("validate")
     assert f"{validate['ppl_float']:.4f}" in card and f"{validate['ppl_quantized']:.4f}" in card
     quantize = result.outputs("quantize")
@@ -114,7 +126,10 @@ def test_publish_round_trips_with_its_card_and_a_second_publish_makes_no_commit(
     assert f"llm = LLM(model='{REPO}'" in card
     assert f"`local:{source}`" in card  # the source, its files' digest, the lineage digest
     assert "sha256 of their manifest" in card and "lineage digest" in card
-    assert "| `method` | `w8a8_dynamic` |" in card
+    assert "| `method` | `w8a8` |" in card
+    assert "Calibration: 128 tokens (4 x 32)." in card
+    assert f"{validate['token_agreement']:.2%}" in card and "Worst layers (SQNR, dB)" in card
+    assert "| gcupipe | 0.1.0 |" in card and "| torch | 2.13.0" in card
 
     for path in (tmp_path / "run").rglob("*"):  # the token is nowhere in what the run wrote
         if path.is_file():
