@@ -146,14 +146,28 @@ class ServerProcess:
                 except subprocess.TimeoutExpired:
                     _signal_group(self.process.pid, signal.SIGKILL)
                     self.process.wait(timeout=grace_s)
-            # workers may outlive the leader for a moment: clear the group either way
+            # workers may outlive the leader for a moment: clear the group either way, and
+            # return only once the kill has landed (SIGKILL is delivered asynchronously)
             _signal_group(self.process.pid, signal.SIGKILL)
+            _wait_group_gone(self.process.pid, timeout_s=2.0)
         finally:
             self._log.close()
 
     def detach(self) -> None:
         """Leave the server running (keep_alive): only our handle on its log is closed."""
         self._log.close()
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of the group is left (unreaped zombies of another parent can keep
+    it alive in name only: give up after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
