@@ -77,7 +77,7 @@ def _field(row: Any, where: str, text_field: str) -> str:
 
 def _parquet(path: Path, label: str, text_field: str) -> list[str]:
     # only called when pyarrow is installed (readable_suffixes)
-    import pyarrow.parquet as pq  # type: ignore[import-not-found,unused-ignore]
+    import pyarrow.parquet as pq
 
     columns = pq.read_schema(path).names
     if text_field not in columns:
