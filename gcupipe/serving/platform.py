@@ -48,7 +48,12 @@ def platform_env(platform: Platform, run_dir: Path, kv_cache_space_gib: int) -> 
         tmp_dir = Path(tempfile.gettempdir()) / f"gcupipe-vllm-{digest}"
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    env = {"VLLM_CACHE_ROOT": str(cache_root), "TMPDIR": str(tmp_dir)}
+    env = {
+        "VLLM_CACHE_ROOT": str(cache_root),
+        "TMPDIR": str(tmp_dir),
+        # torch's compile cache would land in TMPDIR, which may be outside the run dir
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "torchinductor"),
+    }
     if platform is Platform.CPU:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -11,13 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gcupipe.serving.args import VllmArgs, render_command, server_command
 from gcupipe.serving.checks import raise_on_failed, run_checks
+from gcupipe.serving.load import LoadFigures, LoadSpec, run_load, write_load_report
 from gcupipe.serving.server import ServerProcess, ensure_port_free, failure, free_port
 
 
@@ -39,6 +41,7 @@ class ServeRequest:
     stop_grace_s: float = 10.0
     keep_alive: bool = False  # online: leave the server running after the checks
     keep_alive_dir: Path | None = None  # where the log of a server left running goes
+    load: LoadSpec | None = None  # online: a load check after the endpoint checks
 
 
 @dataclass
@@ -51,6 +54,8 @@ class ServeResult:
     latency_s: float | None = None
     endpoint: str | None = None
     pid: int | None = None
+    load: LoadFigures | None = None
+    load_file: Path | None = None
 
 
 def run_child(
@@ -129,18 +134,14 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
     """Start vLLM's OpenAI server, check its endpoints with the first prompt, stop it (unless
     `keep_alive`)."""
     out = request.out_dir
-    if request.port is not None:
-        ensure_port_free(request.host, request.port)
-    port = request.port or free_port(request.host)
-    command = server_command(request.args, request.host, port)
-    base_url = f"http://{request.host}:{port}"
     # keep_alive: the log must outlive the stage's temp output dir
     log_dir = request.keep_alive_dir if request.keep_alive and request.keep_alive_dir else out
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "vllm-server.log"
-    log(f"serve online: {render_command(command)}")
-    server = ServerProcess(command, request.env, log_path, cwd=log_dir)
+    server, base_url = start_server(request.args, request.env, log_path, request.host, request.port)
+    log(f"serve online: {render_command(server.command)}")
     keep = False
+    load, load_file = None, None
     try:
         server.wait_healthy(base_url, request.timeout_s)
         name = request.args.served_model_name or request.args.model
@@ -155,6 +156,10 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
         checks_path = out / "checks.json"
         checks_path.write_text(json.dumps([r.as_dict() for r in results], indent=2))
         raise_on_failed(results, f"see {log_path}")
+        if request.load is not None:
+            load, rows = run_load(base_url, name, request.prompts, request.load, log)
+            load_file = write_load_report(load, rows, out)
+            log(f"serve online: load check: {load.summary()}")
         keep = request.keep_alive
     finally:
         if keep:
@@ -177,11 +182,42 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
             log_copy.write_bytes(log_path.read_bytes())
             log_path = log_copy
     return ServeResult(
-        command=render_command(command),
+        command=render_command(server.command),
         endpoint=base_url if keep else None,
         pid=server.pid if keep else None,
         log_file=log_path,
         checks_file=checks_path,
         latency_s=round(completion.latency_s, 4),
         tokens_per_s=completion.tokens_per_s,
+        load=load,
+        load_file=load_file,
     )
+
+
+def start_server(
+    args: VllmArgs, env: dict[str, str], log_path: Path, host: str, port: int | None = None
+) -> tuple[ServerProcess, str]:
+    """Start vLLM's OpenAI server on `port` (None: a free one); returns it and its base URL."""
+    if port is not None:
+        ensure_port_free(host, port)
+    port = port or free_port(host)
+    server = ServerProcess(server_command(args, host, port), env, log_path, cwd=log_path.parent)
+    return server, f"http://{host}:{port}"
+
+
+@contextmanager
+def running_server(
+    args: VllmArgs,
+    env: dict[str, str],
+    log_path: Path,
+    timeout_s: float,
+    host: str = "127.0.0.1",
+    stop_grace_s: float = 10.0,
+) -> Iterator[str]:
+    """vLLM's OpenAI server for the duration of the block, healthy; yields its base URL."""
+    server, base_url = start_server(args, env, log_path, host)
+    try:
+        server.wait_healthy(base_url, timeout_s)
+        yield base_url
+    finally:
+        server.stop(stop_grace_s)

@@ -175,3 +175,9 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def stop_group(pgid: int) -> None:
+    """Kill a server left running (keep_alive) with every process of its group."""
+    _signal_group(pgid, signal.SIGKILL)
+    _wait_group_gone(pgid, timeout_s=2.0)

@@ -122,9 +122,9 @@ class StageContext:
         finally:
             finish()
 
-    def upstream_model_dir(self, stage_type: str) -> Path:
-        """The one model directory the upstream stages hand on (validate passes quantize's on:
-        still one model); a StageError naming the stage type when there is none or several."""
+    def upstream_model_dirs(self, stage_type: str) -> dict[Path, list[str]]:
+        """Each distinct model directory the upstream stages hand on (resolved) -> the ids of
+        the stages that hand it on; a StageError naming the stage type when there is none."""
         found: dict[Path, list[str]] = {}
         for stage_id, outputs in self.upstream.items():
             model_dir = getattr(outputs, "model_dir", None)
@@ -135,6 +135,12 @@ class StageContext:
                 f"{stage_type}: no model: set `model:` or add a stage that outputs a model_dir "
                 "(download, quantize, validate) to `needs`"
             )
+        return found
+
+    def upstream_model_dir(self, stage_type: str) -> Path:
+        """The one model directory the upstream stages hand on (validate passes quantize's on:
+        still one model); a StageError naming the stage type when there is none or several."""
+        found = self.upstream_model_dirs(stage_type)
         if len(found) > 1:
             names = ", ".join(sorted(stage for stages in found.values() for stage in stages))
             raise StageError(

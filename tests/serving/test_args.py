@@ -155,4 +155,6 @@ def test_long_run_dirs_keep_sockets_short(tmp_path: Path) -> None:
     deep = tmp_path / ("x" * 80)
     env = platform_env(Platform.CPU, deep, kv_cache_space_gib=1)
     assert len(env["TMPDIR"]) <= 60 + len("/gcupipe-vllm-") and Path(env["TMPDIR"]).is_dir()
+    # only sockets go there: torch's compile cache (~150 MB a run) stays in the run dir
+    assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(deep)
     assert env == platform_env(Platform.CPU, deep, kv_cache_space_gib=1)  # stable per run

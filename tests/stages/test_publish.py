@@ -48,8 +48,12 @@ stages:
     with:
       eval: {{max_tokens: 200, window: 100, stride: 100}}
       agreement_margin: 0.1
+  evaluate:
+    uses: evaluate
+    with: {{limit: 5}}
   publish:
     uses: publish
+    needs: [validate, evaluate]
     with:
       hub: {hub}
       repo_id: {repo}
@@ -130,6 +134,11 @@ def test_publish_round_trips_with_its_card_and_a_second_publish_makes_no_commit(
     assert "Calibration: 128 tokens (4 x 32)." in card
     assert f"{validate['token_agreement']:.2%}" in card and "Worst layers (SQNR, dB)" in card
     assert "| gcupipe | 0.1.0 |" in card and "| torch | 2.13.0" in card
+    (task,) = result.outputs("evaluate")["results"]
+    assert "## Task accuracy" in card and "on the reference engine" in card
+    float_score = f"{task['float_score']:.4f} ± {task['float_stderr']:.4f}"
+    row = f"| validate | botchan_last_word | acc | 5 | {float_score} |"
+    assert row in card
 
     for path in (tmp_path / "run").rglob("*"):  # the token is nowhere in what the run wrote
         if path.is_file():

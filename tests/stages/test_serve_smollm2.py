@@ -1,6 +1,6 @@
 """The seed's flow on the real SmolLM2-135M: download (gguf) -> quantize w8a8_dynamic modelslim ->
-validate -> serve online with quantization gcu; and what vLLM computes through the plugin agrees
-with the reference runtime, log-prob by log-prob."""
+validate -> serve online with quantization gcu and a load check at concurrency 32; and what vLLM
+computes through the plugin agrees with the reference runtime, log-prob by log-prob."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from gcupipe.recipe import load_recipe  # noqa: E402
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 16
+LOAD_REQUESTS = 96
 LOGPROB_TOLERANCE = {"w8a16": 0.01, "w8a8_dynamic": 0.30}
 """Mean |delta log-prob| allowed between vLLM's greedy tokens and the runtime's teacher-forced
 log-prob of the same tokens (8 prompts x 16 tokens). benchmarks/greedy_stability.py (part B)
@@ -35,7 +36,8 @@ def pipeline(tmp_path_factory):  # type: ignore[no-untyped-def]
 
     root = tmp_path_factory.mktemp("smollm2-e2e")
     recipe = root / "recipe.yaml"
-    recipe.write_text(f"""
+    recipe.write_text(
+        f"""
 version: 1
 name: smollm2-w8a8-dynamic
 stages:
@@ -59,8 +61,10 @@ stages:
       served_model_name: smollm2-w8a8
       max_model_len: 256
       max_tokens: 8
-      prompts: ["The capital of France is"]
-""")
+      prompts: ["The capital of France is", "Quantization makes a language model"]
+      load: {{requests: LOAD_REQUESTS, concurrency: 32, max_tokens: 16, min_tokens_per_s: 1}}
+""".replace("LOAD_REQUESTS", str(LOAD_REQUESTS))
+    )
     result = run_recipe(
         load_recipe(recipe, [], environ=dict(os.environ)), root / "run", Selection()
     )
@@ -78,6 +82,45 @@ def test_seed_flow_serves_paris(pipeline) -> None:  # type: ignore[no-untyped-de
     assert "Paris" in completion["text"]
     assert pipeline.outputs("quantize")["format"] == "modelslim"
     assert pipeline.outputs("validate")["passed"]
+
+
+def test_load_check_reports_latency_and_throughput(pipeline) -> None:  # type: ignore[no-untyped-def]
+    load = pipeline.outputs("serve")["load"]
+    assert load["requests"] == LOAD_REQUESTS and load["concurrency"] == 32
+    assert load["errors"] == 0 and load["error_rate"] == 0
+    # ignore_eos: every request generated exactly max_tokens
+    assert load["output_tokens"] == LOAD_REQUESTS * 16
+    assert load["tokens_per_s"] == pytest.approx(load["output_tokens"] / load["duration_s"], 0.01)
+    assert 0 < load["ttft_p50_s"] <= load["ttft_p99_s"]
+    assert load["ttft_p50_s"] < load["latency_p50_s"] <= load["latency_p99_s"]
+    report = json.loads(Path(pipeline.outputs("serve")["load_file"]).read_text())
+    assert len(report["requests"]) == LOAD_REQUESTS
+    assert all(row["success"] and row["output_tokens"] == 16 for row in report["requests"])
+    assert (Path(pipeline.outputs("serve")["load_file"]).parent / "load.png").stat().st_size > 1000
+
+
+def test_load_gate_above_what_was_measured_fails_with_exit_code_3(pipeline, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from gcupipe.cli import app
+
+    measured = pipeline.outputs("serve")["load"]["tokens_per_s"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+version: 1
+name: smollm2-load-gate
+stages:
+  serve:
+    uses: serve
+    with:
+      model: {pipeline.outputs("validate")["model_dir"]}
+      mode: online
+      max_model_len: 256
+      load: {{requests: 32, concurrency: 32, max_tokens: 16, min_tokens_per_s: {measured * 1000:.0f}}}
+""")
+    result = CliRunner().invoke(app, ["run", str(recipe), "--workdir", str(tmp_path / "run")])
+    assert result.exit_code == 3, result.output
+    assert "serve: load check:" in result.output and "min_tokens_per_s" in result.output
 
 
 def _rtn_export(float_dir: Path, out: Path, method: str, spec: object) -> Path:
