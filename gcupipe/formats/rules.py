@@ -13,7 +13,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 from gcupipe.formats.bundle import bundle_findings
-from gcupipe.formats.layout import expected_weight_names, fused_groups, moe_expert_names
+from gcupipe.formats.layout import (
+    FLOAT_DTYPES,
+    expected_weight_names,
+    fused_groups,
+    moe_expert_names,
+)
 from gcupipe.formats.modeldir import ModelDir
 from gcupipe.formats.registry import format_name, format_of
 from gcupipe.formats.results import CheckOptions, Finding, Rule, Skip
@@ -199,6 +204,45 @@ def _no_int8_kv_cache(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     ]
 
 
+SCALE_LEAVES = frozenset(
+    {"weight_scale", "input_scale", "deq_scale", "scales", "out_scales", "in_scales"}
+    | {"k_scale", "v_scale"}
+)
+"""Tensor names (the part after the last dot) that hold quantization scales, in every layout
+gcupipe writes or reads: modelslim, compressed-tensors, GPTQ, the gcu layouts, KV caches."""
+
+
+def _scales_finite(md: ModelDir, opts: CheckOptions) -> list[Finding]:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name, info in md.tensors.items():
+        if name.rpartition(".")[2] in SCALE_LEAVES and info.dtype in FLOAT_DTYPES:
+            by_file[info.file].append(name)
+    if not by_file:
+        raise Skip("no float scale tensors (a float model)")
+    bad: list[tuple[str, str]] = []
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(md.path / file), "pt") as handle:
+            for name in names:
+                values = handle.get_tensor(name).float()
+                if not bool(values.isfinite().all()):
+                    bad.append((name, "NaN or infinite"))
+                elif bool((values == 0).any()):
+                    bad.append((name, "zero"))
+    if not bad:
+        return []
+    name, what = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return [
+        Finding(
+            f"{name} holds a {what} scale{more}: the served layer computes NaN or infinity",
+            "re-quantize the layer (a NaN or inf in the float weights or the calibration "
+            "activations gives such scales; `overrides: {LAYER: {skip: true}}` keeps it float)",
+        )
+    ]
+
+
 def _bundle_complete(md: ModelDir, opts: CheckOptions) -> list[Finding]:
     return bundle_findings(md, opts.reference_dir)
 
@@ -239,6 +283,11 @@ SHARED = (
         "kv-cache-scales",
         "int8 KV cache: scales (and offsets) for every attention layer",
         _no_int8_kv_cache,
+    ),
+    Rule(
+        "scales-finite",
+        "every quantization scale is finite and nonzero (a NaN scale serves NaN)",
+        _scales_finite,
     ),
 )
 """Rules every format gets; a format's own rule of the same name takes the shared one's place."""

@@ -143,14 +143,21 @@ def sqnr_hooks(
     ]
 
 
+def _sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise); a layer whose output holds NaN or inf is the worst there can
+    be (-inf dB), not a perfect one; an exact layer is +inf."""
+    if not (math.isfinite(signal) and math.isfinite(noise)):
+        return -math.inf
+    if signal <= 0:
+        return 0.0
+    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
+
+
 def finish_sqnr(
     sums: dict[str, list[float]], worst: int, metrics: NumericMetrics
 ) -> NumericMetrics:
     """SQNR in dB per layer from the summed energies, and the `worst` lowest."""
-    metrics.sqnr_db = {
-        p: (10 * math.log10(s / n) if n > 0 else math.inf) if s > 0 else 0.0
-        for p, (s, n) in sums.items()
-    }
+    metrics.sqnr_db = {p: _sqnr_db(s, n) for p, (s, n) in sums.items()}
     ranked = sorted(metrics.sqnr_db, key=lambda p: metrics.sqnr_db[p])
     metrics.worst_layers = ranked[:worst]
     return metrics

@@ -57,6 +57,7 @@ def test_good_directories_pass_every_rule(good_w8a8_kv, good_deepseek, good_gptq
         "tensor-dtypes-shapes",
         "weights-complete",
         "fused-modules-share-type",
+        "scales-finite",
     } <= ran
     assert results(good_deepseek)["experts-quantized"].status == "pass"
     assert results(good_gptq)["gcu-g-idx-contiguous"].status == "pass"
@@ -160,6 +161,28 @@ def test_wrong_scale_dtype(good_w8a8_kv, broken):
     assert set(bad) == {"tensor-dtypes-shapes", "loader-parameters", "loader-numerics"}
     assert "o_proj.weight_scale is F16" in bad["tensor-dtypes-shapes"].message
     assert "creates it as F32" in bad["loader-parameters"].message
+
+
+@pytest.mark.parametrize(
+    ("leaf", "value", "what"),
+    [
+        ("weight_scale", float("nan"), "NaN or infinite"),
+        ("weight_scale", 0.0, "zero"),
+        ("input_scale", float("inf"), "NaN or infinite"),
+    ],
+)
+def test_a_nan_inf_or_zero_scale_fails_without_a_reference(good_w8a8_kv, broken, leaf, value, what):
+    path = broken(good_w8a8_kv)
+    name = f"model.layers.1.mlp.down_proj.{leaf}"
+
+    def poison(tensors: dict, description: dict) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = value
+
+    rewrite_modelslim(path, poison)
+    bad = failed(path)
+    assert "scales-finite" in bad
+    assert f"{name} holds a {what} scale" in bad["scales-finite"].message
 
 
 def test_fused_qkv_with_mixed_types(good_deepseek, broken):
