@@ -9,6 +9,7 @@ Which layout the directory holds is the format registry's answer (`formats.regis
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -29,29 +30,48 @@ class TensorInfo:
     file: str
 
 
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+    "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+"""Bytes per element of each dtype code the safetensors format defines."""
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], str | None]:
-    """Tensor infos of one safetensors file, or a problem saying why the file is damaged."""
-    size = path.stat().st_size
-    if size < 8:
-        return {}, f"{path.name} is {size} bytes: not even a header length"
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > size - 8 or header_len > 100 << 20:
-            return {}, (
-                f"{path.name} is truncated or not safetensors: its header claims "
-                f"{header_len} bytes but the file has {size}"
-            )
-        raw = handle.read(header_len)
+    """Tensor infos of one safetensors file, or a problem saying why the file is damaged. Only
+    the header is read, and nothing is allocated at the sizes it claims: every entry is checked
+    (a known dtype, a shape of non-negative integers, data offsets inside the file that hold
+    exactly shape x dtype bytes) before it is believed."""
+    try:
+        size = path.stat().st_size
+        if size < 8:
+            return {}, f"{path.name} is {size} bytes: not even a header length"
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+                return {}, (
+                    f"{path.name} is truncated or not safetensors: its header claims "
+                    f"{header_len} bytes but the file has {size}"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        return {}, f"{path.name} cannot be read ({exc.strerror or exc})"
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return {}, f"{path.name} has a corrupt header ({exc.__class__.__name__})"
+    if not isinstance(header, dict):
+        return {}, f"{path.name} has a corrupt header (not a JSON object)"
     header.pop("__metadata__", None)
     infos: dict[str, TensorInfo] = {}
     data_end = 0
     for name, entry in header.items():
+        problem = _entry_problem(entry)
+        if problem is not None:
+            return infos, f"{path.name}: tensor {name[:200]!r} {problem}"
         infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path.name)
-        data_end = max(data_end, int(entry["data_offsets"][1]))
+        data_end = max(data_end, entry["data_offsets"][1])
     expected = 8 + header_len + data_end
     if size < expected:
         return infos, (
@@ -59,6 +79,33 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], str | No
             f"has {size} ({expected - size} missing)"
         )
     return infos, None
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """Why one header entry cannot describe a tensor, or None."""
+    if not isinstance(entry, dict):
+        return "has no dtype, shape and data_offsets"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+        return f"has an unknown dtype {str(dtype)[:40]!r}"
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        return f"has a bad shape {str(shape)[:80]}"
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"has bad data_offsets {str(offsets)[:80]}"
+    needed = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != needed:
+        return (
+            f"claims shape {shape} of {dtype} ({needed} bytes) but its data holds "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
+    return None
 
 
 @dataclass
