@@ -28,11 +28,17 @@ class CheckResult:
         return asdict(self)
 
 
-def _request(url: str, payload: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """What a client of a server started with an API key sends (OpenAI's bearer token)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _request(
+    url: str, payload: dict[str, Any] | None, timeout_s: float, api_key: str | None = None
+) -> dict[str, Any]:
     data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"} if data else {}
-    )
+    headers = {"Content-Type": "application/json"} if data else {}
+    request = urllib.request.Request(url, data=data, headers=headers | auth_headers(api_key))
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
@@ -64,23 +70,50 @@ def _timed(endpoint: str, call: Any) -> CheckResult:
     )
 
 
+def _refused_without_key(base_url: str, timeout_s: float) -> CheckResult:
+    """A request without the key must be refused with 401."""
+    started = time.perf_counter()
+    try:
+        _request(base_url + "/v1/models", None, timeout_s)
+    except urllib.error.HTTPError as exc:
+        latency = time.perf_counter() - started
+        if exc.code == 401:
+            return CheckResult("/v1/models without the key", True, latency, text="401")
+        return CheckResult("/v1/models without the key", False, latency, error=f"{exc.code}")
+    except (urllib.error.URLError, OSError) as exc:
+        return CheckResult("/v1/models without the key", False, 0.0, error=str(exc))
+    latency = time.perf_counter() - started
+    return CheckResult(
+        "/v1/models without the key", False, latency, error="answered 200: the key is not asked"
+    )
+
+
 def run_checks(
-    base_url: str, model_name: str, prompt: str, max_tokens: int, chat: bool, timeout_s: float
+    base_url: str,
+    model_name: str,
+    prompt: str,
+    max_tokens: int,
+    chat: bool,
+    timeout_s: float,
+    api_key: str | None = None,
 ) -> list[CheckResult]:
     """GET /v1/models, POST /v1/completions and, when the model has a chat template,
-    /v1/chat/completions. Greedy, so a check is reproducible."""
-    results = [_timed("/v1/models", lambda: _request(base_url + "/v1/models", None, timeout_s))]
+    /v1/chat/completions. Greedy, so a check is reproducible. With `api_key` every request
+    carries it, and one more without it must be refused (401)."""
+
+    def call(path: str, payload: dict[str, Any] | None) -> Any:
+        return lambda: _request(base_url + path, payload, timeout_s, api_key)
+
+    results = [_timed("/v1/models", call("/v1/models", None))]
+    if api_key:
+        results.append(_refused_without_key(base_url, timeout_s))
     completion = {
         "model": model_name,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0.0,
     }
-    results.append(
-        _timed(
-            "/v1/completions", lambda: _request(base_url + "/v1/completions", completion, timeout_s)
-        )
-    )
+    results.append(_timed("/v1/completions", call("/v1/completions", completion)))
     if chat:
         message = {
             "model": model_name,
@@ -88,12 +121,7 @@ def run_checks(
             "temperature": 0.0,
             "messages": [{"role": "user", "content": prompt}],
         }
-        results.append(
-            _timed(
-                "/v1/chat/completions",
-                lambda: _request(base_url + "/v1/chat/completions", message, timeout_s),
-            )
-        )
+        results.append(_timed("/v1/chat/completions", call("/v1/chat/completions", message)))
     return results
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from gcupipe.errors import require
+from gcupipe.serving.checks import auth_headers
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class LoadSpec:
     concurrency: int
     max_tokens: int
     timeout_s: float
+    api_key: str | None = None  # the server's, sent with every request
 
 
 class LoadFigures(BaseModel):
@@ -96,6 +98,7 @@ async def _load(
                 model=model,
                 ignore_eos=True,
                 request_id=f"gcupipe-load-{index}",
+                extra_headers=auth_headers(spec.api_key) or None,
             )
             nonlocal done
             async with gate:

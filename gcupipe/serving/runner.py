@@ -42,6 +42,7 @@ class ServeRequest:
     keep_alive: bool = False  # online: leave the server running after the checks
     keep_alive_dir: Path | None = None  # where the log of a server left running goes
     load: LoadSpec | None = None  # online: a load check after the endpoint checks
+    api_key: str | None = None  # online: the server asks clients for it (in env, VLLM_API_KEY)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
             request.max_tokens,
             request.chat_template,
             request.request_timeout_s,
+            request.api_key,
         )
         checks_path = out / "checks.json"
         checks_path.write_text(json.dumps([r.as_dict() for r in results], indent=2))

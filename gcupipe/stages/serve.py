@@ -106,7 +106,15 @@ class ServeConfig(TargetedConfig):
         default_factory=list, description="More vLLM flags, passed through unchanged."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for vLLM.")
-    host: str = Field(default="127.0.0.1", description="Address the online server binds.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the online server binds; anything but loopback needs api_key.",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="Online: the key clients must send (vLLM's --api-key, handed over in "
+        "VLLM_API_KEY, never on the command line, redacted from logs); e.g. ${env:SERVE_API_KEY}.",
+    )
     port: int | None = Field(default=None, gt=0, lt=65536, description="Port; default: a free one.")
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS), description="Prompts to run or check with."
@@ -174,6 +182,14 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             problems.append(Problem("keep_alive only applies to mode: online", "keep_alive"))
         if config.load is not None and config.mode == "offline":
             problems.append(Problem("load only applies to mode: online", "load"))
+        if config.mode == "online" and config.api_key is None and not _loopback(config.host):
+            problems.append(
+                Problem(
+                    f"host {config.host} exposes the server beyond this machine: set api_key "
+                    "(e.g. ${env:SERVE_API_KEY}) so that it refuses clients without it",
+                    "host",
+                )
+            )
         if config.prompts_file is not None and not config.prompts_file.is_file():
             problems.append(Problem(f"{config.prompts_file} does not exist", "prompts_file"))
         if config.model is not None and (config.model / "config.json").is_file():
@@ -220,6 +236,8 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
     # -- run ---------------------------------------------------------------------------------
 
     def run(self, config: ServeConfig, ctx: StageContext) -> ServeOutputs:
+        if config.api_key:
+            ctx.secrets(config.api_key)
         served = self.prepare(config, ctx)
         from gcupipe.serving.runner import ServeRequest, run_offline, run_online
 
@@ -228,7 +246,7 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             args=served.args,
             prompts=_prompts(config),
             max_tokens=config.max_tokens,
-            env=served.env,
+            env=served.env | ({"VLLM_API_KEY": config.api_key} if config.api_key else {}),
             out_dir=ctx.output_dir,
             timeout_s=config.start_timeout_s + (config.request_timeout_s if offline else 0),
             request_timeout_s=config.request_timeout_s,
@@ -238,7 +256,8 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
             stop_grace_s=config.stop_grace_s,
             keep_alive=config.keep_alive,
             keep_alive_dir=ctx.run_dir / "servers" / ctx.stage_id,
-            load=_load_spec(config.load),
+            load=_load_spec(config.load, config.api_key),
+            api_key=config.api_key,
         )
         result = run_offline(request, ctx.log) if offline else run_online(request, ctx.log)
         outputs = ServeOutputs(
@@ -331,10 +350,21 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
         )
 
 
-def _load_spec(load: LoadConfig | None) -> LoadSpec | None:
+def _load_spec(load: LoadConfig | None, api_key: str | None) -> LoadSpec | None:
     if load is None:
         return None
-    return LoadSpec(load.requests, load.concurrency, load.max_tokens, load.timeout_s)
+    return LoadSpec(load.requests, load.concurrency, load.max_tokens, load.timeout_s, api_key)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def _prompts(config: ServeConfig) -> list[str]:

@@ -306,3 +306,16 @@ def test_a_target_other_than_this_machine_is_refused_before_vllm_starts(
     monkeypatch.setenv("GCUPIPE_PLATFORM", "cpu")
     with pytest.raises(StageError, match="runs vLLM on cpu, but the stage's target is gcu"):
         ServeStage().run(ServeConfig(model=models["modelslim"], target="gcu"), _ctx(tmp_path))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "gpu-node-7"])
+def test_binding_beyond_loopback_needs_an_api_key(models, host: str) -> None:  # type: ignore[no-untyped-def]
+    stage = ServeStage()
+    exposed = ServeConfig(mode="online", model=models["float"], host=host)
+    (problem,) = [p for p in stage.check(exposed) if p.key == "host"]
+    assert f"host {host} exposes the server beyond this machine: set api_key" in problem.message
+    keyed = ServeConfig(mode="online", model=models["float"], host=host, api_key="k" * 16)
+    assert [p for p in stage.check(keyed) if p.key == "host"] == []
+    for loopback in ("127.0.0.1", "localhost", "::1"):
+        config = ServeConfig(mode="online", model=models["float"], host=loopback)
+        assert [p for p in stage.check(config) if p.key == "host"] == []

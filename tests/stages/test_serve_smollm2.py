@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 16
 LOAD_REQUESTS = 96
+API_KEY = "serve-key-4f9c2e7a"
 LOGPROB_TOLERANCE = {"w8a16": 0.01, "w8a8_dynamic": 0.30}
 """Mean |delta log-prob| allowed between vLLM's greedy tokens and the runtime's teacher-forced
 log-prob of the same tokens (8 prompts x 16 tokens). benchmarks/greedy_stability.py (part B)
@@ -63,11 +64,11 @@ stages:
       max_tokens: 8
       prompts: ["The capital of France is", "Quantization makes a language model"]
       load: {{requests: LOAD_REQUESTS, concurrency: 32, max_tokens: 16, min_tokens_per_s: 1}}
+      api_key: ${{env:SERVE_API_KEY}}
 """.replace("LOAD_REQUESTS", str(LOAD_REQUESTS))
     )
-    result = run_recipe(
-        load_recipe(recipe, [], environ=dict(os.environ)), root / "run", Selection()
-    )
+    environ = dict(os.environ, SERVE_API_KEY=API_KEY)
+    result = run_recipe(load_recipe(recipe, [], environ=environ), root / "run", Selection())
     assert result.outcome == "ok", result.error
     return result
 
@@ -82,6 +83,18 @@ def test_seed_flow_serves_paris(pipeline) -> None:  # type: ignore[no-untyped-de
     assert "Paris" in completion["text"]
     assert pipeline.outputs("quantize")["format"] == "modelslim"
     assert pipeline.outputs("validate")["passed"]
+
+
+def test_the_api_key_is_asked_for_and_written_nowhere(pipeline) -> None:  # type: ignore[no-untyped-def]
+    serve = pipeline.outputs("serve")
+    checks = {c["endpoint"]: c for c in json.loads(Path(serve["checks_file"]).read_text())}
+    # every check (and the load check) sent the key; one request without it got 401
+    assert checks["/v1/models without the key"]["ok"] and checks["/v1/models"]["ok"]
+    assert "--api-key" not in serve["command"] and API_KEY not in serve["command"]
+    run_dir = Path(serve["checks_file"]).parents[3]
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
 
 
 def test_load_check_reports_latency_and_throughput(pipeline) -> None:  # type: ignore[no-untyped-def]
@@ -104,7 +117,8 @@ def test_load_gate_above_what_was_measured_fails_with_exit_code_3(pipeline, tmp_
 
     from gcupipe.cli import app
 
-    measured = pipeline.outputs("serve")["load"]["tokens_per_s"]
+    # a thousand times what the fixture measured: out of reach whatever else the machine runs
+    gate = pipeline.outputs("serve")["load"]["tokens_per_s"] * 1000
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 version: 1
@@ -116,7 +130,7 @@ stages:
       model: {pipeline.outputs("validate")["model_dir"]}
       mode: online
       max_model_len: 256
-      load: {{requests: 32, concurrency: 32, max_tokens: 16, min_tokens_per_s: {measured * 1000:.0f}}}
+      load: {{requests: 32, concurrency: 32, max_tokens: 16, min_tokens_per_s: {gate:.0f}}}
 """)
     result = CliRunner().invoke(app, ["run", str(recipe), "--workdir", str(tmp_path / "run")])
     assert result.exit_code == 3, result.output
