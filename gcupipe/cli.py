@@ -203,6 +203,16 @@ def plan(
     from_: FromOpt = None,
     to: ToOpt = None,
     force: ForceOpt = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Also estimate, per stage that will run, the disk it writes, its peak RAM "
+            "(from safetensors headers, no tensor read) and a rough time (from a one-second "
+            "probe of this machine); exit code 4 when the run directory's filesystem lacks "
+            "the space.",
+        ),
+    ] = False,
 ) -> None:
     """Show the stages, their order, what would run and why. Changes nothing."""
     from gcupipe.engine import Runner, default_run_dir
@@ -212,12 +222,29 @@ def plan(
     try:
         loaded = _load(recipe, overrides)
         runner = Runner(loaded, workdir or default_run_dir(loaded))
-        results = runner.plan(_selection(only, from_, to, force))
+        selection = _selection(only, from_, to, force)
+        results = runner.plan(selection)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     needs = {stage_id: list(stage.needs) for stage_id, stage in loaded.stages.items()}
     for line in plan_lines(loaded.name, str(runner.store.run_dir), results, needs):
         console.print(redact(line), highlight=False)
+    if estimate:
+        from gcupipe.engine.preflight import preflight
+        from gcupipe.errors import NoSpace
+        from gcupipe.estimate import Machine
+
+        try:
+            machine = Machine.probe(runner.store.run_dir)
+            checked = preflight(runner, results, machine)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
+        console.print("estimate:", highlight=False)
+        for line in checked.lines():
+            console.print(redact(line), highlight=False, markup=False)
+        problem = checked.problem()
+        if problem is not None:
+            _fail(NoSpace(problem))
 
 
 @app.command()

@@ -99,6 +99,12 @@ class GateFailed(GcupipeError):
     exit_code = 3
 
 
+class NoSpace(GcupipeError):
+    """The run's estimated disk exceeds what its filesystem has free (checked before it runs)."""
+
+    exit_code = 4
+
+
 class Interrupted(GcupipeError):
     """The run was interrupted (Ctrl-C / SIGINT / SIGTERM)."""
 

@@ -7,12 +7,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gcupipe.errors import StageError
 from gcupipe.stages.resources import Resources
+
+if TYPE_CHECKING:
+    from gcupipe.estimate import Estimate, Machine, ModelShape
 
 
 class StageConfig(BaseModel):
@@ -193,6 +196,14 @@ class Stage(abc.ABC, Generic[ConfigT, OutputsT]):
 
     def describe(self, config: ConfigT, cache_dir: Path) -> str | None:
         """One line for `gcupipe plan` (e.g. where a model will come from). Default: none."""
+        return None
+
+    def estimate(
+        self, config: ConfigT, upstream: ModelShape | None, machine: Machine
+    ) -> Estimate | None:
+        """`gcupipe plan --estimate`: the disk this stage will write, its peak RSS and a rough
+        time (gcupipe/estimate.py). `upstream` is the model the stages it needs hand on (read
+        from disk when it exists, else their own estimate). Default: nothing to tell."""
         return None
 
     def lint_notes(self, config: ConfigT) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -25,6 +25,9 @@ from gcupipe.hub.manifest import (
 from gcupipe.hub.retry import retry_call
 from gcupipe.hub.sources import hub_cache_dir, hub_module, hub_offline
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
+
+if TYPE_CHECKING:
+    from gcupipe.estimate import Estimate, Machine, ModelShape
 
 Source = Literal["modelscope", "huggingface", "local", "gguf"]
 HUB_SOURCES = ("modelscope", "huggingface")
@@ -174,6 +177,37 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
         if _offline(config):
             return f"{where}: NOT cached at {cache} and offline is on (will fail)"
         return f"{where}: not cached, will download into {cache}"
+
+    def estimate(
+        self, config: DownloadConfig, upstream: ModelShape | None, machine: Machine
+    ) -> Estimate | None:
+        from gcupipe.estimate import TORCH_PROCESS_BYTES, Estimate, ModelShape
+
+        if config.source not in ("local", "gguf"):
+            return None  # the hub says what a repository holds only when asked, at run time
+        try:
+            path = _local_path(config)
+        except StageError:
+            return None
+        if config.source == "gguf":
+            from gcupipe.hub.gguf import gguf_model_shape
+
+            if not path.is_file():
+                return None
+            model = gguf_model_shape(path, config.dtype or "float32")
+            # transformers dequantizes the whole model, then writes it: it is in memory once
+            rss = TORCH_PROCESS_BYTES + model.tensor_bytes + path.stat().st_size
+            seconds = machine.io_seconds(model.total_bytes) + machine.compute_seconds(
+                64 * model.params
+            )
+            return Estimate(model.total_bytes, rss, seconds, model, "converted in memory")
+        if not (path / "config.json").is_file():
+            return None
+        model = ModelShape.read(path)
+        if config.copy_files:
+            seconds = machine.io_seconds(model.total_bytes)
+            return Estimate(model.total_bytes, TORCH_PROCESS_BYTES, seconds, model, "copied")
+        return Estimate(0, TORCH_PROCESS_BYTES, 1.0, model, "linked in place")
 
     def cache_inputs(self, config: DownloadConfig) -> list[Path]:
         # The hub cache directory changes with every download of anything: not an input.

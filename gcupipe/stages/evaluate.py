@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -24,6 +24,8 @@ from gcupipe.validation.harness import (
     served_model_name,
 )
 
+if TYPE_CHECKING:
+    from gcupipe.estimate import Estimate, Machine, ModelShape
 
 REPORT_JSON = "evaluation.json"
 REPORT_MARKDOWN = "evaluation.md"
@@ -125,6 +127,38 @@ class EvaluateStage(Stage[EvaluateConfig, EvaluateOutputs]):
             f"lm-eval tasks {', '.join(config.tasks)} on the {config.engine} engine, {limit}, "
             f"float and quantized; gates: {_gates(config) or 'none (reports only)'}"
         )
+
+    def estimate(
+        self, config: EvaluateConfig, upstream: ModelShape | None, machine: Machine
+    ) -> Estimate | None:
+        from gcupipe.estimate import (
+            TORCH_PROCESS_BYTES,
+            VLLM_PROCESS_BYTES,
+            VLLM_START_S,
+            Estimate,
+            ModelShape,
+        )
+
+        exists = config.model is not None and (config.model / "config.json").is_file()
+        model = ModelShape.read(config.model) if exists and config.model else upstream
+        reference = model.source if model is not None else None
+        if config.reference is not None and (config.reference / "config.json").is_file():
+            reference = ModelShape.read(config.reference)
+        if model is None or reference is None:
+            return None
+        # one model at a time: the reference runtime holds a float model in float32; a vLLM
+        # server holds the weights as stored and 1 GiB of KV cache (serve's default)
+        if config.engine == "reference":
+            rss = TORCH_PROCESS_BYTES + max(4 * reference.params, model.tensor_bytes)
+            start = 0.0
+        else:
+            rss = VLLM_PROCESS_BYTES + reference.tensor_bytes + (1 << 30)
+            start = 2 * VLLM_START_S
+        documents = (config.limit or 1000) * len(config.tasks)
+        tokens = documents * min(config.max_length, 512)  # a document: up to ~512 tokens
+        flops = 2 * tokens * (reference.params + model.params)
+        seconds = start + machine.compute_seconds(flops)
+        return Estimate(1 << 20, rss, seconds, None, f"{config.engine} engine, one model at a time")
 
     def run(self, config: EvaluateConfig, ctx: StageContext) -> EvaluateOutputs:
         models = _quantized_models(config, ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -22,6 +22,9 @@ from gcupipe.hub.retry import retry_call
 from gcupipe.hub.sources import hub_module
 from gcupipe.stages.base import Problem, Stage, StageConfig, StageContext, StageOutputs
 from gcupipe.stages.card import CARD_NAME, CardFacts, gather, render
+
+if TYPE_CHECKING:
+    from gcupipe.estimate import Estimate, Machine, ModelShape
 
 BUNDLE_DIR = "bundle"
 
@@ -99,6 +102,15 @@ class PublishStage(Stage[PublishConfig, PublishOutputs]):
 
     def cache_inputs(self, config: PublishConfig) -> list[Path]:
         return []  # the model directory comes from upstream (its digest is in the key)
+
+    def estimate(
+        self, config: PublishConfig, upstream: ModelShape | None, machine: Machine
+    ) -> Estimate | None:
+        from gcupipe.estimate import Estimate
+
+        # the bundle links the model's files (no copy); the hub client streams each file
+        basis = "the bundle links the model's files; upload time depends on the network"
+        return Estimate(1 << 20, 300_000_000, None, None, basis)
 
     def run(self, config: PublishConfig, ctx: StageContext) -> PublishOutputs:
         hub = hub_module(config.hub)

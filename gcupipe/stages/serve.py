@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +28,8 @@ from gcupipe.stages.resources import Resources
 from gcupipe.targets.base import Target
 from gcupipe.targets.registry import TARGETS
 
+if TYPE_CHECKING:
+    from gcupipe.estimate import Estimate, Machine, ModelShape
 
 DEFAULT_PROMPTS = ["The capital of France is", "Quantization makes a language model"]
 
@@ -273,6 +275,27 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
                 stop_group(result.pid)
             raise GateFailed(f"serve: load check: {'; '.join(failed)}; report: {result.load_file}")
         return outputs
+
+    def estimate(
+        self, config: ServeConfig, upstream: ModelShape | None, machine: Machine
+    ) -> Estimate | None:
+        from gcupipe.estimate import VLLM_PROCESS_BYTES, VLLM_START_S, Estimate, ModelShape
+
+        exists = config.model is not None and (config.model / "config.json").is_file()
+        model = ModelShape.read(config.model) if exists and config.model else upstream
+        if model is None:
+            return None
+        # vLLM holds the weights as the files store them (int8 stays int8), the KV cache it
+        # is given, and its own processes
+        kv = config.kv_cache_space_gib << 30
+        rss = VLLM_PROCESS_BYTES + model.tensor_bytes + kv
+        tokens = len(_prompts(config)) * config.max_tokens
+        if config.load is not None:
+            tokens += config.load.requests * config.load.max_tokens
+        seconds = VLLM_START_S + machine.io_seconds(model.tensor_bytes)
+        seconds += machine.compute_seconds(2 * tokens * model.params)
+        basis = f"weights as stored, {config.kv_cache_space_gib} GiB KV cache"
+        return Estimate(1 << 20, rss, seconds, model, basis)
 
     def prepare(self, config: ServeConfig, ctx: StageContext) -> Served:
         """The vLLM arguments and environment that serve the stage's model on this machine

@@ -19,6 +19,7 @@ from gcupipe.errors import StageError
 from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
 
 if TYPE_CHECKING:
+    from gcupipe.estimate import Estimate, Machine, ModelShape
     from gcupipe.formats.modeldir import ModelDir
 
 
@@ -157,6 +158,42 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
             f"{rules}; against the float model on {config.eval.max_tokens} tokens of "
             f"{text}: {', '.join(gates)}"
         )
+
+    def estimate(
+        self, config: ValidateConfig, upstream: ModelShape | None, machine: Machine
+    ) -> Estimate | None:
+        from gcupipe.estimate import TORCH_PROCESS_BYTES, Estimate, ModelShape
+        from gcupipe.validation.api import LAYERED_RAM_SHARE
+
+        exists = config.model is not None and (config.model / "config.json").is_file()
+        model = ModelShape.read(config.model) if exists and config.model else upstream
+        if model is None:
+            return None
+        reference = model.source
+        if config.reference is not None and (config.reference / "config.json").is_file():
+            reference = ModelShape.read(config.reference)
+        report = 1 << 20  # the report, its charts and the per-layer table
+        if not config.numeric or reference is None:
+            return Estimate(report, TORCH_PROCESS_BYTES, 10.0, model, "structural rules only")
+        layered = config.layered
+        if layered is None:
+            layered = 4 * reference.params > LAYERED_RAM_SHARE * machine.memory_bytes
+        tokens = config.eval.max_tokens
+        vocab = int(reference.raw_config.get("vocab_size") or 0)
+        activations = 4 * (3 * tokens * reference.hidden_size + 2 * config.eval.window * vocab)
+        if layered:
+            # validation/layered.py: embedding and lm_head in float32, one float32 layer and the
+            # quantized one beside it, the hidden states of every window
+            rss = 4 * reference.global_params + 4 * reference.largest_layer_params
+            rss += model.largest_layer_bytes
+            basis = "layer by layer"
+        else:
+            rss = 4 * reference.params + model.tensor_bytes  # both models whole
+            basis = "both models whole"
+        flops = 2 * 2 * tokens * reference.params + 2 * config.sqnr_tokens * reference.params
+        seconds = machine.compute_seconds(flops)
+        seconds += machine.io_seconds(reference.tensor_bytes + model.tensor_bytes)
+        return Estimate(report, TORCH_PROCESS_BYTES + rss + activations, seconds, model, basis)
 
     def run(self, config: ValidateConfig, ctx: StageContext) -> ValidateOutputs:
         from gcupipe.formats.modeldir import ModelDir
