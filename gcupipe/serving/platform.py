@@ -3,7 +3,6 @@ needs."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from gcupipe.platform import Platform
 
 MAX_SOCKET_DIR_CHARS = 60
+SHORT_TMP_PREFIX = "gcupipe-vllm-"
 
 
 def detect_platform() -> Platform:
@@ -42,11 +42,11 @@ def platform_env(platform: Platform, run_dir: Path, kv_cache_space_gib: int) -> 
     start, so the KV cache gets an explicit size; the in-process engine starts twice as fast."""
     cache_root = run_dir / "vllm-cache"
     tmp_dir = run_dir / "tmp"
-    if len(str(tmp_dir.resolve())) > MAX_SOCKET_DIR_CHARS:
-        # vLLM puts IPC sockets in TMPDIR and a socket path must fit in 107 bytes
-        digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
-        tmp_dir = Path(tempfile.gettempdir()) / f"gcupipe-vllm-{digest}"
     cache_root.mkdir(parents=True, exist_ok=True)
+    if len(str(tmp_dir.resolve())) > MAX_SOCKET_DIR_CHARS:
+        # vLLM puts IPC sockets in TMPDIR and a socket path must fit in 107 bytes: a short
+        # directory of this child's own, which `release_tmp` removes once the child is gone
+        tmp_dir = Path(tempfile.mkdtemp(prefix=SHORT_TMP_PREFIX))
     tmp_dir.mkdir(parents=True, exist_ok=True)
     env = {
         "VLLM_CACHE_ROOT": str(cache_root),
@@ -58,3 +58,13 @@ def platform_env(platform: Platform, run_dir: Path, kv_cache_space_gib: int) -> 
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
+
+
+def release_tmp(env: dict[str, str]) -> None:
+    """Remove the short TMPDIR `platform_env` made outside the run for a child that has ended
+    (torch leaves ~150 MB of precompiled headers there); a TMPDIR in the run dir stays."""
+    import shutil
+
+    tmp_dir = Path(env.get("TMPDIR", ""))
+    if tmp_dir.name.startswith(SHORT_TMP_PREFIX) and tmp_dir.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Any
 from gcupipe.serving.args import VllmArgs, render_command, server_command
 from gcupipe.serving.checks import raise_on_failed, run_checks
 from gcupipe.serving.load import LoadFigures, LoadSpec, run_load, write_load_report
+from gcupipe.serving.platform import release_tmp
 from gcupipe.serving.server import ServerProcess, ensure_port_free, failure, free_port
 
 
@@ -84,6 +85,7 @@ def run_child(
             except (ProcessLookupError, PermissionError):
                 pass
             process.wait()
+            release_tmp(env)
 
 
 def offline_spec(jobs: list[dict[str, Any]], summary: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gcupipe.errors import StageError
+from gcupipe.serving.platform import release_tmp
 
 LOG_TAIL_LINES = 15
 
@@ -95,6 +96,7 @@ class ServerProcess:
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path, cwd: Path):
         self.command = command
+        self.env = env
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
@@ -152,6 +154,7 @@ class ServerProcess:
             _wait_group_gone(self.process.pid, timeout_s=2.0)
         finally:
             self._log.close()
+            release_tmp(self.env)
 
     def detach(self) -> None:
         """Leave the server running (keep_alive): only our handle on its log is closed."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from gcupipe.serving.args import (
     inspect_artifact,
     server_command,
 )
-from gcupipe.serving.platform import detect_platform, platform_env
+from gcupipe.serving.platform import detect_platform, platform_env, release_tmp
 from gcupipe.targets.registry import TARGETS
 
 
@@ -157,4 +159,16 @@ def test_long_run_dirs_keep_sockets_short(tmp_path: Path) -> None:
     assert len(env["TMPDIR"]) <= 60 + len("/gcupipe-vllm-") and Path(env["TMPDIR"]).is_dir()
     # only sockets go there: torch's compile cache (~150 MB a run) stays in the run dir
     assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(deep)
-    assert env == platform_env(Platform.CPU, deep, kv_cache_space_gib=1)  # stable per run
+    # each child gets its own, removed once the child is gone (nothing accumulates in /tmp)
+    other = platform_env(Platform.CPU, deep, kv_cache_space_gib=1)
+    assert other["TMPDIR"] != env["TMPDIR"]
+    release_tmp(env)
+    assert not Path(env["TMPDIR"]).exists() and Path(other["TMPDIR"]).is_dir()
+    release_tmp(other)
+    short = Path(tempfile.mkdtemp(prefix="run-"))  # a run directory short enough for sockets
+    try:
+        inside = platform_env(Platform.CPU, short, kv_cache_space_gib=1)
+        release_tmp(inside)  # a TMPDIR inside the run directory is the run's, and stays
+        assert Path(inside["TMPDIR"]) == short / "tmp" and (short / "tmp").is_dir()
+    finally:
+        shutil.rmtree(short)
