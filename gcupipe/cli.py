@@ -146,6 +146,15 @@ def run(
             help="ray: the cluster to join (auto, ray://host:port); default: start Ray here.",
         ),
     ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            min=0,
+            help="Another run holds the run directory: wait up to this many seconds for it "
+            "(default 0: refuse at once, exit code 2).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Run a recipe. Exit codes: 0 ok, 1 stage failed, 2 recipe/usage error, 3 validation gate
     failed, 130 interrupted.
@@ -178,6 +187,7 @@ def run(
                 _selection(only, from_, to, force),
                 events,
                 chosen,
+                wait,
             )
         finally:
             events.close()

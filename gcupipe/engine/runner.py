@@ -58,8 +58,10 @@ class Runner:
         run_dir: Path,
         events: Events | None = None,
         executor: Executor | None = None,
+        wait_s: float = 0.0,
     ):
         self.recipe = recipe
+        self.wait_s = wait_s  # for another run holding the run directory
         self.store = RunStore(run_dir.resolve())
         self.events = events or Events()
         self.executor = executor or InlineExecutor()
@@ -78,7 +80,7 @@ class Runner:
         selection = selection or Selection()
         chosen = select_stages(self.recipe, selection)
         forced = {sid for name in selection.force for sid in matching(self.recipe, name)}
-        self.store.open()
+        self.store.open(self.wait_s, lambda line: self.events.emit("log", "run", message=line))
         results: dict[str, StageResult] = {}
         error: GcupipeError | None = None
         outcome = "ok"
@@ -499,9 +501,11 @@ def run_recipe(
     selection: Selection | None = None,
     events: Events | None = None,
     executor: Executor | None = None,
+    wait_s: float = 0.0,
 ) -> RunResult:
-    """Run a loaded recipe in `run_dir`; the Python API behind `gcupipe run`."""
-    return Runner(recipe, run_dir, events, executor).run(selection)
+    """Run a loaded recipe in `run_dir`; the Python API behind `gcupipe run`. `wait_s`: how long
+    to wait for another run holding `run_dir` before refusing."""
+    return Runner(recipe, run_dir, events, executor, wait_s).run(selection)
 
 
 def default_run_dir(recipe: Recipe) -> Path:

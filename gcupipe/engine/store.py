@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +76,30 @@ class RunStore:
         except (OSError, ValueError):
             return None
 
-    def open(self) -> None:
-        """Lock the run directory for this process and remove what crashed runs left behind."""
+    def open(self, wait_s: float = 0.0, log: Callable[[str], None] | None = None) -> None:
+        """Lock the run directory for this process and remove what crashed runs left behind.
+        A run holding it already: wait up to `wait_s` for it to end (`log` hears so once), then
+        refuse. The lock is the kernel's (flock): a killed holder releases it at once."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         handle = (self.run_dir / ".lock").open("w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UsageError(
-                f"another gcupipe run is using {self.run_dir}; wait for it or use --workdir"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    waited = f" after waiting {wait_s:g} s" if wait_s else ""
+                    raise UsageError(
+                        f"another gcupipe run is using {self.run_dir}{waited}; wait for it "
+                        "(--wait SECONDS) or use another --workdir"
+                    ) from None
+                if log is not None and not told:
+                    log(f"waiting up to {wait_s:g} s for the gcupipe run using {self.run_dir}")
+                    told = True
+                time.sleep(0.2)
         self._lock_handle = handle
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         for folder in (self.stages_dir, self.tmp_dir, self.cache_dir):

@@ -240,6 +240,55 @@ def test_second_concurrent_run_is_refused(tmp_path: Path) -> None:
         holder.close()
 
 
+def test_with_wait_a_second_run_starts_once_the_first_lets_go(tmp_path: Path) -> None:
+    import threading
+
+    from gcupipe.engine.events import Events
+    from gcupipe.engine.store import RunStore
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def emit(self, event) -> None:  # type: ignore[no-untyped-def]
+            if event.kind == "log":
+                self.lines.append(event.data["message"])
+
+        def close(self) -> None:
+            pass
+
+    holder = RunStore(tmp_path)
+    holder.open()
+    threading.Timer(1.0, holder.close).start()
+    sink = Lines()
+    recipe = load_recipe(EXAMPLE, [], environ={})
+    result = run_recipe(recipe, tmp_path, Selection(), Events([sink]), wait_s=60)
+    assert result.outcome == "ok"
+    assert any(line.startswith("waiting up to 60 s for the gcupipe run") for line in sink.lines)
+
+
+def test_two_gcupipe_processes_on_one_run_directory(tmp_path: Path) -> None:
+    """Real processes: the second is refused with the lock message and exit code 2 while the
+    first holds the directory, and never touches what the first writes."""
+    import subprocess
+    import sys
+
+    from gcupipe.engine.store import RunStore
+
+    holder = RunStore(tmp_path / "run")
+    holder.open()
+    try:
+        command = [sys.executable, "-m", "gcupipe", "run", str(EXAMPLE)]
+        command += ["--workdir", str(tmp_path / "run")]
+        refused = subprocess.run(command + ["--wait", "1"], capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr
+        assert "another gcupipe run is using" in refused.stderr
+        assert "after waiting 1 s" in refused.stderr
+        assert list((tmp_path / "run" / "stages").iterdir()) == []
+    finally:
+        holder.close()
+
+
 def test_secrets_never_reach_records_or_events(tmp_path: Path) -> None:
     import io
 
