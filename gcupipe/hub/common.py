@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from gcupipe.errors import StageError
+
 
 @dataclass(frozen=True)
 class HubFetch:
@@ -27,6 +29,31 @@ class HubFetch:
 
 
 Log = Callable[[str], None]
+
+
+def unsafe_path(name: str) -> str | None:
+    """Why a file name from a hub listing cannot be written under a snapshot directory (it is
+    absolute or climbs out with `..`), or None. Some hub clients write such names as given."""
+    if not name:
+        return "an empty name"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if "\\" in name:
+        return "a backslash in the path"
+    if ".." in name.split("/"):
+        return "a '..' segment"
+    return None
+
+
+def refuse_unsafe_paths(names: list[str], where: str) -> None:
+    """StageError naming the first listed file that would be written outside the cache."""
+    for name in names:
+        why = unsafe_path(name)
+        if why is not None:
+            raise StageError(
+                f"{where} lists {name[:200]!r} ({why}): it would be written outside the "
+                "cache, so nothing was downloaded; ask the repository owner to rename it"
+            )
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from gcupipe.hub.common import (
     NotFound,
     ProgressSink,
     Published,
+    refuse_unsafe_paths,
     unchanged,
 )
 
@@ -77,6 +78,17 @@ def fetch(request: HubFetch, sink: ProgressSink | None) -> tuple[Path, bool]:
                 return fetch(replace(request, offline=True), sink)
             except Exception:  # incomplete for these patterns: fetch online below
                 pass
+    if not request.offline:  # the client writes listed names as given, `..` and absolute too
+        where = (
+            f"modelscope {request.repo_type} '{request.repo_id}' (revision '{request.revision}')"
+        )
+        try:
+            names = list_files(request)
+        except Exception as exc:
+            if _status(exc) == 404:
+                raise _which_missing(request, modelscope) from exc
+            raise
+        refuse_unsafe_paths(names, where)
     try:
         with _quiet_bars(sink is not None):
             path = modelscope.snapshot_download(
