@@ -64,6 +64,7 @@ def _fail(error: BaseException) -> NoReturn:
         raise error
     from rich.markup import escape
 
+    from gcupipe.errors import disk_full_message, is_disk_full
     from gcupipe.secrets import redact
 
     if isinstance(error, GcupipeError):
@@ -75,6 +76,10 @@ def _fail(error: BaseException) -> NoReturn:
             soft_wrap=True,
         )
         raise typer.Exit(error.exit_code)
+    if isinstance(error, OSError) and is_disk_full(error):
+        text = escape(disk_full_message(error, Path.cwd()))
+        errors.print(f"[red]error:[/] {text}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(1)
     errors.print(
         f"[red]internal error:[/] {type(error).__name__}: {escape(redact(str(error)))}\n"
         "run again with --debug for the traceback",

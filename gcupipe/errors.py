@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeGuard
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -133,3 +135,27 @@ def require(module: str, extra: str):  # type: ignore[no-untyped-def]
         if exc.name and module.startswith(exc.name.split(".")[0]):
             raise MissingDependency(module, extra) from exc
         raise
+
+
+def is_disk_full(exc: BaseException | None) -> TypeGuard[OSError]:
+    """A write failed because the filesystem is full (or the quota is spent)."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(exc: OSError, where: Path, needed: int | None = None) -> str:
+    """One line for a write that found the disk full: the path, what is free, what is needed."""
+    import shutil
+
+    from gcupipe.estimate import existing_ancestor, format_bytes
+
+    path = Path(exc.filename) if exc.filename else where
+    mount = existing_ancestor(path if path.is_absolute() else where)
+    free = shutil.disk_usage(mount).free
+    need = f"; it needs about {format_bytes(needed)}" if needed else ""
+    return (
+        f"no space left on the device writing {path} ({format_bytes(free)} free at {mount}"
+        f"{need}): free some space or choose another --workdir, then run again "
+        "(`gcupipe plan --estimate` says what the run needs)"
+    )

@@ -25,7 +25,14 @@ from gcupipe.engine.remote_cache import Entry, RemoteCache
 from gcupipe.engine.results import RunResult, StageResult
 from gcupipe.engine.selection import Selection, matching, select_stages
 from gcupipe.engine.store import OUTPUT_DIR_NAME, RunStore, StageRecord
-from gcupipe.errors import GcupipeError, Interrupted, StageError, UsageError
+from gcupipe.errors import (
+    GcupipeError,
+    Interrupted,
+    StageError,
+    UsageError,
+    disk_full_message,
+    is_disk_full,
+)
 from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
 from gcupipe.secrets import redact
@@ -147,8 +154,16 @@ class Runner:
         finally:
             self.executor.close()
             ordered = [results[sid] for sid in self.recipe.stages if sid in results]
-            write_lock(self.store.run_dir, self.recipe, ordered, outcome, self.executor.name)
-            self.store.close()
+            try:
+                write_lock(self.store.run_dir, self.recipe, ordered, outcome, self.executor.name)
+            except OSError as exc:  # the stage's own error, if any, is the one to report
+                if not is_disk_full(exc):
+                    raise
+                if error is None:
+                    message = disk_full_message(exc, self.store.run_dir)
+                    error, outcome = StageError(f"the run's lock file: {message}"), "failed"
+            finally:
+                self.store.close()
             self.events.emit(
                 "run_finished",
                 outcome=outcome,
@@ -325,6 +340,10 @@ class Runner:
             exc = finished.error
             if isinstance(exc, GcupipeError):
                 raise exc
+            if is_disk_full(exc):
+                needed = self._disk_needed(stage, attempt.config)
+                message = disk_full_message(exc, self.store.run_dir, needed)
+                raise StageError(f"stage '{stage.id}': {message}") from exc
             raise StageError(f"stage '{stage.id}' crashed: {type(exc).__name__}: {exc}") from exc
         started = finished.started_at or attempt.submitted_at
         out_dir = attempt.folder / OUTPUT_DIR_NAME
@@ -484,6 +503,18 @@ class Runner:
                 "select it too (drop --only/--from) or run the whole recipe once"
             )
         return self.outputs
+
+    def _disk_needed(self, stage: PlannedStage, config: Any) -> int | None:
+        """What the stage writes by its own estimate (for the disk-full message), or None."""
+        from gcupipe.estimate import Machine, ModelShape
+
+        model_dirs = [getattr(self.outputs.get(n), "model_dir", None) for n in stage.needs]
+        try:
+            upstream = next((ModelShape.read(Path(d)) for d in model_dirs if d), None)
+            estimate = stage.stage_class().estimate(config, upstream, Machine.nominal())
+        except Exception:  # noqa: BLE001 - an estimate is a courtesy here, never a new failure
+            return None
+        return estimate.disk_bytes if estimate is not None else None
 
     def _key(self, stage: PlannedStage, config: Any) -> CacheKey:
         upstream = {name: self.digests[name] for name in stage.needs}

@@ -158,8 +158,12 @@ class RunStore:
 def write_json_atomic(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(value, stream, indent=2, default=str)
-        stream.write("\n")
-    os.chmod(temp, 0o644)
-    os.replace(temp, path)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(value, stream, indent=2, default=str)
+            stream.write("\n")
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:  # a full disk, say: no half-written file is left beside the old one
+        Path(temp).unlink(missing_ok=True)
+        raise
