@@ -123,6 +123,14 @@ class ModelShape:
         return cls(tuple(tensors), other, raw)
 
 
+def model_shape(path: Path | None, otherwise: ModelShape | None = None) -> ModelShape | None:
+    """The shape of the model directory a stage's config names, when it exists yet; else
+    `otherwise` (the upstream stage's estimate of the model it will make)."""
+    if path is not None and (path / "config.json").is_file():
+        return ModelShape.read(path)
+    return otherwise
+
+
 @dataclass(frozen=True)
 class Machine:
     """What this machine offers, measured or read: memory, cores, and two rates for times."""

@@ -136,14 +136,11 @@ class EvaluateStage(Stage[EvaluateConfig, EvaluateOutputs]):
             VLLM_PROCESS_BYTES,
             VLLM_START_S,
             Estimate,
-            ModelShape,
+            model_shape,
         )
 
-        exists = config.model is not None and (config.model / "config.json").is_file()
-        model = ModelShape.read(config.model) if exists and config.model else upstream
-        reference = model.source if model is not None else None
-        if config.reference is not None and (config.reference / "config.json").is_file():
-            reference = ModelShape.read(config.reference)
+        model = model_shape(config.model, upstream)
+        reference = model_shape(config.reference, model.source if model is not None else None)
         if model is None or reference is None:
             return None
         # one model at a time: the reference runtime holds a float model in float32; a vLLM

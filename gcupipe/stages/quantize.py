@@ -308,10 +308,9 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
     def estimate(
         self, config: QuantizeConfig, upstream: ModelShape | None, machine: Machine
     ) -> Estimate | None:
-        from gcupipe.estimate import TORCH_PROCESS_BYTES, Estimate, ModelShape, numel
+        from gcupipe.estimate import TORCH_PROCESS_BYTES, Estimate, model_shape, numel
 
-        exists = (config.model / "config.json").is_file()
-        source = ModelShape.read(config.model) if exists else upstream
+        source = model_shape(config.model, upstream)
         if source is None:
             return None
         output = _quantized_shape(source, config)

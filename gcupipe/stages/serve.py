@@ -279,10 +279,9 @@ class ServeStage(Stage[ServeConfig, ServeOutputs]):
     def estimate(
         self, config: ServeConfig, upstream: ModelShape | None, machine: Machine
     ) -> Estimate | None:
-        from gcupipe.estimate import VLLM_PROCESS_BYTES, VLLM_START_S, Estimate, ModelShape
+        from gcupipe.estimate import VLLM_PROCESS_BYTES, VLLM_START_S, Estimate, model_shape
 
-        exists = config.model is not None and (config.model / "config.json").is_file()
-        model = ModelShape.read(config.model) if exists and config.model else upstream
+        model = model_shape(config.model, upstream)
         if model is None:
             return None
         # vLLM holds the weights as the files store them (int8 stays int8), the KV cache it

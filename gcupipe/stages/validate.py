@@ -162,16 +162,13 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
     def estimate(
         self, config: ValidateConfig, upstream: ModelShape | None, machine: Machine
     ) -> Estimate | None:
-        from gcupipe.estimate import TORCH_PROCESS_BYTES, Estimate, ModelShape
+        from gcupipe.estimate import TORCH_PROCESS_BYTES, Estimate, model_shape
         from gcupipe.validation.api import LAYERED_RAM_SHARE
 
-        exists = config.model is not None and (config.model / "config.json").is_file()
-        model = ModelShape.read(config.model) if exists and config.model else upstream
+        model = model_shape(config.model, upstream)
         if model is None:
             return None
-        reference = model.source
-        if config.reference is not None and (config.reference / "config.json").is_file():
-            reference = ModelShape.read(config.reference)
+        reference = model_shape(config.reference, model.source)
         report = 1 << 20  # the report, its charts and the per-layer table
         if not config.numeric or reference is None:
             return Estimate(report, TORCH_PROCESS_BYTES, 10.0, model, "structural rules only")
