@@ -43,7 +43,7 @@ def numel(tensor: TensorInfo) -> int:
 
 
 def nbytes(tensor: TensorInfo) -> int:
-    return numel(tensor) * SAFETENSORS_DTYPE_BYTES.get(tensor.dtype, 4)
+    return numel(tensor) * SAFETENSORS_DTYPE_BYTES[tensor.dtype]
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,6 @@ class ModelShape:
     def hidden_size(self) -> int:
         config = self.raw_config.get("text_config", self.raw_config)
         return int(config.get("hidden_size") or 0)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers())
 
     @classmethod
     def read(cls, model_dir: Path) -> ModelShape:
