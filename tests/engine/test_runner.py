@@ -301,11 +301,18 @@ def test_secrets_never_reach_records_or_events(tmp_path: Path) -> None:
         ],
         environ={"HUB_TOKEN": "hf_supersecret123"},
     )
-    result = run_recipe(recipe, tmp_path, events=Events([JsonLinesSink(stream)]))
+    junit = tmp_path / "reports" / "junit.xml"
+    sinks = Events([JsonLinesSink(stream), JUnitSink(junit, recipe.name)])
+    result = run_recipe(recipe, tmp_path / "run", events=sinks)
+    sinks.close()
     assert result.outcome == "failed"
     assert "hf_supersecret123" in str(result.error)  # the stage itself saw the real value
-    for text in (stream.getvalue(), (tmp_path / "gcupipe.lock.json").read_text()):
+    for text in (stream.getvalue(), (tmp_path / "run" / "gcupipe.lock.json").read_text()):
         assert "hf_supersecret123" not in text and "***" in text
+    assert "***" in junit.read_text()
+    for path in tmp_path.rglob("*"):  # the JUnit file, logs, records: the token is in none
+        if path.is_file():
+            assert b"hf_supersecret123" not in path.read_bytes(), path
 
 
 def test_content_digest_counts_links_by_target(tmp_path: Path) -> None:
