@@ -112,6 +112,9 @@ class LoopbackHub:
     """Paths served with one flipped byte (the listing still has the true hash)."""
     drop_once: set[str] = field(default_factory=set)
     """Paths whose next GET sends half the bytes, then closes the connection."""
+    fail_once: dict[str, int] = field(default_factory=dict)
+    """Paths whose next GET is answered with this status instead (503, 429: a busy hub), with
+    `Retry-After: 0`."""
     token: str | None = None
     """When set, every request must carry `Authorization: Bearer <token>`, else 401."""
     drop_upload_once: set[str] = field(default_factory=set)
@@ -179,6 +182,10 @@ class LoopbackHub:
                 self.drop_upload_once.discard(step)
                 return True
             return False
+
+    def _take_failure(self, path: str) -> int | None:
+        with self._lock:
+            return self.fail_once.pop(path, None)
 
     def _take_drop(self, path: str) -> bool:
         with self._lock:
@@ -580,6 +587,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses ------------------------------------------------------------------------
     def _bytes(self, path: str, data: bytes, headers: dict[str, str]) -> None:
+        status = self.hub._take_failure(path)
+        if status is not None:
+            body = b'{"error": "the hub is busy, try again"}'
+            self.send_response(status)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         drop = self.hub._take_drop(path)
         self.send_response(200)
         for name, value in headers.items():

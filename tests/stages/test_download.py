@@ -206,6 +206,23 @@ def test_connection_dropped_mid_file_is_retried(source, hub, rec):
     assert "model.safetensors" not in hub.drop_once  # the drop really happened
 
 
+@pytest.mark.parametrize("status", [503, 429])
+@pytest.mark.parametrize("source", HUBS)
+def test_a_busy_hub_is_retried_to_success(source, status, hub, rec):
+    hub.fail_once["model.safetensors"] = status
+    outputs = run(source, hub, rec)
+    assert (outputs.model_dir / "model.safetensors").read_bytes() == (
+        _tiny_files()["model.safetensors"]
+    )
+    assert hub.fail_once == {}  # the hub really answered with the error first
+    got = [
+        r
+        for r in hub.file_requests()
+        if r.path.endswith("model.safetensors") or "model.safetensors" in str(r.query)
+    ]
+    assert len(got) >= 2  # the failed request and the retry
+
+
 @pytest.mark.parametrize("source", HUBS)
 def test_offline_uses_the_warm_cache_with_zero_requests(source, hub, rec):
     with pytest.raises(StageError, match="not in the cache at .* offline is on"):
