@@ -21,7 +21,13 @@ from gcupipe.serving.args import VllmArgs, render_command, server_command
 from gcupipe.serving.checks import raise_on_failed, run_checks
 from gcupipe.serving.load import LoadFigures, LoadSpec, run_load, write_load_report
 from gcupipe.serving.platform import release_tmp
-from gcupipe.serving.server import ServerProcess, ensure_port_free, failure, free_port
+from gcupipe.serving.server import (
+    ServerProcess,
+    ensure_port_free,
+    failure,
+    free_port,
+    stop_with_parent,
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ def run_child(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=stop_with_parent,
         )
         try:
             return process.wait(timeout=timeout_s)
@@ -141,7 +148,9 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
     log_dir = request.keep_alive_dir if request.keep_alive and request.keep_alive_dir else out
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "vllm-server.log"
-    server, base_url = start_server(request.args, request.env, log_path, request.host, request.port)
+    server, base_url = start_server(
+        request.args, request.env, log_path, request.host, request.port, request.keep_alive
+    )
     log(f"serve online: {render_command(server.command)}")
     keep = False
     load, load_file = None, None
@@ -199,13 +208,20 @@ def run_online(request: ServeRequest, log: Callable[[str], None]) -> ServeResult
 
 
 def start_server(
-    args: VllmArgs, env: dict[str, str], log_path: Path, host: str, port: int | None = None
+    args: VllmArgs,
+    env: dict[str, str],
+    log_path: Path,
+    host: str,
+    port: int | None = None,
+    outlive: bool = False,
 ) -> tuple[ServerProcess, str]:
-    """Start vLLM's OpenAI server on `port` (None: a free one); returns it and its base URL."""
+    """Start vLLM's OpenAI server on `port` (None: a free one); returns it and its base URL.
+    `outlive`: it may keep running after gcupipe ends (keep_alive)."""
     if port is not None:
         ensure_port_free(host, port)
     port = port or free_port(host)
-    server = ServerProcess(server_command(args, host, port), env, log_path, cwd=log_path.parent)
+    command = server_command(args, host, port)
+    server = ServerProcess(command, env, log_path, cwd=log_path.parent, outlive=outlive)
     return server, f"http://{host}:{port}"
 
 

@@ -91,10 +91,31 @@ def failure(what: str, log_path: Path) -> StageError:
     return StageError(line + ("\n--- last lines of the log ---\n" + tail if tail else ""))
 
 
+def stop_with_parent() -> None:
+    """In a child before exec: the kernel sends it SIGTERM when gcupipe's process dies (Linux
+    PR_SET_PDEATHSIG); vLLM stops its engine processes on SIGTERM. A no-op elsewhere."""
+    import ctypes
+    import sys
+
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 class ServerProcess:
     """One running server; `stop` is safe to call more than once."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, cwd: Path):
+    def __init__(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path,
+        outlive: bool = False,
+    ):
+        """`outlive`: the server may outlive gcupipe (keep_alive); otherwise it is told to stop
+        (SIGTERM) if gcupipe dies, even by SIGKILL, so no server is orphaned."""
         self.command = command
         self.env = env
         self.log_path = log_path
@@ -107,6 +128,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group: one killpg reaches every child
+            preexec_fn=None if outlive else stop_with_parent,
         )
 
     @property
