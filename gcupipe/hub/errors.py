@@ -89,6 +89,11 @@ def hub_stage_error(
             f"attempt(s): {fix}."
         )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    failed = getattr(exc, "failed_files", None)  # ModelScope's FileDownloadError names them
+    if isinstance(failed, dict) and failed:
+        name, why = next(iter(failed.items()))
+        why_line = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+        first_line += f"; first: '{name}': {why_line}"
     return StageError(f"{where}: {action} on {endpoint} failed: {first_line}")
 
 

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -110,8 +111,12 @@ class LoopbackHub:
     requests: list[Request] = field(default_factory=list)
     corrupt: set[str] = field(default_factory=set)
     """Paths served with one flipped byte (the listing still has the true hash)."""
+    oversize: set[str] = field(default_factory=set)
+    """Paths served with 64 KB more than the listing announces (size and hash of the true file)."""
     drop_once: set[str] = field(default_factory=set)
     """Paths whose next GET sends half the bytes, then closes the connection."""
+    slow: dict[str, float] = field(default_factory=dict)
+    """Paths whose bytes take this many seconds to send (so that downloads overlap)."""
     fail_once: dict[str, int] = field(default_factory=dict)
     """Paths whose next GET is answered with this status instead (503, 429: a busy hub), with
     `Retry-After: 0`."""
@@ -198,6 +203,8 @@ class LoopbackHub:
         data = files[path]
         if path in self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if path in self.oversize:
+            data = data + bytes(64 << 10)
         return data
 
 
@@ -609,6 +616,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
+            return
+        seconds = self.hub.slow.get(path)
+        if seconds:
+            step = max(1, len(data) // 20)
+            for start in range(0, len(data), step):
+                self.wfile.write(data[start : start + step])
+                self.wfile.flush()
+                time.sleep(seconds / 20)
             return
         self.wfile.write(data)
 

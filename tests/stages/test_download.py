@@ -167,6 +167,17 @@ def test_corrupted_file_is_an_error_naming_it_and_not_kept(source, hub, rec):
 
 
 @pytest.mark.parametrize("source", HUBS)
+def test_more_bytes_than_the_listing_announces_is_an_error_and_not_kept(source, hub, rec):
+    hub.oversize.add("model.safetensors")
+    with pytest.raises(StageError, match=r"model\.safetensors") as err:
+        run(source, hub, rec)
+    assert "\n" not in str(err.value)
+    assert not (rec.tmp_path / "out1" / "model").exists()
+    cached = [p for p in rec.cache.rglob("*") if p.is_file() and p.stat().st_size > 100_000]
+    assert cached == []  # nothing of the oversized file is in the shared cache
+
+
+@pytest.mark.parametrize("source", HUBS)
 def test_missing_model_and_revision_give_one_clear_line(source, hub, rec):
     with pytest.raises(StageError) as err:
         run(source, hub, rec, model_id="org/absent")
