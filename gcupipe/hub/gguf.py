@@ -94,7 +94,12 @@ def gguf_model_shape(gguf_path: Path, dtype: str = "float32") -> ModelShape:
     from gcupipe.formats.layout import expected_weights_for_config
     from gcupipe.formats.modeldir import TensorInfo
 
-    config = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
+    try:
+        config = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
+    except Exception as exc:  # the GGUF reader raises many kinds for a damaged file
+        raise StageError(
+            f"gguf: transformers could not read {gguf_path.name}: {exc}".splitlines()[0]
+        ) from exc
     shapes = expected_weights_for_config(config)
     if shapes is None:
         raise StageError(f"gguf: transformers does not know {config.get('model_type')!r}")

@@ -9,6 +9,9 @@ header claims.
 - the JSON files a model directory carries (config.json, quant_model_description.json,
   quantize_config.json, int8_kv_cache.json): random bytes and random JSON values, through every
   structural rule and format detection of a real W8A8 modelslim directory.
+- GGUF (what `plan --estimate` and the gguf download read through transformers): the real
+  SmolLM2 file cut anywhere in its first 300 KB, with bytes of its header flipped (100
+  examples: each read parses the metadata, a second or so).
 """
 
 from __future__ import annotations
@@ -150,3 +153,38 @@ def _link_or_copy(src: str, dst: str) -> None:
         Path(dst).hardlink_to(src)
     else:
         shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="module")
+def gguf_head() -> bytes:
+    """The first 300 KB of the SmolLM2 GGUF the quickstart converts: header and metadata."""
+    from gcupipe.testing.real_data import smollm2_gguf_path
+
+    with smollm2_gguf_path().open("rb") as handle:
+        return handle.read(300_000)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    cut=st.integers(min_value=0, max_value=300_000),
+    flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), max_size=8),
+)
+def test_a_damaged_gguf_is_one_stage_error(
+    tmp_path_factory: pytest.TempPathFactory, gguf_head: bytes, cut: int, flips: list
+):
+    from gcupipe.errors import StageError
+    from gcupipe.hub.gguf import gguf_model_shape
+
+    data = bytearray(gguf_head[:cut])
+    for at, mask in flips:
+        if at < len(data):
+            data[at] ^= mask
+    path = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(StageError) as err:  # a cut file never holds every tensor
+        gguf_model_shape(path)
+    assert "\n" not in str(err.value)
