@@ -301,6 +301,7 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
             except Exception as exc:
                 raise error(exc) from exc
         files = _selected(config, model_files(snapshot), ignore)
+        _refuse_links_out(snapshot, files, request.cache_dir)
         known: dict[str, str] = {}
         hub_checked = 0
         if config.source == "huggingface":
@@ -315,6 +316,19 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
             revision = f"{revision}={snapshot.name}"  # the commit the branch pointed at
         origin = f"{config.source}:{request.repo_id}@{revision} ({shown_endpoint})"
         return snapshot, files, hub_checked, known, origin
+
+
+def _refuse_links_out(snapshot: Path, files: list[str], cache_dir: Path) -> None:
+    """A snapshot file must be in the hub cache: a link out of it (planted in a shared cache,
+    or written by a client from a hostile listing) would hand on a file nobody downloaded."""
+    root = cache_dir.resolve()
+    for name in files:
+        target = (snapshot / name).resolve()
+        if not target.is_relative_to(root):
+            raise StageError(
+                f"download: {snapshot / name} leads to {target}, outside the hub cache {root}: "
+                "refused; delete that snapshot from the cache and download again"
+            )
 
 
 def _finish(

@@ -46,6 +46,26 @@ def test_a_listing_that_climbs_out_of_the_cache_is_refused(
     assert not (rec.tmp_path / "out1" / "model").exists()
 
 
+@pytest.mark.parametrize("source", HUBS)
+def test_a_snapshot_file_that_links_out_of_the_cache_is_refused(source: str, tmp_path: Path):
+    """A cache someone else can write (shared): a snapshot file replaced by a link to a file
+    outside it is refused, not handed on as the model's."""
+    rec = Recorder(tmp_path / "work", tmp_path / "work" / "cache")
+    rec.tmp_path.mkdir()
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("not a model file")
+    with LoopbackHub() as hub:
+        hub.add_repo("org/tiny", _tiny_files())
+        first = run(source, hub, rec)  # fills the cache
+        cached = (first.model_dir / "tokenizer.json").resolve()
+        cached.unlink()
+        cached.symlink_to(secret)
+        with pytest.raises(StageError, match="outside the hub cache") as err:
+            run(source, hub, rec, offline=True)
+    assert "\n" not in str(err.value)
+    assert not (rec.tmp_path / "out2" / "model").exists()
+
+
 @pytest.mark.parametrize(
     ("name", "why"),
     [
