@@ -20,13 +20,16 @@ def _files(root: Path, exclude: frozenset[str] = frozenset()) -> list[Path]:
         subdirs.sort()
         for name in sorted(names):
             path = Path(directory, name)
-            if path.relative_to(root).as_posix() not in exclude:
-                found.append(path)
+            relative = path.relative_to(root).as_posix()
+            if relative in exclude or any(relative.startswith(e) for e in exclude if e[-1] == "/"):
+                continue
+            found.append(path)
     return found
 
 
 def content_digest(root: Path, exclude: frozenset[str] = frozenset()) -> str:
     """sha256 over every file's relative path and content: equal outputs, equal digest.
+    `exclude`: relative paths left out (one ending in "/" leaves out that directory).
 
     A symbolic link (a download stage links a model out of the hub cache rather than copying
     30 GB) counts by its target's path, size and mtime: reading the target again would double

@@ -357,7 +357,9 @@ class Runner:
             config=redact(attempt.key.config),
             upstream=attempt.key.upstream,
             outputs=relocated,
-            outputs_digest=self._outputs_digest(content_digest(out_dir), relocated, stage.id),
+            outputs_digest=self._outputs_digest(
+                content_digest(out_dir, stage.stage_class.reports), relocated, stage.id
+            ),
             outputs_fingerprint=stat_fingerprint([out_dir]),
             started_at=started,
             duration_s=time.time() - started,

@@ -180,6 +180,10 @@ class Stage(abc.ABC, Generic[ConfigT, OutputsT]):
     Config: ClassVar[type[StageConfig]]
     Outputs: ClassVar[type[StageOutputs]]
     version: ClassVar[str] = "1"
+    reports: ClassVar[frozenset[str]] = frozenset()
+    """Output files that say how the run went (timings, absolute paths) rather than what it
+    made: left out of the digest downstream cache keys are built on, so a stage below them is
+    the same in every run directory ("dir/" leaves out a directory)."""
 
     @abc.abstractmethod
     def run(self, config: ConfigT, ctx: StageContext) -> OutputsT:

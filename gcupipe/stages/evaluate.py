@@ -115,6 +115,7 @@ class EvaluateStage(Stage[EvaluateConfig, EvaluateOutputs]):
     Config = EvaluateConfig
     Outputs = EvaluateOutputs
     version = "1"
+    reports = frozenset({REPORT_JSON, REPORT_MARKDOWN, CHART, JUNIT, "tasks/"})
 
     def check(self, config: EvaluateConfig) -> list[Problem]:
         if config.min_recovery is not None and config.min_recovery > 1.5:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gcupipe.errors import StageError
 from gcupipe.stages.base import Problem, Stage, StageContext, StageOutputs, TargetedConfig
+from gcupipe.validation.report import JSON_NAME, JUNIT_NAME, MARKDOWN_NAME, PLOT_NAME
 
 if TYPE_CHECKING:
     from gcupipe.estimate import Estimate, Machine, ModelShape
@@ -128,6 +129,7 @@ class ValidateStage(Stage[ValidateConfig, ValidateOutputs]):
     Config = ValidateConfig
     Outputs = ValidateOutputs
     version = "1"
+    reports = frozenset({JSON_NAME, MARKDOWN_NAME, PLOT_NAME, JUNIT_NAME})
 
     def check(self, config: ValidateConfig) -> list[Problem]:
         problems = []
