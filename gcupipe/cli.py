@@ -64,7 +64,8 @@ def _fail(error: BaseException) -> NoReturn:
         raise error
     from rich.markup import escape
 
-    from gcupipe.errors import disk_full_message, is_disk_full
+    from gcupipe.errors import is_disk_full
+    from gcupipe.estimate import disk_full_message
     from gcupipe.secrets import redact
 
     if isinstance(error, GcupipeError):

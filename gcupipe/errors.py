@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeGuard
 
 
@@ -142,20 +141,3 @@ def is_disk_full(exc: BaseException | None) -> TypeGuard[OSError]:
     import errno
 
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full_message(exc: OSError, where: Path, needed: int | None = None) -> str:
-    """One line for a write that found the disk full: the path, what is free, what is needed."""
-    import shutil
-
-    from gcupipe.estimate import existing_ancestor, format_bytes
-
-    path = Path(exc.filename) if exc.filename else where
-    mount = existing_ancestor(path if path.is_absolute() else where)
-    free = shutil.disk_usage(mount).free
-    need = f"; it needs about {format_bytes(needed)}" if needed else ""
-    return (
-        f"no space left on the device writing {path} ({format_bytes(free)} free at {mount}"
-        f"{need}): free some space or choose another --workdir, then run again "
-        "(`gcupipe plan --estimate` says what the run needs)"
-    )

@@ -231,3 +231,15 @@ def space_problem(run_dir: Path, needed: int) -> str | None:
         f"the run needs about {format_bytes(needed)} of disk and {existing_ancestor(run_dir)} "
         f"has {format_bytes(free)} free: free some space, or choose another --workdir"
     )
+
+
+def disk_full_message(exc: OSError, where: Path, needed: int | None = None) -> str:
+    """One line for a write that found the disk full: the path, what is free, what is needed."""
+    path = Path(exc.filename) if exc.filename else where
+    mount = existing_ancestor(path if path.is_absolute() else where)
+    need = f"; it needs about {format_bytes(needed)}" if needed else ""
+    return (
+        f"no space left on the device writing {path} ({format_bytes(free_bytes(mount))} free "
+        f"at {mount}{need}): free some space or choose another --workdir, then run again "
+        "(`gcupipe plan --estimate` says what the run needs)"
+    )

@@ -30,9 +30,9 @@ from gcupipe.errors import (
     Interrupted,
     StageError,
     UsageError,
-    disk_full_message,
     is_disk_full,
 )
+from gcupipe.estimate import disk_full_message
 from gcupipe.recipe.planned import PlannedStage, Recipe
 from gcupipe.recipe.resolve import preview_stage_config, resolve_stage_config
 from gcupipe.secrets import redact

@@ -5,12 +5,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gcupipe.errors import StageError, require
-
-if TYPE_CHECKING:
-    from gcupipe.estimate import ModelShape
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -82,27 +78,3 @@ def _drop_quantization_config(config: object) -> None:
         sub = getattr(config, name, None)
         if sub is not None and sub is not config:
             _drop_quantization_config(sub)
-
-
-def gguf_model_shape(gguf_path: Path, dtype: str = "float32") -> ModelShape:
-    """The `estimate.ModelShape` `convert_gguf` will write: the architecture's tensors (from
-    the GGUF metadata's config, built on the meta device) in `dtype`; no tensor is read."""
-    require("gguf", "quant")
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from gcupipe.estimate import ModelShape
-    from gcupipe.formats.layout import expected_weights_for_config
-    from gcupipe.formats.modeldir import TensorInfo
-
-    try:
-        config = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
-    except Exception as exc:  # the GGUF reader raises many kinds for a damaged file
-        raise StageError(
-            f"gguf: transformers could not read {gguf_path.name}: {exc}".splitlines()[0]
-        ) from exc
-    shapes = expected_weights_for_config(config)
-    if shapes is None:
-        raise StageError(f"gguf: transformers does not know {config.get('model_type')!r}")
-    kind = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
-    tensors = tuple(TensorInfo(name, kind, shape, "") for name, shape in shapes.items())
-    return ModelShape(tensors, 4 << 20, config)  # config and tokenizer files: a few MB

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from gcupipe.errors import StageError
+from gcupipe.errors import StageError, require
 from gcupipe.hub import huggingface
 from gcupipe.hub.common import HashMismatch, HubFetch, ProgressSink
 from gcupipe.hub.errors import hub_stage_error
@@ -190,8 +190,6 @@ class DownloadStage(Stage[DownloadConfig, DownloadOutputs]):
         except StageError:
             return None
         if config.source == "gguf":
-            from gcupipe.hub.gguf import gguf_model_shape
-
             if not path.is_file():
                 return None
             model = gguf_model_shape(path, config.dtype or "float32")
@@ -412,3 +410,27 @@ def _cache_dir(config: DownloadConfig, engine_cache: Path) -> Path:
 
 def _offline(config: DownloadConfig) -> bool:
     return hub_offline(config.source, config.offline)
+
+
+def gguf_model_shape(gguf_path: Path, dtype: str = "float32") -> ModelShape:
+    """The `estimate.ModelShape` `convert_gguf` will write: the architecture's tensors (from
+    the GGUF metadata's config, built on the meta device) in `dtype`; no tensor is read."""
+    require("gguf", "quant")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from gcupipe.estimate import ModelShape
+    from gcupipe.formats.layout import expected_weights_for_config
+    from gcupipe.formats.modeldir import TensorInfo
+
+    try:
+        config = load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
+    except Exception as exc:  # the GGUF reader raises many kinds for a damaged file
+        raise StageError(
+            f"gguf: transformers could not read {gguf_path.name}: {exc}".splitlines()[0]
+        ) from exc
+    shapes = expected_weights_for_config(config)
+    if shapes is None:
+        raise StageError(f"gguf: transformers does not know {config.get('model_type')!r}")
+    kind = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
+    tensors = tuple(TensorInfo(name, kind, shape, "") for name, shape in shapes.items())
+    return ModelShape(tensors, 4 << 20, config)  # config and tokenizer files: a few MB

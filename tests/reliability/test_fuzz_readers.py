@@ -185,7 +185,7 @@ def test_a_damaged_gguf_is_one_stage_error(
     tmp_path_factory: pytest.TempPathFactory, gguf_head: bytes, cut: int, flips: list
 ):
     from gcupipe.errors import StageError
-    from gcupipe.hub.gguf import gguf_model_shape
+    from gcupipe.stages.download import gguf_model_shape
 
     data = bytearray(gguf_head[:cut])
     for at, mask in flips:
