@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ class ModelShape:
     def params(self) -> int:
         return sum(numel(t) for t in self.tensors)
 
+    @cached_property
     def layers(self) -> dict[int, list[TensorInfo]]:
+        """Decoder layer index -> its tensors (worked out once: the sizes below all use it)."""
         from gcupipe.quant.checkpoint import layer_relative
 
         found: dict[int, list[TensorInfo]] = {}
@@ -79,16 +82,16 @@ class ModelShape:
 
     @property
     def largest_layer_bytes(self) -> int:
-        return max((sum(nbytes(t) for t in ts) for ts in self.layers().values()), default=0)
+        return max((sum(nbytes(t) for t in ts) for ts in self.layers.values()), default=0)
 
     @property
     def largest_layer_params(self) -> int:
-        return max((sum(numel(t) for t in ts) for ts in self.layers().values()), default=0)
+        return max((sum(numel(t) for t in ts) for ts in self.layers.values()), default=0)
 
     @property
     def global_params(self) -> int:
         """Parameters outside the decoder layers (embedding, final norm, lm_head)."""
-        in_layers = sum(numel(t) for ts in self.layers().values() for t in ts)
+        in_layers = sum(numel(t) for ts in self.layers.values() for t in ts)
         return self.params - in_layers
 
     @property
