@@ -16,10 +16,22 @@ Status = Literal["pass", "fail", "skip"]
 
 @dataclass(frozen=True)
 class Finding:
-    """One concrete problem: what is wrong (naming the file or tensor) and how to fix it."""
+    """One concrete problem: what is wrong (naming the file or tensor) and how to fix it. Names
+    come from the files themselves (a JSON key, a tensor name), so a control character in one is
+    escaped: a finding stays one line in a log, a report or a JUnit file."""
 
     message: str
     fix: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", _printable(self.message))
+        object.__setattr__(self, "fix", _printable(self.fix))
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 @dataclass
