@@ -232,6 +232,7 @@ def plan(
 ) -> None:
     """Show the stages, their order, what would run and why. Changes nothing."""
     from gcupipe.engine import Runner, default_run_dir
+    from gcupipe.engine.lock import changed_files
     from gcupipe.engine.view import plan_lines
     from gcupipe.secrets import redact
 
@@ -245,6 +246,8 @@ def plan(
     needs = {stage_id: list(stage.needs) for stage_id, stage in loaded.stages.items()}
     for line in plan_lines(loaded.name, str(runner.store.run_dir), results, needs):
         console.print(redact(line), highlight=False)
+    for line in changed_files(runner.store.run_dir, loaded):
+        console.print(redact(line), highlight=False, markup=False)
     if estimate:
         from gcupipe.engine.preflight import preflight
         from gcupipe.errors import NoSpace
@@ -289,6 +292,51 @@ def lint(
             console.print(f"  {stage_id}: {line}", highlight=False, markup=False)
     if failed:
         raise typer.Exit(2)
+
+
+@app.command()
+def show(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: the document and each value's origin.")
+    ] = False,
+) -> None:
+    """Print the recipe as it will run: everything it extends and includes merged in, the
+    environment's and --set overrides applied, ${vars.*} and ${env:*} filled in, and after each
+    value the file:line:col it was written at (later wins: extends < include < the recipe <
+    environment < --set). Run-time values (${stages.*}, ${matrix.*}) stay as written."""
+    import os
+
+    from gcupipe.recipe.show import annotated_yaml, origins, shown_document
+    from gcupipe.secrets import redact
+
+    try:
+        loaded = _load(recipe, overrides)
+        if as_json:
+            document = shown_document(loaded, os.environ)
+            record = {"document": document, "origins": origins(loaded, document)}
+            text = json.dumps(redact(record), indent=2) + "\n"
+        else:
+            text = redact(annotated_yaml(loaded, os.environ))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    sys.stdout.write(text)
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes and fragments that installed Python packages provide (entry-point group
+    gcupipe.recipes), each with the reference extends:/include: take and its description."""
+    from gcupipe.recipe.catalog import GROUP, provided_recipes
+
+    found = provided_recipes()
+    if not found:
+        console.print(f"no installed package provides recipes (entry-point group {GROUP})")
+    for provided in found:
+        console.print(
+            f"{provided.reference}  {provided.description}", highlight=False, markup=False
+        )
 
 
 @app.command()

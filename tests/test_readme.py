@@ -50,14 +50,16 @@ def _shell_lines() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("line", [c for c in _shell_lines() if c.split()[1] in ("lint", "plan")])
-def test_readme_lint_and_plan_commands_work(line: str, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "line", [c for c in _shell_lines() if c.split()[1] in ("lint", "plan", "show")]
+)
+def test_readme_lint_plan_and_show_commands_work(line: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("CALIBRATION_TEXT", "calibration.txt")
     args = shlex.split(line)[1:]
     if args[0] == "lint":
         args = ["lint", *sorted(str(p) for p in (ROOT / "recipes").glob("*.yaml"))]
-    else:
+    elif args[0] == "plan":
         args += ["--workdir", str(tmp_path / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import socket
 import sys
@@ -37,6 +38,7 @@ def write_lock(
         "recipe": {
             "name": recipe.name,
             "source": str(recipe.source) if recipe.source else None,
+            "files": [composed.as_json() for composed in recipe.sources],
             "resolved": recipe.document,
             "stages": {
                 stage.id: {
@@ -59,3 +61,38 @@ def write_lock(
     }
     write_json_atomic(path, redact(record))
     return path
+
+
+def changed_files(run_dir: Path, recipe: Recipe) -> list[str]:
+    """What `plan` says about the composed files against the last run's lock: each fragment
+    whose content changed (or that is new), and the stages whose config it sets values of."""
+    try:
+        previous = json.loads((run_dir / LOCK_NAME).read_text())
+        recorded = {entry["file"]: entry for entry in previous["recipe"]["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no earlier run, or one from before files were recorded
+    lines = []
+    for composed in recipe.sources:
+        before = recorded.get(composed.name)
+        if before is not None and before.get("sha256") == composed.sha256:
+            continue
+        touched = sorted(
+            {
+                str(path[1])
+                for path, mark in recipe.positions.values.items()
+                if len(path) > 2 and path[0] == "stages" and mark.source == composed.name
+            }
+        )
+        what = "is new" if before is None else _change(before, composed.version, composed.sha256)
+        sets = f"; it sets config of: {', '.join(touched)}" if touched else ""
+        lines.append(f"{composed.name} {what} since the last run{sets}")
+    for name in recorded:
+        if all(composed.name != name for composed in recipe.sources):
+            lines.append(f"{name} is no longer part of the recipe")
+    return lines
+
+
+def _change(before: dict[str, Any], version: str | None, sha256: str) -> str:
+    if before.get("version") != version:
+        return f"changed ({before.get('version')} -> {version})"
+    return f"changed (sha256 {str(before.get('sha256'))[:12]} -> {sha256[:12]})"

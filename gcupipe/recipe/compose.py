@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import Mark, RecipeError
+from gcupipe.recipe.references import (
+    LOCAL,
+    ComposedFile,
+    Origin,
+    UnresolvedReference,
+    file_sha256,
+    resolve,
+)
 from gcupipe.recipe.source import KeyPath, Positions, format_path, read_yaml_file
 
 
-def display_path(path: Path) -> str:
-    """How a file is named in messages: relative to the working directory when below it."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
+@dataclass
+class Composed:
+    """A recipe with everything it extends and includes merged in, and the files it took."""
+
+    data: dict[str, Any]
+    positions: Positions
+    files: list[ComposedFile] = field(default_factory=list)
 
 
 def deep_merge(
@@ -49,15 +58,25 @@ def deep_merge(
                     mine[other_path] = mark
 
 
-def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Positions]:
+def compose(path: Path) -> Composed:
     """Load a recipe file with everything it extends and includes merged in.
 
     Precedence (later wins): extended files in order < included fragments in order < the file.
     Key order: the extended files' keys, then the file's own, then keys only fragments add, so
     a fragment mounted at `stages.<id>.with` never moves that stage ahead of the ones the
     file declares before it."""
-    display = display_path(path)
+    composed = Composed({}, Positions())
+    composed.data, composed.positions = _load(path, LOCAL, (), composed.files)
+    return composed
+
+
+def _load(
+    path: Path, origin: Origin, chain: tuple[Path, ...], files: list[ComposedFile]
+) -> tuple[dict[str, Any], Positions]:
+    display = origin.name_of(path)
     data, positions = read_yaml_file(path, display)
+    if all(known.name != display for known in files):
+        files.append(ComposedFile(display, origin.version, file_sha256(path)))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -71,12 +90,14 @@ def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
     chain = chain + (path.resolve(),)
 
     for reference, _ in _references(data, positions, "extends"):
-        base, base_positions = _load_reference(path, reference, chain, positions, "extends")
+        base, base_positions = _load_reference(path, origin, reference, chain, positions, files)
         deep_merge(merged, merged_positions, base, base_positions)
     fragments: dict[str, Any] = {}
     fragments_positions = Positions()
     for reference, at in _references(data, positions, "include"):
-        fragment, fragment_positions = _load_reference(path, reference, chain, positions, "include")
+        fragment, fragment_positions = _load_reference(
+            path, origin, reference, chain, positions, files
+        )
         if at:
             fragment, fragment_positions = _mount(fragment, fragment_positions, at)
         deep_merge(fragments, fragments_positions, fragment, fragment_positions)
@@ -132,24 +153,29 @@ def _references(
 
 def _load_reference(
     path: Path,
+    origin: Origin,
     reference: tuple[str, KeyPath],
     chain: tuple[Path, ...],
     positions: Positions,
-    key: str,
+    files: list[ComposedFile],
 ) -> tuple[dict[str, Any], Positions]:
     name, item_path = reference
-    target = (path.parent / name).resolve()
+    key = str(item_path[0])
     mark = positions.value_mark(item_path)
+    try:
+        target, target_origin = resolve(name, path.parent, origin)
+    except UnresolvedReference as exc:
+        raise RecipeError(str(exc), mark, format_path(item_path)) from None
     if target in chain:
-        cycle = " -> ".join(display_path(p) for p in chain + (target,))
+        cycle = " -> ".join(origin.name_of(p) for p in chain + (target,))
         raise RecipeError(f"{key} cycle: {cycle}", mark, format_path(item_path))
     if not target.is_file():
         raise RecipeError(
-            f"{key} names a file that does not exist: {display_path(target)}",
+            f"{key} names a file that does not exist: {target_origin.name_of(target)}",
             mark,
             format_path(item_path),
         )
-    return load_composed(target, chain)
+    return _load(target, target_origin, chain, files)
 
 
 def _mount(

@@ -10,7 +10,7 @@ from typing import Any
 
 from gcupipe.errors import RecipeError
 from gcupipe.plugins import PluginLoadError, UnknownPlugin
-from gcupipe.recipe.compose import load_composed
+from gcupipe.recipe.compose import compose
 from gcupipe.recipe.graph import stage_needs, topological_order
 from gcupipe.recipe.interpolate import (
     Deferred,
@@ -36,7 +36,8 @@ def load_recipe(
     """Load, compose and check a recipe; raises RecipeError naming file:line:col."""
     environ = os.environ if environ is None else environ
     path = Path(path)
-    data, positions = load_composed(path)
+    composed = compose(path)
+    data, positions = composed.data, composed.positions
     for dotted, value, source in environment_overrides(environ):
         apply_override(data, positions, dotted, value, source)
     for text in overrides:
@@ -44,7 +45,9 @@ def load_recipe(
         apply_override(data, positions, dotted, value, "--set")
     model = validate_model(RecipeModel, data, positions, ())
     assert isinstance(model, RecipeModel)
-    return _Builder(model, data, positions, environ, path).build()
+    recipe = _Builder(model, data, positions, environ, path).build()
+    recipe.sources = composed.files
+    return recipe
 
 
 class _Builder:
@@ -100,6 +103,7 @@ class _Builder:
             self.positions,
             self.model.executor,
             self.model.cache,
+            vars=self.vars,
         )
 
     # -- vars and interpolation -------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gcupipe.recipe.model import ExecutorSettings, RemoteCacheSettings
+from gcupipe.recipe.references import ComposedFile
 from gcupipe.recipe.source import KeyPath, Positions
 from gcupipe.stages.base import Stage
 from gcupipe.stages.resources import Resources
@@ -43,3 +44,5 @@ class Recipe:
     positions: Positions
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     remote_cache: RemoteCacheSettings | None = None
+    sources: list[ComposedFile] = field(default_factory=list)  # the recipe file first
+    vars: dict[str, Any] = field(default_factory=dict)  # interpolated
