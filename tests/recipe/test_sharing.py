@@ -308,3 +308,62 @@ def test_show_names_the_fragment_each_value_came_from(monkeypatch: pytest.Monkey
         record["document"]["stages"]["download"]["with"]["model_id"]
         == "deepseek-ai/DeepSeek-V2-Lite"
     )
+
+
+def test_a_git_fragment_extends_its_neighbours_at_the_same_commit(
+    policy_repo: Path, tmp_path: Path
+):
+    write(policy_repo / "steps" / "base.yaml", "run: echo base\ntimeout_s: 30\n")
+    write(policy_repo / "steps" / "hello.yaml", "extends: base.yaml\nrun: echo hello v2\n")
+    git(policy_repo, "add", ".")
+    git(policy_repo, "commit", "-q", "-m", "policy v2")
+    git(policy_repo, "tag", "v2")
+    commit = git(policy_repo, "rev-parse", "HEAD")
+    reference = f"git+file://{policy_repo}@v2#steps/hello.yaml"
+    recipe = load_recipe(recipe_including(tmp_path / "product.yaml", reference), environ={})
+    assert recipe.stages["first"].config == {"run": "echo hello v2", "timeout_s": 30}
+    base = f"git+file://{policy_repo}@v2#steps/base.yaml"
+    assert [(f.name, f.version) for f in recipe.sources[1:]] == [
+        (reference, commit),
+        (base, commit),
+    ]
+    assert str(recipe.positions.value_mark(("stages", "first", "with", "timeout_s"))) == (
+        f"{base}:2:12"
+    )
+
+
+def test_show_fills_in_what_it_can_and_keeps_secrets_and_run_time_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_do_not_print_me")
+    monkeypatch.setenv("GREETING", "hi")
+    monkeypatch.delenv("UNSET_THING", raising=False)
+    write(
+        tmp_path / "r.yaml",
+        """\
+        version: 1
+        name: shown
+        vars: {who: world}
+        stages:
+          first:
+            uses: command
+            with:
+              run: echo ${env:GREETING} ${vars.who} ${env:UNSET_THING,later}
+              env: {TOKEN: "${env:HF_TOKEN}", MISSING: "${env:UNSET_THING}"}
+          second:
+            uses: command
+            with: {run: "cat ${stages.first.outputs.stdout_file}"}
+        """,
+    )
+    result = CliRunner().invoke(app, ["show", "r.yaml", "--json"], env={"UNSET_THING": None})
+    assert result.exit_code == 2  # ${env:UNSET_THING} with no default: the recipe cannot load
+    assert "environment variable UNSET_THING is not set" in result.output
+    monkeypatch.setenv("UNSET_THING", "now set")
+    result = CliRunner().invoke(app, ["show", "r.yaml", "--json"])
+    assert result.exit_code == 0, result.output
+    stages = json.loads(result.output)["document"]["stages"]
+    assert stages["first"]["with"]["run"] == "echo hi world now set"
+    assert stages["first"]["with"]["env"]["TOKEN"] == "${env:HF_TOKEN}"
+    assert stages["second"]["with"]["run"] == "cat ${stages.first.outputs.stdout_file}"
+    assert "hf_do_not_print_me" not in result.output
