@@ -20,7 +20,7 @@ from typing import Any
 from gcupipe.serving.args import VllmArgs, render_command, server_command
 from gcupipe.serving.checks import raise_on_failed, run_checks
 from gcupipe.serving.load import LoadFigures, LoadSpec, run_load, write_load_report
-from gcupipe.serving.platform import release_tmp
+from gcupipe.serving.platform import child_tmp, claim_tmp, release_tmp
 from gcupipe.serving.server import (
     ServerProcess,
     ensure_port_free,
@@ -71,6 +71,7 @@ def run_child(
 ) -> int | None:
     """Run a child in its own process group; kill the whole group on timeout (returns None)
     or when gcupipe itself is interrupted."""
+    env = child_tmp(env)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             command,
@@ -82,6 +83,7 @@ def run_child(
             start_new_session=True,
             preexec_fn=stop_with_parent,
         )
+        claim_tmp(env, process.pid)
         try:
             return process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gcupipe.errors import StageError
-from gcupipe.serving.platform import release_tmp
+from gcupipe.serving.platform import child_tmp, claim_tmp, release_tmp
 
 LOG_TAIL_LINES = 15
 
@@ -117,12 +117,12 @@ class ServerProcess:
         """`outlive`: the server may outlive gcupipe (keep_alive); otherwise it is told to stop
         (SIGTERM) if gcupipe dies, even by SIGKILL, so no server is orphaned."""
         self.command = command
-        self.env = env
+        self.env = child_tmp(env)
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             command,
-            env=env,
+            env=self.env,
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -130,6 +130,7 @@ class ServerProcess:
             start_new_session=True,  # own process group: one killpg reaches every child
             preexec_fn=None if outlive else stop_with_parent,
         )
+        claim_tmp(self.env, self.process.pid)
 
     @property
     def pid(self) -> int:

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -117,3 +118,5 @@ def test_sigkill_inside_a_stage_then_the_rerun_is_correct(stage: str, tmp_path: 
     assert (run_dir / "stages" / "quantize" / "out" / "config.json").is_file()
     assert list((run_dir / ".tmp").glob("*")) == []
     assert _wait_gone(str(tmp_path)) == []
+    # the killed run's short socket TMPDIR (torch leaves ~150 MB there) was swept by the rerun
+    assert list(Path(tempfile.gettempdir()).glob(f"gcupipe-vllm-{process.pid}-*")) == []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -18,7 +20,13 @@ from gcupipe.serving.args import (
     inspect_artifact,
     server_command,
 )
-from gcupipe.serving.platform import detect_platform, platform_env, release_tmp
+from gcupipe.serving.platform import (
+    child_tmp,
+    claim_tmp,
+    detect_platform,
+    platform_env,
+    release_tmp,
+)
 from gcupipe.targets.registry import TARGETS
 
 
@@ -154,21 +162,45 @@ def test_platform_override_and_cpu_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_long_run_dirs_keep_sockets_short(tmp_path: Path) -> None:
+    system_tmp = Path(tempfile.gettempdir())
+    before = set(system_tmp.glob("gcupipe-vllm-*"))
     deep = tmp_path / ("x" * 80)
     env = platform_env(Platform.CPU, deep, kv_cache_space_gib=1)
-    assert len(env["TMPDIR"]) <= 60 + len("/gcupipe-vllm-") and Path(env["TMPDIR"]).is_dir()
-    # only sockets go there: torch's compile cache (~150 MB a run) stays in the run dir
+    # nothing is made outside the run until a child starts (a stage failing before would leak)
+    assert Path(env["TMPDIR"]) == deep / "tmp" and set(system_tmp.glob("gcupipe-vllm-*")) == before
+    # only sockets go to the short one: torch's compile cache (~150 MB a run) stays in the run
     assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(deep)
-    # each child gets its own, removed once the child is gone (nothing accumulates in /tmp)
-    other = platform_env(Platform.CPU, deep, kv_cache_space_gib=1)
-    assert other["TMPDIR"] != env["TMPDIR"]
-    release_tmp(env)
-    assert not Path(env["TMPDIR"]).exists() and Path(other["TMPDIR"]).is_dir()
-    release_tmp(other)
+    first, second = child_tmp(env), child_tmp(env)
+    assert len(first["TMPDIR"]) <= 60 + len("/gcupipe-vllm-") and Path(first["TMPDIR"]).is_dir()
+    assert first["TMPDIR"] != second["TMPDIR"]  # each child its own, removed once it is gone
+    release_tmp(first)
+    assert not Path(first["TMPDIR"]).exists() and Path(second["TMPDIR"]).is_dir()
+    release_tmp(second)
     short = Path(tempfile.mkdtemp(prefix="run-"))  # a run directory short enough for sockets
     try:
-        inside = platform_env(Platform.CPU, short, kv_cache_space_gib=1)
+        inside = child_tmp(platform_env(Platform.CPU, short, kv_cache_space_gib=1))
         release_tmp(inside)  # a TMPDIR inside the run directory is the run's, and stays
         assert Path(inside["TMPDIR"]) == short / "tmp" and (short / "tmp").is_dir()
     finally:
         shutil.rmtree(short)
+
+
+def test_a_short_tmpdir_left_by_a_killed_gcupipe_is_swept_by_the_next_child(
+    tmp_path: Path,
+) -> None:
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a pid that has ended
+    system_tmp = Path(tempfile.gettempdir())
+    left = Path(tempfile.mkdtemp(prefix=f"gcupipe-vllm-{dead_pid}-"))
+    (left / "precompiled.h").write_bytes(b"x" * 1024)
+    kept_alive = Path(tempfile.mkdtemp(prefix=f"gcupipe-vllm-{dead_pid}-"))
+    claim_tmp({"TMPDIR": str(kept_alive)}, os.getpid())  # a keep_alive server still uses it
+    try:
+        made = child_tmp(platform_env(Platform.CPU, tmp_path / ("x" * 80), kv_cache_space_gib=1))
+        assert not left.exists()
+        assert kept_alive.is_dir()
+        assert Path(made["TMPDIR"]).parent == system_tmp
+        release_tmp(made)
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(kept_alive, ignore_errors=True)
