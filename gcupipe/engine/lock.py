@@ -86,9 +86,8 @@ def changed_files(run_dir: Path, recipe: Recipe) -> list[str]:
         what = "is new" if before is None else _change(before, composed.version, composed.sha256)
         sets = f"; it sets config of: {', '.join(touched)}" if touched else ""
         lines.append(f"{composed.name} {what} since the last run{sets}")
-    for name in recorded:
-        if all(composed.name != name for composed in recipe.sources):
-            lines.append(f"{name} is no longer part of the recipe")
+    current = {composed.name for composed in recipe.sources}
+    lines += [f"{name} is no longer part of the recipe" for name in recorded if name not in current]
     return lines
 
 

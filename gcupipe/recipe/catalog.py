@@ -25,7 +25,6 @@ GROUP = "gcupipe.recipes"
 class ProvidedRecipe:
     reference: str  # what extends:/include: take
     description: str
-    provider: str  # the entry point's name
 
 
 def provided_recipes() -> list[ProvidedRecipe]:
@@ -42,9 +41,7 @@ def provided_recipes() -> list[ProvidedRecipe]:
             path = Path(str(entry.locate()))
             found.append(
                 ProvidedRecipe(
-                    f"{PACKAGE_PREFIX}{distribution.name}/{relative}",
-                    _description(path),
-                    point.name,
+                    f"{PACKAGE_PREFIX}{distribution.name}/{relative}", _description(path)
                 )
             )
     return sorted(found, key=lambda recipe: recipe.reference)

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gcupipe.errors import Mark, RecipeError
-from gcupipe.recipe.references import (
-    LOCAL,
-    ComposedFile,
-    Origin,
-    UnresolvedReference,
-    file_sha256,
-    resolve,
-)
+from gcupipe.recipe.references import LOCAL, ComposedFile, Origin, UnresolvedReference, resolve
 from gcupipe.recipe.source import KeyPath, Positions, format_path, read_yaml_file
 
 
@@ -24,7 +17,7 @@ class Composed:
 
     data: dict[str, Any]
     positions: Positions
-    files: list[ComposedFile] = field(default_factory=list)
+    files: list[ComposedFile]  # the recipe file first
 
 
 def deep_merge(
@@ -65,18 +58,18 @@ def compose(path: Path) -> Composed:
     Key order: the extended files' keys, then the file's own, then keys only fragments add, so
     a fragment mounted at `stages.<id>.with` never moves that stage ahead of the ones the
     file declares before it."""
-    composed = Composed({}, Positions())
-    composed.data, composed.positions = _load(path, LOCAL, (), composed.files)
-    return composed
+    files: list[ComposedFile] = []
+    data, positions = _load(path, LOCAL, (), files)
+    return Composed(data, positions, files)
 
 
 def _load(
     path: Path, origin: Origin, chain: tuple[Path, ...], files: list[ComposedFile]
 ) -> tuple[dict[str, Any], Positions]:
     display = origin.name_of(path)
-    data, positions = read_yaml_file(path, display)
+    data, positions, sha256 = read_yaml_file(path, display)
     if all(known.name != display for known in files):
-        files.append(ComposedFile(display, origin.version, file_sha256(path)))
+        files.append(ComposedFile(display, origin.version, sha256))
     if data is None:
         data = {}
     if not isinstance(data, dict):

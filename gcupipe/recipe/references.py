@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from gcupipe.checksums import sha256_file
 from gcupipe.hub.package import PackageFileError, distribution_path
 
 PACKAGE_PREFIX = "pkg:"
@@ -73,10 +74,6 @@ def display_path(path: Path) -> str:
         return os.path.relpath(path)
     except ValueError:
         return str(path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def resolve(name: str, beside: Path, origin: Origin) -> tuple[Path, Origin]:
@@ -146,7 +143,7 @@ class _GitCache:
             raise UnresolvedReference(
                 f"{url} has no file {path} at {revision} (commit {commit[:12]})"
             )
-        sha = file_sha256(file)
+        sha = sha256_file(file)
         if pin and sha != pin["sha256"]:
             raise UnresolvedReference(
                 f"{label} changed since it was pinned: sha256 {pin['sha256'][:12]} at commit "

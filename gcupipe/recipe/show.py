@@ -25,12 +25,13 @@ def shown_document(recipe: Recipe, environ: Mapping[str, str]) -> dict[str, Any]
         expression = expression.strip()
         if expression.startswith("vars."):
             return lookup_in(recipe.vars, expression[len("vars.") :], "vars")
-        name = expression[len("env:") :].partition(",")[0].strip()
-        if expression.startswith("env:") and not is_secret_name(name):
-            try:
-                return from_environment(expression)
-            except RecipeError:
-                raise Deferred from None
+        if expression.startswith("env:"):
+            name = expression[len("env:") :].partition(",")[0].strip()
+            if not is_secret_name(name):
+                try:
+                    return from_environment(expression)
+                except RecipeError:
+                    pass
         raise Deferred
 
     shown: dict[str, Any] = interpolate(
@@ -40,19 +41,16 @@ def shown_document(recipe: Recipe, environ: Mapping[str, str]) -> dict[str, Any]
 
 
 def origins(recipe: Recipe, document: dict[str, Any]) -> dict[str, str]:
-    """Key path -> where its value was written, for every value that is not a mapping."""
+    """Key path -> where its value was written, for every value shown on one line."""
     found: dict[str, str] = {}
 
     def walk(value: Any, path: KeyPath) -> None:
-        if isinstance(value, dict) and value:
-            for key, item in value.items():
-                walk(item, path + (key,))
-        elif isinstance(value, list) and value and not all(_is_scalar(v) for v in value):
-            for index, item in enumerate(value):
-                walk(item, path + (index,))
-        else:
+        entries = _entries(value)
+        if entries is None:
             mark = recipe.positions.value_mark(path)
             found[format_path(path)] = str(mark) if mark else "?"
+        for key, item in entries or []:
+            walk(item, path + (key,))
 
     walk(document, ())
     return found
@@ -64,32 +62,35 @@ def annotated_yaml(recipe: Recipe, environ: Mapping[str, str]) -> str:
     where = origins(recipe, document)
     lines: list[str] = []
 
-    def emit(value: Any, path: KeyPath, indent: str, lead: str) -> None:
-        if isinstance(value, dict) and value:
-            for number, (key, item) in enumerate(value.items()):
-                prefix = indent + (lead if number == 0 else " " * len(lead)) + f"{_scalar(key)}:"
-                _entry(prefix, item, path + (key,), indent + " " * len(lead) + "  ")
-        elif isinstance(value, list) and value and not all(_is_scalar(v) for v in value):
-            for index, item in enumerate(value):
-                if isinstance(item, dict) and item:
-                    emit(item, path + (index,), indent, "- ")
-                else:
-                    _entry(indent + "-", item, path + (index,), indent + "  ")
+    def emit(value: Any, path: KeyPath, indent: str) -> None:
+        for key, item in _entries(value) or []:
+            if isinstance(key, int):  # a list item: a mapping starts on the dash's line
+                lead, deeper = f"{indent}- ", indent + "  "
+            else:
+                lead, deeper = f"{indent}{_scalar(key)}:", indent + "  "
+            dotted = format_path(path + (key,))
+            if dotted in where:
+                lines.append(f"{lead.rstrip()} {_scalar(item)}  # {where[dotted]}")
+            elif isinstance(key, int):
+                start = len(lines)
+                emit(item, path + (key,), deeper)
+                lines[start] = lead + lines[start].lstrip()
+            else:
+                lines.append(lead)
+                emit(item, path + (key,), deeper)
 
-    def _entry(prefix: str, item: Any, path: KeyPath, deeper: str) -> None:
-        dotted = format_path(path)
-        if dotted in where:
-            lines.append(f"{prefix} {_scalar(item)}  # {where[dotted]}")
-        else:
-            lines.append(prefix)
-            emit(item, path, deeper, "")
-
-    emit(document, (), "", "")
+    emit(document, (), "")
     return "\n".join(lines) + "\n"
 
 
-def _is_scalar(value: Any) -> bool:
-    return not isinstance(value, dict | list) or not value
+def _entries(value: Any) -> list[tuple[str | int, Any]] | None:
+    """What `show` writes one per line (a mapping's keys, a list holding mappings or lists),
+    or None for a value written on one line (a scalar, a list of scalars, `{}`, `[]`)."""
+    if isinstance(value, dict) and value:
+        return list(value.items())
+    if isinstance(value, list) and any(isinstance(v, dict | list) and v for v in value):
+        return list(enumerate(value))
+    return None
 
 
 def _scalar(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,12 +173,14 @@ def _scalar(node: yaml.Node, source: str, constructor: _Constructor) -> Any:
         raise RecipeError(f"invalid YAML value: {exc}", _mark(source, node.start_mark)) from None
 
 
-def read_yaml_file(path: Path, display: str) -> tuple[Any, Positions]:
-    """Read and parse a recipe file; `display` is how the file is named in messages."""
+def read_yaml_file(path: Path, display: str) -> tuple[Any, Positions, str]:
+    """Read and parse a recipe file; `display` is how the file is named in messages. Also
+    returns the sha256 of the bytes read (the lock records every composed file by it)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"file not found: {display}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read {display}: {exc}") from None
-    return parse_yaml(text, display)
+    return (*parse_yaml(text, display), hashlib.sha256(raw).hexdigest())
