@@ -23,6 +23,9 @@ class ArchMap:
     router: tuple[str, ...] = ()  # linears that always stay float (MoE gates)
     # a linear that sees exactly the tokens routed to one expert; group 1 names the expert
     expert_input: str = ""
+    # linears that see only the tokens a router sends them: the float and the quantized model
+    # route differently, so their inputs in the two do not pair row by row
+    routed: str = r"mlp\.experts\.\d+\..+"
     # (producer linear regex, reader template): the reader's input is a per-channel linear
     # function of the producer's output rows (up_proj -> down_proj through act(gate) * up), so
     # a factor can be divided out of the producer's rows and multiplied into the reader.
@@ -39,6 +42,9 @@ class ArchMap:
 
     def is_linear(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.linears)
+
+    def is_routed(self, name: str) -> bool:
+        return re.fullmatch(self.routed, name) is not None
 
 
 _LLAMA_ATTN = r"self_attn\.(q|k|v|o)_proj"

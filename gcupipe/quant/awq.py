@@ -13,9 +13,12 @@ channels. The α kept (identity included, so AWQ never loses to RTN on its own o
 one that minimises the group's output error ‖X Wᵀ − X Q(W·s)ᵀ/s‖², computed from H = XᵀX/N
 as Σ (ΔW H) ⊙ ΔW, so every grid point costs one matmul instead of a forward pass.
 
-Then a clipping search shrinks each group's weight range (factors 1 … 0.5) where that lowers the
-group's own output error (ΔW_g H_gg ΔW_gᵀ, all groups and rows at once), skipping q/k by default
-(their error is amplified by the q·k product), and the weights are group-quantized (g = 64).
+The scaled weights are then rounded by GPTQ (quant/gptq.py, its defaults or `options.gptq`) on
+the inputs the scaled readers see, x / s. SmolLM2 w4 g64 asym, 16,384 eval tokens: GPTQ rounding
+38.41 against 40.63 for the other rounding (`gptq: null`): a clipping search that shrinks each
+group's weight range (factors 1 … 0.5) where that lowers the group's own output error
+(ΔW_g H_gg ΔW_gᵀ, all groups and rows at once), skipping q/k by default (their error is
+amplified by the q·k product), then round-to-nearest in groups of 64.
 
 MoE experts that saw fewer than `min_tokens` calibration tokens are quantized by RTN and marked
 (`extra["fallback"] = "rtn"`): the stage report lists them.
@@ -24,17 +27,19 @@ MoE experts that saw fewer than `min_tokens` calibration tokens are quantized by
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from gcupipe.quant.folding import fold_scale
-from gcupipe.quant.gptq import fallback_reason, rtn_fallback
+from gcupipe.quant.gptq import GPTQMethod, GPTQOptions, fallback_reason, rtn_fallback
 from gcupipe.quant.methods import (
     LayerCalibration,
     LayerSpec,
     LayerView,
+    LinearJob,
     MethodOptions,
     QuantMethod,
 )
@@ -61,7 +66,10 @@ class AWQOptions(MethodOptions):
         default=20, ge=1, description="Ratios alpha = 0, 1/grid, ..., (grid-1)/grid are tried."
     )
     clip_grid: int = Field(
-        default=20, ge=1, description="Clipping factors tried between 1 and 1 - clip_max_shrink."
+        default=20,
+        ge=1,
+        description="RTN rounding (gptq: null): clipping factors tried between 1 and "
+        "1 - clip_max_shrink.",
     )
     clip_max_shrink: float = Field(
         default=0.5, ge=0, lt=1, description="Largest range shrink of the clip search."
@@ -77,6 +85,11 @@ class AWQOptions(MethodOptions):
     )
     max_search_tokens: int = Field(
         default=16384, gt=0, description="Rows of X used for H (a random subset beyond that)."
+    )
+    gptq: GPTQOptions | None = Field(
+        default_factory=GPTQOptions,
+        description="Round the scaled weights with GPTQ and these options; null: RTN with the "
+        "clip search instead.",
     )
 
 
@@ -239,6 +252,12 @@ class AWQMethod(QuantMethod):
         self._scales: dict[str, torch.Tensor] = {}  # reader (in-layer name) -> s [k]
         self._ratios: dict[str, float] = {}
         self._cache: tuple[Any, Any, torch.Tensor] | None = None
+        gptq = self.awq_options.gptq
+        self._gptq = None if gptq is None else GPTQMethod(gptq, self.device)
+
+    @property
+    def float_targets(self) -> bool:
+        return self._gptq is not None and self._gptq.float_targets
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         self._view, self._calib = view, calib
@@ -292,6 +311,15 @@ class AWQMethod(QuantMethod):
             self._cache = (inputs, scale, hessian)
         return self._cache[2]
 
+    def quantize_linears(self, jobs: list[LinearJob]) -> Iterator[tuple[str, QuantizedLinear]]:
+        for job in jobs:
+            yield (
+                job.module,
+                self._quantize(
+                    job.name, job.weight(), job.bias(), job.inputs, job.spec, job.float_inputs
+                ),
+            )
+
     def quantize_layer(
         self,
         name: str,
@@ -299,6 +327,17 @@ class AWQMethod(QuantMethod):
         bias: torch.Tensor | None,
         inputs: torch.Tensor | None,
         spec: LayerSpec,
+    ) -> QuantizedLinear:
+        return self._quantize(name, weight, bias, inputs, spec, None)
+
+    def _quantize(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        inputs: torch.Tensor | None,
+        spec: LayerSpec,
+        float_inputs: torch.Tensor | None,
     ) -> QuantizedLinear:
         if spec.activation is not ActivationScheme.NONE:
             raise ValueError("AWQ quantizes weights only (W4A16): activations stay float")
@@ -316,6 +355,19 @@ class AWQMethod(QuantMethod):
             return rtn_fallback(weight, bias, spec, self.name, reason)
         assert inputs is not None
         scale_factor = self._scales.get(rel) if rel is not None else None
+        extra = {
+            "awq_ratio": self._ratios.get(rel or "", None),
+            "awq_scaled": scale_factor is not None,
+        }
+        if self._gptq is not None:  # GPTQ on the scaled weights, from the scaled inputs x / s
+            if scale_factor is not None:
+                inputs = inputs / scale_factor.to(inputs)
+                if float_inputs is not None:
+                    float_inputs = float_inputs / scale_factor.to(float_inputs)
+            layer = self._gptq.quantize_stacked([weight], [bias], inputs, spec, float_inputs)[0]
+            layer.method = self.name
+            layer.extra.update(extra)
+            return layer
         if any(re.fullmatch(p, name) for p in options.clip_skip):
             w_scale, w_offset = weight_qparams(weight, spec.bits, spec.group_size, spec.symmetric)
         else:
@@ -334,8 +386,7 @@ class AWQMethod(QuantMethod):
             bias=bias,
             method=self.name,
             extra={
-                "awq_ratio": self._ratios.get(rel or "", None),
-                "awq_scaled": scale_factor is not None,
+                **extra,
                 "calibration_tokens": int(inputs.reshape(-1, inputs.shape[-1]).shape[0]),
             },
         )

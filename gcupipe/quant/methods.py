@@ -18,7 +18,8 @@ input). Uncalibrated layers call `quantize_layer` directly.
 - `inputs` is [tokens, k] in the calibration forwards' dtype (fp32, or bf16 where they run in
   bf16: the stage's `calibration.dtype`): the activations this linear received in the forward
   pass of THIS layer with every earlier layer already quantized (what GPTQ needs for its
-  Hessian).
+  Hessian). A method whose `float_targets` is true also gets `LinearJob.float_inputs`: the same
+  tokens' inputs of this linear in the float model (GPTQ's asymmetric calibration).
   Methods upcast what they compute with. It is None when the method does not need
   calibration. For MoE experts it holds only the tokens routed to that expert (possibly zero
   rows: fall back to RTN and say so via `QuantizedLinear.extra["fallback"] = "rtn"`).
@@ -67,6 +68,8 @@ class LayerCalibration:
 
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [tokens, k]
     tokens: int = 0
+    # only for methods with `float_targets`: the same linears' inputs in the float model
+    float_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +81,8 @@ class LinearJob:
     linear: Any  # the layer's torch.nn.Linear, float weights (after prepare_layer); read only
     inputs: torch.Tensor | None  # its calibration inputs (see the module docstring)
     spec: LayerSpec
+    # the float model's inputs of this linear for the same tokens (methods with float_targets)
+    float_inputs: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor:
         """An fp32 copy of the weight [n, k]."""
@@ -147,6 +152,13 @@ class QuantMethod:
     def calibrated(self) -> bool:
         """Whether this method, as configured, runs on calibration inputs."""
         return self.calibration_needed(self.smooth_alpha)
+
+    @property
+    def float_targets(self) -> bool:
+        """Whether this method, as configured, also needs each linear's inputs in the float
+        model (`LinearJob.float_inputs`): the streaming loop then carries the float model's
+        activations beside the quantized model's, one more forward per layer."""
+        return False
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         """Change float weights before quantization (SmoothQuant, AWQ scaling). Default: none."""

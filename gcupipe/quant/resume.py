@@ -5,7 +5,8 @@ finished layer is on disk), the streaming quantizer saves a checkpoint in the st
 directory (kept across a killed run for the same cache key, engine/store.py):
 
     state.json           layers done, the quantize report so far, the writer's state
-    hidden-<n>.safetensors   calibrated methods: the activations entering layer n
+    hidden-<n>.safetensors   calibrated methods: the activations entering layer n (and the
+                             float model's, for methods with float targets)
     parts/               the writer's finished shards (FormatWriter.parts_dir)
 
 `state.json` is replaced atomically and written last, so a kill at any moment leaves either the
@@ -35,6 +36,7 @@ class Checkpoint:
     report: dict[str, Any]
     writer: dict[str, Any]
     hidden: torch.Tensor | None
+    float_hidden: torch.Tensor | None = None
 
 
 class LayerCheckpoints:
@@ -53,12 +55,18 @@ class LayerCheckpoints:
             return None
         if state.get("version") != STATE_VERSION:
             return None
-        hidden = None
+        streams: dict[str, torch.Tensor] = {}
         if state["hidden"] is not None:
             from safetensors.torch import load_file
 
-            hidden = load_file(str(self.directory / state["hidden"]))["hidden"]
-        return Checkpoint(state["layers_done"], state["report"], state["writer"], hidden)
+            streams = load_file(str(self.directory / state["hidden"]))
+        return Checkpoint(
+            state["layers_done"],
+            state["report"],
+            state["writer"],
+            streams.get("hidden"),
+            streams.get("float_hidden"),
+        )
 
     def save(
         self,
@@ -66,6 +74,7 @@ class LayerCheckpoints:
         report: Any,
         writer_state: dict[str, Any],
         hidden: torch.Tensor | None,
+        float_hidden: torch.Tensor | None = None,
     ) -> None:
         from safetensors.torch import save_file
 
@@ -74,7 +83,11 @@ class LayerCheckpoints:
         if hidden is not None:
             hidden_name = f"hidden-{layers_done}.safetensors"
             temp = self.directory / f".{hidden_name}.partial"
-            save_file({"hidden": hidden.detach().cpu().contiguous()}, str(temp))
+            streams = {"hidden": hidden, "float_hidden": float_hidden}
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in streams.items() if v is not None},
+                str(temp),
+            )
             os.replace(temp, self.directory / hidden_name)
         state = {
             "version": STATE_VERSION,

@@ -164,12 +164,15 @@ def quantize_model(
         raise StageError("this method (or kv_cache: int8) needs calibration data")
     resumed = checkpoints.load() if checkpoints is not None else None
     hidden: Any = None
+    float_hidden: Any = None  # the float model's activations (methods with float_targets)
     position_embeddings: Any = None
     start = 0
     if resumed is not None:
         writer.restore(resumed.writer)
         report = QuantizeReport(**resumed.report)
         hidden = None if resumed.hidden is None else resumed.hidden.to(device)
+        if resumed.float_hidden is not None:
+            float_hidden = resumed.float_hidden.to(device)
         start = resumed.layers_done
         log(
             f"resuming at layer {start}/{reader.num_layers}: layers 0-{start - 1} were "
@@ -183,6 +186,8 @@ def quantize_model(
             embed = reader.tensor("model.embed_tokens.weight").float()
             hidden = torch.nn.functional.embedding(calib_tokens, embed).to(device)
             del embed
+            if method.float_targets:
+                float_hidden = hidden.clone()
         position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
     dtype = calibration_dtype(compute_dtype, device)
 
@@ -206,7 +211,7 @@ def quantize_model(
             if index + 1 < reader.num_layers:
                 reader.read_ahead(reader.layers[index + 1])
             if needs_forward:
-                hidden = _quantize_layer_calibrated(
+                hidden, float_hidden = _quantize_layer_calibrated(
                     config,
                     arch,
                     index,
@@ -216,6 +221,7 @@ def quantize_model(
                     resolve,
                     report,
                     hidden,
+                    float_hidden,
                     position_embeddings,
                     kv_cache,
                     kv_symmetric,
@@ -230,7 +236,9 @@ def quantize_model(
                 state = writer.state()
                 if state is not None:  # a snapshot, saved once the parts it lists are on disk
                     snapshot = copy.deepcopy((report, state))
-                    writer.when_written(partial(checkpoints.save, index + 1, *snapshot, hidden))
+                    writer.when_written(
+                        partial(checkpoints.save, index + 1, *snapshot, hidden, float_hidden)
+                    )
             if on_layer is not None:
                 on_layer(index, reader.num_layers)
     for prefix, why in report.fallbacks.items():
@@ -376,12 +384,16 @@ def _quantize_layer_calibrated(
     resolve: SpecResolver,
     report: QuantizeReport,
     hidden: torch.Tensor,
+    float_hidden: torch.Tensor | None,
     position_embeddings: Any,
     kv_cache: bool,
     kv_symmetric: bool,
     batch_size: int,
     dtype: torch.dtype,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantize decoder layer `index` on `hidden` (the quantized model's activations entering
+    it); returns the activations leaving it, of the quantized model and (when the method has
+    float_targets) of the float model, from `float_hidden`."""
     import torch
 
     from gcupipe.quant.layer_module import (
@@ -393,11 +405,18 @@ def _quantize_layer_calibrated(
     specs = _linear_specs(arch, index, tensors, resolve, report)
     layer = build_layer(config, index, tensors).to(hidden.device)
     calib = LayerCalibration()
+    float_inputs: dict[str, torch.Tensor] = {}
+    if float_hidden is not None:  # the float layer on the float model's activations
+        capture = _Capture(layer, list(specs), dtype, skip=set())
+        float_hidden = _run_layer(layer, float_hidden, position_embeddings, batch_size, dtype)
+        float_inputs = capture.remove().inputs
+        del capture
     if method.calibrated:  # (kv_cache alone observes K and V in the pass below)
         skip = {m for m in specs if any(re.fullmatch(p, m) for p in arch.output_linears)}
         capture = _Capture(layer, list(specs), dtype, skip)
         _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
         calib = capture.remove()
+        calib.float_inputs = float_inputs
         del capture
     for module, seen in calib.inputs.items():
         expert = re.fullmatch(arch.expert_input, module) if arch.expert_input else None
@@ -418,6 +437,7 @@ def _quantize_layer_calibrated(
             linear=layer.get_submodule(module),
             inputs=calib.inputs.get(module) if method.calibrated else None,
             spec=spec,
+            float_inputs=None if arch.is_routed(module) else calib.float_inputs.get(module),
         )
         for module, spec in specs.items()
     ]
@@ -429,6 +449,7 @@ def _quantize_layer_calibrated(
         linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
     del jobs
     calib.inputs.clear()
+    calib.float_inputs.clear()
     # the float tensors written are the (possibly smoothed) ones of the module
     state = layer.state_dict()
     final = {}
@@ -450,7 +471,7 @@ def _quantize_layer_calibrated(
         _emit_kv(config, arch, index, observers, kv_symmetric, writer, report)
     del layer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return hidden
+    return hidden, float_hidden
 
 
 def _emit_kv(

@@ -317,3 +317,17 @@ def test_rarely_routed_experts_fall_back_to_rtn_and_are_reported(tmp_path):
     assert len(experts) == 4 * 3  # layer 1 is MoE (first_k_dense_replace 1): all quantized
     assert all(checkpoint.linears[n].bits == 4 for n in experts)
     assert not [n for n in outputs.float_layers if ".experts." in n]
+
+
+def test_gptq_rounding_of_the_scaled_weights_is_closer_to_float_than_rtn_rounding(tmp_path):
+    """By default the AWQ-scaled weights are rounded by GPTQ on the scaled inputs (x / s): the
+    folded model is closer to float than with RTN rounding (`options: {gptq: null}`)."""
+    from gcupipe.testing.tiny_models import tiny_model
+
+    model = tiny_model("llama", tmp_path / "llama", num_key_value_heads=4)
+    quantize(model, tmp_path / "rtn", tmp_path, format="modelslim", options={"gptq": None})
+    quantize(model, tmp_path / "gptq", tmp_path, format="modelslim")
+    text = (tmp_path / "calib.txt").read_bytes()[:64]
+    ids = torch.tensor([[b % 256 for b in text]])
+    rtn, gptq = (logits_error(model, tmp_path / n, ids) for n in ("rtn", "gptq"))
+    assert gptq < rtn, (gptq, rtn)

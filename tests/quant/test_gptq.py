@@ -12,6 +12,7 @@ from gcupipe.quant.gptq import (
     GPTQMethod,
     GPTQOptions,
     HessianAccumulator,
+    float_target,
     gptq_quantize,
     hessian_of,
 )
@@ -52,6 +53,51 @@ def test_hessian_accumulated_in_batches_equals_one_pass():
         acc.add(part)
     assert acc.rows == 300
     torch.testing.assert_close(acc.hessian, 2 * x.t() @ x / 300, rtol=1e-4, atol=1e-4)
+
+
+def test_float_target_undoes_a_drift_of_the_inputs():
+    """Inputs that drifted by a per-channel factor (the quantized model's X̃ = X D): at full
+    strength the target maps X̃ back to the float outputs X Wᵀ; at half strength it is halfway."""
+    x = correlated_inputs(4096, 64)
+    drift = 0.5 + torch.rand(64, generator=torch.Generator().manual_seed(1))
+    drifted = x * drift
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    hessian = hessian_of(drifted)
+    full = float_target(weight, drifted, x, hessian, damp_percent=1e-9, strength=1.0)
+    torch.testing.assert_close(full, weight / drift, rtol=1e-3, atol=1e-3)
+    assert output_error(weight, full, x) > 0.1  # on the float inputs it is another weight
+    assert float(((drifted @ full.t() - x @ weight.t()) ** 2).mean()) < 1e-6
+    half = float_target(weight, drifted, x, hessian, damp_percent=1e-9, strength=0.5)
+    torch.testing.assert_close(half, (weight + weight / drift) / 2, rtol=1e-3, atol=1e-3)
+
+
+def test_float_target_is_the_weight_when_the_inputs_did_not_drift():
+    x = correlated_inputs(2048, 64)
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    target = float_target(weight, x, x.clone(), hessian_of(x), damp_percent=1e-9, strength=1.0)
+    torch.testing.assert_close(target, weight, rtol=1e-3, atol=1e-3)
+
+
+def test_asymmetric_calibration_needs_the_float_models_inputs():
+    assert not GPTQMethod(GPTQOptions(asymmetric_calibration=0.0)).float_targets
+    assert GPTQMethod(GPTQOptions(asymmetric_calibration=0.2)).float_targets
+
+
+@pytest.mark.parametrize(("tokens", "applied"), [(64 * 9, 0.0), (64 * 10, 0.2)])
+def test_asymmetric_calibration_needs_ten_tokens_per_input_channel(tokens, applied):
+    """Below asymmetric_min_tokens per channel the float target would fit the noise: plain GPTQ,
+    which is then exactly what strength 0 gives."""
+    x = correlated_inputs(tokens, 64)
+    drifted = x * 1.1
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    spec = LayerSpec(bits=4, group_size=GROUP, symmetric=True)
+    method = GPTQMethod(GPTQOptions(asymmetric_calibration=0.2))
+    [layer] = method.quantize_stacked([weight], [None], drifted, spec, x)
+    assert layer.extra["asymmetric_calibration"] == applied
+    [plain] = GPTQMethod(GPTQOptions(asymmetric_calibration=0.0)).quantize_stacked(
+        [weight], [None], drifted, spec, x
+    )
+    assert torch.equal(layer.weight, plain.weight) == (applied == 0)
 
 
 @pytest.mark.parametrize(

@@ -29,3 +29,46 @@ def test_layer_by_layer_forward_matches_full_model(arch, tmp_path):
             layer = build_layer(config, index, tensors)
             hidden = layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
             assert torch.allclose(hidden, expected[index + 1], atol=1e-5), index
+
+
+def test_float_targets_get_the_float_models_inputs_beside_the_quantized_ones(tmp_path):
+    """A method with float_targets sees, per linear, the float model's inputs for the same
+    tokens: equal to its own in layer 0 (nothing is quantized before it), different after;
+    routed experts get none (the two models route tokens differently)."""
+    import json
+
+    from gcupipe.formats.modelslim_io import ModelslimWriter
+    from gcupipe.quant.gptq import GPTQMethod, GPTQOptions
+    from gcupipe.quant.methods import LayerSpec
+    from gcupipe.quant.streaming import quantize_model
+
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    class Probe(GPTQMethod):
+        def quantize_linears(self, jobs):
+            for job in jobs:
+                seen[job.name] = (job.inputs, job.float_inputs)
+            yield from super().quantize_linears(jobs)
+
+    path = tiny_model("deepseek_v2", tmp_path / "model", num_hidden_layers=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    raw = json.loads((path / "config.json").read_text())
+    writer = ModelslimWriter(out, path, raw, "gptq")
+    spec = LayerSpec(bits=4, group_size=32)
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    method = Probe(GPTQOptions(asymmetric_calibration=0.2, min_tokens=1))
+    quantize_model(path, writer, method, lambda name: spec, tokens, log=lambda m: None)
+    writer.finish()
+
+    dense = [n for n in seen if ".experts." not in n]
+    routed = [n for n in seen if ".experts." in n]
+    assert dense and routed
+    assert all(seen[n][1] is None for n in routed)
+    for name in dense:
+        inputs, float_inputs = seen[name]
+        assert float_inputs is not None and float_inputs.shape == inputs.shape, name
+        if name.startswith("model.layers.0."):
+            assert torch.equal(float_inputs, inputs), name
+        elif name.startswith("model.layers.2."):
+            assert not torch.equal(float_inputs, inputs), name
