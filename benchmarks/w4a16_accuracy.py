@@ -105,8 +105,10 @@ def run_float(model_dir: Path, eval_ids: list[int]) -> dict[str, Any]:
 # the acceptance needs first, so a cut-short run still has them.
 GCUPIPE_ROWS = [
     ("GPTQ w4 g64 sym", "gptq", {}, True),
-    ("RTN w4 g64 sym", "w4a16", {}, True),
     ("AWQ w4 g64 asym", "awq", {}, False),
+    ("GPTQ w4 g64 sym (no asymmetric calibration)", "gptq", {"asymmetric_calibration": 0}, True),
+    ("AWQ w4 g64 asym (RTN rounding)", "awq", {"gptq": None}, False),
+    ("RTN w4 g64 sym", "w4a16", {}, True),
     ("RTN w4 g64 asym", "w4a16", {}, False),
     ("AWQ w4 g64 sym", "awq", {}, True),
     ("GPTQ w4 g64 asym", "gptq", {}, False),
