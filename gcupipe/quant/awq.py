@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from gcupipe.quant.folding import fold_scale
 from gcupipe.quant.gptq import GPTQMethod, GPTQOptions, fallback_reason, rtn_fallback
+from gcupipe.quant.intmath import qrange
 from gcupipe.quant.methods import (
     LayerCalibration,
     LayerSpec,
@@ -108,13 +109,18 @@ def second_moment(inputs: torch.Tensor, device: str, max_tokens: int = 0) -> tor
 def fake_quantize(
     weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
 ) -> torch.Tensor:
-    """RTN quantize-dequantize of a weight [n, k] with min-max group ranges."""
-    scale, offset = weight_qparams(weight, bits, group_size, symmetric)
-    from gcupipe.quant.intmath import expand_groups
+    """RTN quantize-dequantize of a weight [n, k] with min-max group ranges: the arithmetic of
+    `weight_qparams` and `quantize_weight`, on the [n, groups, g] view (the search calls it for
+    every ratio, and per-feature copies of the scales cost more than the rounding)."""
+    import torch
 
-    q = quantize_weight(weight, scale, offset, bits, group_size).float()
-    k = weight.shape[1]
-    return (q - expand_groups(offset, k)) * expand_groups(scale, k)
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size if group_size else 1, group_size or k)
+    scale, offset = scale_offset_from_range(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
+    scale, offset = scale.unsqueeze(-1), offset.unsqueeze(-1)
+    qmin, qmax = qrange(bits)
+    q = torch.clamp(torch.round(w / scale + offset), qmin, qmax)
+    return ((q - offset) * scale).reshape(n, k)
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -264,8 +270,17 @@ class AWQMethod(QuantMethod):
         self._searched = False
         self._scales, self._ratios, self._cache = {}, {}, None
 
+    def _search_once(self, spec: LayerSpec) -> None:
+        """Search and fold the scales of the current layer before its first linear is quantized
+        (the search needs the layer's bits and group size, which come with its specs)."""
+        if spec.activation is not ActivationScheme.NONE:
+            raise ValueError("AWQ quantizes weights only (W4A16): activations stay float")
+        if not self._searched and self._view is not None:
+            self._search_layer(spec)
+            self._searched = True
+
     def _search_layer(self, spec: LayerSpec) -> None:
-        """Search and fold the scales of every group of the current layer (once)."""
+        """Search and fold the scales of every group of the current layer."""
         import torch
 
         assert self._view is not None and self._calib is not None
@@ -312,13 +327,42 @@ class AWQMethod(QuantMethod):
         return self._cache[2]
 
     def quantize_linears(self, jobs: list[LinearJob]) -> Iterator[tuple[str, QuantizedLinear]]:
+        if self._gptq is None or not jobs:
+            for job in jobs:
+                yield (
+                    job.module,
+                    self.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, job.spec),
+                )
+            return
+        # GPTQ on the scaled weights (the modules hold them once searched), from the scaled
+        # inputs x / s: readers of one input share one s, so GPTQ stacks them as it stacks
+        # q/k/v (one Hessian and one float target for the group, not one per linear)
         for job in jobs:
-            yield (
-                job.module,
-                self._quantize(
-                    job.name, job.weight(), job.bias(), job.inputs, job.spec, job.float_inputs
-                ),
-            )
+            self._search_once(job.spec)
+        scaled: dict[tuple[int, int], tuple[Any, Any]] = {}
+        gptq_jobs = []
+        for job in jobs:
+            reason = fallback_reason(job.inputs, self.awq_options.min_tokens)
+            if reason is not None:
+                layer = rtn_fallback(job.weight(), job.bias(), job.spec, self.name, reason)
+                yield job.module, layer
+                continue
+            s = self._scales.get(job.module)
+            if s is not None and job.inputs is not None:
+                key = (id(job.inputs), id(s))
+                if key not in scaled:
+                    floats = job.float_inputs
+                    scaled[key] = (
+                        job.inputs / s.to(job.inputs),
+                        None if floats is None else floats / s.to(floats),
+                    )
+                job = replace(job, inputs=scaled[key][0], float_inputs=scaled[key][1])
+            gptq_jobs.append(job)
+        for module, layer in self._gptq.quantize_linears(gptq_jobs):
+            layer.method = self.name
+            layer.extra["awq_ratio"] = self._ratios.get(module)
+            layer.extra["awq_scaled"] = module in self._scales
+            yield module, layer
 
     def quantize_layer(
         self,
@@ -328,23 +372,8 @@ class AWQMethod(QuantMethod):
         inputs: torch.Tensor | None,
         spec: LayerSpec,
     ) -> QuantizedLinear:
-        return self._quantize(name, weight, bias, inputs, spec, None)
-
-    def _quantize(
-        self,
-        name: str,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        inputs: torch.Tensor | None,
-        spec: LayerSpec,
-        float_inputs: torch.Tensor | None,
-    ) -> QuantizedLinear:
-        if spec.activation is not ActivationScheme.NONE:
-            raise ValueError("AWQ quantizes weights only (W4A16): activations stay float")
         options = self.awq_options
-        if not self._searched and self._view is not None:
-            self._search_layer(spec)
-            self._searched = True
+        self._search_once(spec)
         rel = self._relative(name)
         if rel is not None and self._view is not None:  # the module holds the scaled weights
             linear = self._view.module.get_submodule(rel)
@@ -359,12 +388,10 @@ class AWQMethod(QuantMethod):
             "awq_ratio": self._ratios.get(rel or "", None),
             "awq_scaled": scale_factor is not None,
         }
-        if self._gptq is not None:  # GPTQ on the scaled weights, from the scaled inputs x / s
+        if self._gptq is not None:  # a linear quantized on its own: a stack of one
             if scale_factor is not None:
                 inputs = inputs / scale_factor.to(inputs)
-                if float_inputs is not None:
-                    float_inputs = float_inputs / scale_factor.to(float_inputs)
-            layer = self._gptq.quantize_stacked([weight], [bias], inputs, spec, float_inputs)[0]
+            layer = self._gptq.quantize_stacked([weight], [bias], inputs, spec)[0]
             layer.method = self.name
             layer.extra.update(extra)
             return layer

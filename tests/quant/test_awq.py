@@ -20,6 +20,7 @@ from gcupipe.quant.awq import (
 )
 from gcupipe.quant.methods import LayerCalibration, LayerSpec, LayerView
 from gcupipe.quant.rtn import quantize_weight, weight_qparams
+from gcupipe.quant.scheme import QuantizedLinear
 
 GROUP = 64
 SPEC = LayerSpec(bits=4, group_size=GROUP, symmetric=False)
@@ -31,6 +32,15 @@ def salient_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
     x = torch.randn(tokens, k, generator=g)
     x[:, torch.randperm(k, generator=g)[: k // 32]] *= 20
     return x
+
+
+@pytest.mark.parametrize(("group", "symmetric"), [(GROUP, False), (GROUP, True), (0, True)])
+def test_fake_quantize_is_exactly_rtn_dequantized(group, symmetric):
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(5))
+    scale, offset = weight_qparams(weight, 4, group, symmetric)
+    q = quantize_weight(weight, scale, offset, 4, group).float()
+    layer = QuantizedLinear(q.to(torch.int8), scale, offset, 4, group, symmetric)
+    assert torch.equal(fake_quantize(weight, 4, group, symmetric), layer.dequantize())
 
 
 def test_scale_search_protects_salient_channels():
@@ -125,9 +135,13 @@ def capture_layer(arch: str, tmp_path: Path, **overrides: object):
     calib = LayerCalibration()
     names = [n for n, _ in layer.named_modules() if n and arch_map.is_linear(n)]
 
+    last: list[tuple[torch.Tensor, torch.Tensor]] = []  # q/k/v (gate/up) read one input
+
     def keep(name: str):
         def hook(module, args, output) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1])
+            if not last or last[0][0] is not args[0]:
+                last[:] = [(args[0], args[0].reshape(-1, args[0].shape[-1]))]
+            x = last[0][1]
             calib.inputs[name] = torch.cat([calib.inputs[name], x]) if name in calib.inputs else x
 
         return hook
@@ -182,6 +196,40 @@ def test_folded_scales_leave_the_float_layer_unchanged(
     if arch == "deepseek_v2":  # the float router reads the scaled norm: it takes the factor
         assert "mlp.gate" in method._scales
     torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-5)
+
+
+def test_readers_of_one_input_are_rounded_as_one_gptq_stack_with_the_same_result(
+    tmp_path, monkeypatch
+):
+    """q/k/v (and gate/up) read one scaled input: AWQ hands them to GPTQ as one stack (one
+    Hessian, one column loop); each row comes out as it does when its linear is rounded alone."""
+    from gcupipe.quant.gptq import GPTQMethod
+    from gcupipe.quant.methods import LinearJob
+
+    view, calib, _run, _before = capture_layer("llama", tmp_path, num_key_value_heads=4)
+    method = AWQMethod(AWQOptions(min_tokens=8))
+    method.prepare_layer(view, calib)
+    jobs = [
+        LinearJob(name, f"model.layers.1.{name}", view.module.get_submodule(name), x, SPEC)
+        for name, x in calib.inputs.items()
+    ]
+    stacks = []
+    quantize_stacked = GPTQMethod.quantize_stacked
+
+    def counted(self, weights, *args, **kwargs):
+        stacks.append(len(weights))
+        return quantize_stacked(self, weights, *args, **kwargs)
+
+    monkeypatch.setattr(GPTQMethod, "quantize_stacked", counted)
+    stacked = dict(method.quantize_linears(jobs))
+    assert sorted(stacks) == [1, 1, 2, 3]  # o, down, gate/up, q/k/v
+    assert {"self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"} <= set(method._scales)
+    for job in jobs:
+        alone = method.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, SPEC)
+        same = (stacked[job.module].weight == alone.weight).float().mean()
+        assert same > 0.999, (job.module, float(same))  # BLAS blocking may flip a tie
+        torch.testing.assert_close(stacked[job.module].dequantize(), alone.dequantize())
+        assert stacked[job.module].extra["awq_scaled"] == alone.extra["awq_scaled"]
 
 
 # ---- tiny models through the stage -------------------------------------------------------
