@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from gcupipe.quant.folding import fold_scale
-from gcupipe.quant.gptq import GPTQMethod, GPTQOptions, fallback_reason, rtn_fallback
+from gcupipe.quant.gptq import (
+    GPTQMethod,
+    GPTQOptions,
+    fallback_reason,
+    hessian_of,
+    rtn_fallback,
+)
 from gcupipe.quant.intmath import qrange
 from gcupipe.quant.methods import (
     LayerCalibration,
@@ -102,8 +108,7 @@ def second_moment(inputs: torch.Tensor, device: str, max_tokens: int = 0) -> tor
     if max_tokens and x.shape[0] > max_tokens:
         generator = torch.Generator().manual_seed(0)
         x = x[torch.randperm(x.shape[0], generator=generator)[:max_tokens]]
-    x = x.to(device, torch.float32)
-    return (x.t() @ x) / x.shape[0]
+    return hessian_of(x.float(), device) / 2  # GPTQ's H = 2XᵀX/N, multiplied using symmetry
 
 
 def fake_quantize(
