@@ -5,7 +5,8 @@ quantized pass); on CPU that is most of a calibrated method's time. Where the ha
 multiplies bf16 natively, the layer runs under bf16 autocast: the master weights, the residual
 stream, norms and softmax stay fp32, only the matmuls take bf16 operands (measured on SmolLM2,
 GPTQ w4 g64, AMD EPYC with AVX-512 BF16: forwards 65 s -> 35 s, perplexity 41.07 -> 40.87 on
-4,088 eval tokens, i.e. unchanged). Without native bf16 a bf16 matmul is emulated and slower
+4,088 eval tokens, i.e. unchanged; GPTQ's asymmetric calibration gains less in bf16, see
+quant/gptq.py). Without native bf16 a bf16 matmul is emulated and slower
 than fp32, so `auto` stays fp32 there.
 """
 
