@@ -25,7 +25,7 @@ class ArchMap:
     expert_input: str = ""
     # linears that see only the tokens a router sends them: the float and the quantized model
     # route differently, so their inputs in the two do not pair row by row
-    routed: str = r"mlp\.experts\.\d+\..+"
+    routed: str = ""
     # (producer linear regex, reader template): the reader's input is a per-channel linear
     # function of the producer's output rows (up_proj -> down_proj through act(gate) * up), so
     # a factor can be divided out of the producer's rows and multiplied into the reader.
@@ -44,7 +44,7 @@ class ArchMap:
         return any(re.fullmatch(p, name) for p in self.linears)
 
     def is_routed(self, name: str) -> bool:
-        return re.fullmatch(self.routed, name) is not None
+        return bool(self.routed) and re.fullmatch(self.routed, name) is not None
 
 
 _LLAMA_ATTN = r"self_attn\.(q|k|v|o)_proj"
@@ -95,6 +95,7 @@ DEEPSEEK_V2 = ArchMap(
     ),
     router=(r"mlp\.gate",),
     expert_input=r"(mlp\.experts\.\d+)\.gate_proj",
+    routed=r"mlp\.experts\.\d+\..+",
 )
 
 ARCHS: dict[str, ArchMap] = {t: a for a in (LLAMA, DEEPSEEK_V2) for t in a.model_types}

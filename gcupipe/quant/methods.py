@@ -68,8 +68,6 @@ class LayerCalibration:
 
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [tokens, k]
     tokens: int = 0
-    # only for methods with `float_targets`: the same linears' inputs in the float model
-    float_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

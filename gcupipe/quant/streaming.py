@@ -407,7 +407,9 @@ def _quantize_layer_calibrated(
     calib = LayerCalibration()
     float_inputs: dict[str, torch.Tensor] = {}
     if float_hidden is not None:  # the float layer on the float model's activations
-        capture = _Capture(layer, list(specs), dtype, skip=set())
+        # (not for routed experts: the two models route differently, rows would not pair)
+        paired = [m for m in specs if not arch.is_routed(m)]
+        capture = _Capture(layer, paired, dtype, skip=set())
         float_hidden = _run_layer(layer, float_hidden, position_embeddings, batch_size, dtype)
         float_inputs = capture.remove().inputs
         del capture
@@ -416,7 +418,6 @@ def _quantize_layer_calibrated(
         capture = _Capture(layer, list(specs), dtype, skip)
         _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
         calib = capture.remove()
-        calib.float_inputs = float_inputs
         del capture
     for module, seen in calib.inputs.items():
         expert = re.fullmatch(arch.expert_input, module) if arch.expert_input else None
@@ -437,7 +438,7 @@ def _quantize_layer_calibrated(
             linear=layer.get_submodule(module),
             inputs=calib.inputs.get(module) if method.calibrated else None,
             spec=spec,
-            float_inputs=None if arch.is_routed(module) else calib.float_inputs.get(module),
+            float_inputs=float_inputs.get(module),
         )
         for module, spec in specs.items()
     ]
@@ -449,7 +450,7 @@ def _quantize_layer_calibrated(
         linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
     del jobs
     calib.inputs.clear()
-    calib.float_inputs.clear()
+    float_inputs.clear()
     # the float tensors written are the (possibly smoothed) ones of the module
     state = layer.state_dict()
     final = {}
