@@ -11,7 +11,8 @@ weights are multiplied by s and the producer (norm weight, or the rows of the pr
 divided by s, so the float model is unchanged while rounding error moves away from the salient
 channels. The α kept (identity included, so AWQ never loses to RTN on its own objective) is the
 one that minimises the group's output error ‖X Wᵀ − X Q(W·s)ᵀ/s‖², computed from H = XᵀX/N
-as Σ (ΔW H) ⊙ ΔW, so every grid point costs one matmul instead of a forward pass.
+as Σ (ΔW H) ⊙ ΔW, so every grid point costs one matmul instead of a forward pass. With GPTQ
+rounding, H is GPTQ's (the same products).
 
 The scaled weights are then rounded by GPTQ (quant/gptq.py, its defaults or `options.gptq`) on
 the inputs the scaled readers see, x / s. SmolLM2 w4 g64 asym, 16,384 eval tokens: GPTQ rounding
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -37,6 +38,7 @@ from gcupipe.quant.folding import fold_scale
 from gcupipe.quant.gptq import (
     GPTQMethod,
     GPTQOptions,
+    InputStatistics,
     fallback_reason,
     hessian_of,
     rtn_fallback,
@@ -91,7 +93,10 @@ class AWQOptions(MethodOptions):
         description="Fewer calibration tokens (a rarely routed expert): RTN instead.",
     )
     max_search_tokens: int = Field(
-        default=16384, gt=0, description="Rows of X used for H (a random subset beyond that)."
+        default=16384,
+        gt=0,
+        description="RTN rounding (gptq: null): rows of X used for the search's H (a random "
+        "subset beyond that). With GPTQ rounding the search reads GPTQ's H of every row.",
     )
     gptq: GPTQOptions | None = Field(
         default_factory=GPTQOptions,
@@ -129,8 +134,9 @@ def fake_quantize(
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖X Δᵀ‖² / N = Σ (Δ H) ⊙ Δ for H = XᵀX / N."""
-    return float(((delta @ hessian) * delta).sum())
+    """‖X Δᵀ‖² / N = Σ (Δ H) ⊙ Δ for H = XᵀX / N, Δ H multiplied in H's dtype (bf16 where the
+    calibration forwards run in bf16: its rounding is relative to Δ, the same for every ratio)."""
+    return float(((delta.to(hessian.dtype) @ hessian).float() * delta).sum())
 
 
 def search_scale(
@@ -263,6 +269,7 @@ class AWQMethod(QuantMethod):
         self._scales: dict[str, torch.Tensor] = {}  # reader (in-layer name) -> s [k]
         self._ratios: dict[str, float] = {}
         self._cache: tuple[Any, Any, torch.Tensor] | None = None
+        self._statistics: dict[int, InputStatistics] = {}  # id(inputs) -> GPTQ's statistics
         gptq = self.awq_options.gptq
         self._gptq = None if gptq is None else GPTQMethod(gptq, self.device)
 
@@ -274,6 +281,7 @@ class AWQMethod(QuantMethod):
         self._view, self._calib = view, calib
         self._searched = False
         self._scales, self._ratios, self._cache = {}, {}, None
+        self._statistics = {}
 
     def _search_once(self, spec: LayerSpec) -> None:
         """Search and fold the scales of the current layer before its first linear is quantized
@@ -297,7 +305,7 @@ class AWQMethod(QuantMethod):
                 continue
             x = inputs.reshape(-1, inputs.shape[-1])
             act_mean = x.abs().float().mean(dim=0).to(self.device)
-            hessian = second_moment(x, self.device, options.max_search_tokens)
+            hessian = self._search_hessian(inputs)
             readers = [module.get_submodule(r) for r in group.readers]
             stacked = torch.cat([r.weight.detach().float() for r in readers]).to(self.device)
             scale, ratio, _relative = search_scale(stacked, act_mean, hessian, spec, options.grid)
@@ -312,6 +320,25 @@ class AWQMethod(QuantMethod):
             )
             for name in group.readers + group.passive:
                 self._scales[name] = scale
+
+    def _search_hessian(self, inputs: torch.Tensor) -> torch.Tensor:
+        """XᵀX/N for the scale search. With GPTQ rounding: half GPTQ's H of the same statistics
+        (multiplied once for both, products in the inputs' dtype), in the inputs' dtype; with RTN
+        rounding: of at most max_search_tokens rows, in fp32."""
+        if self._gptq is None:
+            return second_moment(inputs, self.device, self.awq_options.max_search_tokens)
+        return (self._statistics_of(inputs).hessian() / 2).to(inputs.dtype)
+
+    def _statistics_of(
+        self, inputs: torch.Tensor, float_inputs: torch.Tensor | None = None
+    ) -> InputStatistics:
+        """GPTQ's statistics of one captured input, shared by the search and the GPTQ stacks
+        (held for the current layer's quantize_linears only: they keep the inputs alive)."""
+        stats = self._statistics.get(id(inputs))
+        if stats is None or stats.inputs is not inputs:
+            stats = InputStatistics(inputs, float_inputs, self.device)
+            self._statistics[id(inputs)] = stats
+        return stats
 
     def _relative(self, name: str) -> str | None:
         """The in-layer name of a full module name of the current layer, if it is one."""
@@ -339,12 +366,27 @@ class AWQMethod(QuantMethod):
                     self.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, job.spec),
                 )
             return
-        # GPTQ on the scaled weights (the modules hold them once searched), from the scaled
-        # inputs x / s: readers of one input share one s, so GPTQ stacks them as it stacks
-        # q/k/v (one Hessian and one float target for the group, not one per linear)
+        # GPTQ on the scaled weights (the modules hold them once searched), from the statistics
+        # of the scaled inputs x / s (S⁻¹ H S⁻¹, from the products the search read): readers of
+        # one input share one s, so GPTQ stacks them as it stacks q/k/v
+        for job in jobs:
+            if job.inputs is not None:
+                self._statistics_of(job.inputs, job.float_inputs)
         for job in jobs:
             self._search_once(job.spec)
-        scaled: dict[tuple[int, int], tuple[Any, Any]] = {}
+        scaled: dict[tuple[int, int], InputStatistics] = {}
+
+        def statistics(job: LinearJob) -> InputStatistics | None:
+            if job.inputs is None:
+                return None
+            stats, s = self._statistics_of(job.inputs), self._scales.get(job.module)
+            if s is None:
+                return stats
+            key = (id(job.inputs), id(s))
+            if key not in scaled:
+                scaled[key] = stats.scaled(s)
+            return scaled[key]
+
         gptq_jobs = []
         for job in jobs:
             reason = fallback_reason(job.inputs, self.awq_options.min_tokens)
@@ -352,22 +394,13 @@ class AWQMethod(QuantMethod):
                 layer = rtn_fallback(job.weight(), job.bias(), job.spec, self.name, reason)
                 yield job.module, layer
                 continue
-            s = self._scales.get(job.module)
-            if s is not None and job.inputs is not None:
-                key = (id(job.inputs), id(s))
-                if key not in scaled:
-                    floats = job.float_inputs
-                    scaled[key] = (
-                        job.inputs / s.to(job.inputs),
-                        None if floats is None else floats / s.to(floats),
-                    )
-                job = replace(job, inputs=scaled[key][0], float_inputs=scaled[key][1])
             gptq_jobs.append(job)
-        for module, layer in self._gptq.quantize_linears(gptq_jobs):
+        for module, layer in self._gptq.quantize_linears(gptq_jobs, statistics):
             layer.method = self.name
             layer.extra["awq_ratio"] = self._ratios.get(module)
             layer.extra["awq_scaled"] = module in self._scales
             yield module, layer
+        self._statistics.clear()
 
     def quantize_layer(
         self,
@@ -394,9 +427,10 @@ class AWQMethod(QuantMethod):
             "awq_scaled": scale_factor is not None,
         }
         if self._gptq is not None:  # a linear quantized on its own: a stack of one
+            stats = self._statistics_of(inputs)
             if scale_factor is not None:
-                inputs = inputs / scale_factor.to(inputs)
-            layer = self._gptq.quantize_stacked([weight], [bias], inputs, spec)[0]
+                stats = stats.scaled(scale_factor)
+            layer = self._gptq.quantize_stacked([weight], [bias], stats, spec)[0]
             layer.method = self.name
             layer.extra.update(extra)
             return layer

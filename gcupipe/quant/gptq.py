@@ -40,9 +40,9 @@ The result is the shared `QuantizedLinear` (quant/scheme.py), so every format wr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
@@ -178,11 +178,30 @@ def hessian_of(inputs: torch.Tensor, device: str = "cpu") -> torch.Tensor:
     return acc.hessian
 
 
+def drift_of(inputs: torch.Tensor, float_inputs: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """D = 2X̃ᵀ(X − X̃)/N [k, k] in fp32 (H's scale): how the quantized model's inputs X̃ drifted
+    from the float model's inputs X of the same tokens (rows). Subtracted and multiplied in the
+    inputs' dtype: in bf16, X − X̃ is rounded once relative to the drift, not to X."""
+    import torch
+
+    k = inputs.shape[-1]
+    x_q, x_f = inputs.reshape(-1, k), float_inputs.reshape(-1, k)
+    drift = torch.zeros(k, k, dtype=torch.float32, device=device)
+    for start in range(0, x_q.shape[0], DRIFT_CHUNK):
+        a = x_q[start : start + DRIFT_CHUNK].to(device)
+        moved = x_f[start : start + DRIFT_CHUNK].to(device, a.dtype) - a
+        drift.add_(torch.mm(a.t(), moved), alpha=2.0 / x_q.shape[0])
+    return drift
+
+
+DRIFT_CHUNK = 8192
+"""Rows of X̃ and X multiplied at a time for the drift X̃ᵀ(X − X̃)."""
+
+
 def float_target(
     weight: torch.Tensor,
-    inputs: torch.Tensor,
-    float_inputs: torch.Tensor,
     hessian: torch.Tensor,
+    drift: torch.Tensor,
     damp_percent: float,
     strength: float,
 ) -> torch.Tensor:
@@ -191,23 +210,80 @@ def float_target(
 
         min_Ŵ ‖X Wᵀ − X̃ Ŵᵀ‖²  =  min_Ŵ ‖X̃ (W* − Ŵ)ᵀ‖² + const,   W* = W (X̃ᵀX)ᵀ (X̃ᵀX̃)⁻¹,
 
-    so GPTQ on W* with its usual H = 2X̃ᵀX̃/N solves it. `strength` moves from W (0) to W* (1);
-    H is dampened as GPTQ dampens it. Rows of `inputs` and `float_inputs` are the same tokens."""
+    so GPTQ on W* with its usual H = 2X̃ᵀX̃/N solves it. `strength` moves from W (0) to W* (1).
+    With X̃ᵀX = X̃ᵀX̃ + X̃ᵀ(X − X̃) and H dampened as GPTQ dampens it (H + λI):
+
+        W* − W = W (D − λI)ᵀ (H + λI)⁻¹,   D = 2X̃ᵀ(X − X̃)/N (`drift_of`),
+
+    H + λI solved by Cholesky in float64 (its condition number can exceed fp32's precision) for
+    the n rows of W."""
     import torch
 
-    x_q = inputs.reshape(-1, inputs.shape[-1])
-    x_f = float_inputs.reshape(-1, float_inputs.shape[-1])
-    cross = torch.zeros_like(hessian)
-    for start in range(0, x_q.shape[0], 8192):
-        a = x_q[start : start + 8192].to(hessian.device, torch.float32)
-        b = x_f[start : start + 8192].to(hessian.device, torch.float32)
-        cross.addmm_(a.t(), b, alpha=2.0 / x_q.shape[0])  # same scale as H
-    damp = damp_percent * float(torch.diag(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=torch.float64, device=hessian.device)
-    # (X̃ᵀX̃)⁻¹ X̃ᵀX, solved in float64: H's condition number can exceed fp32's precision
-    mapped = torch.linalg.solve(hessian.double() + damp * eye, cross.double()).float()
-    target = weight.to(hessian.device, torch.float32) @ mapped.t()
-    return torch.lerp(weight.to(target), target, strength)
+    lower, damp = damped_cholesky(hessian.double(), damp_percent)
+    w_t = weight.to(hessian.device, torch.float32).t()
+    rhs = (drift.to(w_t) @ w_t).sub_(w_t, alpha=damp).double()  # (D − λI) Wᵀ  [k, n]
+    step = torch.cholesky_solve(rhs, lower).t().float()  # W (D − λI)ᵀ (H + λI)⁻¹
+    return w_t.t() + strength * step
+
+
+@dataclass
+class InputStatistics:
+    """What GPTQ reads of the calibration inputs X̃ [tokens, k] that some linears share:
+    H = 2X̃ᵀX̃/N and, given the float model's inputs X of the same tokens, the drift D
+    (`drift_of`). Each is multiplied once, when first asked for, however many stacks or searches
+    read it; `scaled(s)` gives those of X̃ / s (AWQ's readers, whose weights were multiplied by s)
+    from the same products: S⁻¹ H S⁻¹."""
+
+    inputs: torch.Tensor
+    float_inputs: torch.Tensor | None = None
+    device: str = "cpu"
+    scale: torch.Tensor | None = None
+    products: dict[str, torch.Tensor] = field(default_factory=dict)  # shared by scaled copies
+
+    @property
+    def tokens(self) -> int:
+        return int(self.inputs.reshape(-1, self.inputs.shape[-1]).shape[0])
+
+    @property
+    def has_drift(self) -> bool:
+        return self.float_inputs is not None and self.float_inputs.numel() == self.inputs.numel()
+
+    def hessian(self) -> torch.Tensor:
+        if "hessian" not in self.products:
+            self.products["hessian"] = hessian_of(self.inputs, self.device)
+        return self._in_scale(self.products["hessian"])
+
+    def drift(self) -> torch.Tensor:
+        assert self.float_inputs is not None
+        if "drift" not in self.products:
+            self.products["drift"] = drift_of(self.inputs, self.float_inputs, self.device)
+        return self._in_scale(self.products["drift"])
+
+    def scaled(self, scale: torch.Tensor) -> InputStatistics:
+        return replace(self, scale=scale)
+
+    def _in_scale(self, matrix: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return matrix
+        s = self.scale.to(matrix)
+        return matrix / (s[:, None] * s[None, :])
+
+
+def damped_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """The lower Cholesky factor of H + λI and λ = damp × mean diag(H), GPTQ's dampening (damp 0:
+    none, unless needed); retried with 10x more dampening (from 1e-6 when 0) while H + λI is not
+    numerically positive definite (very few calibration tokens, say)."""
+    import torch
+
+    mean_diag = float(torch.mean(torch.diag(hessian)))
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = damp_percent
+    for _ in range(7):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+            return lower, damp * mean_diag
+        damp = max(10 * damp, 1e-6)
+    raise ValueError("the GPTQ Hessian is not positive definite even with much more dampening")
 
 
 def _range_qparams(
@@ -265,26 +341,19 @@ def _static_qparams(
 
 
 def _cholesky_inverse_upper(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (λ = damp × mean diag), retrying with more
-    dampening if H is not numerically positive definite (e.g. very few calibration tokens).
+    """Upper Cholesky factor U of (H + λI)⁻¹, dampened as `damped_cholesky` dampens.
 
     With J the order-reversing permutation and J H J = L Lᵀ (L lower), H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)
     and J L⁻¹ J is upper triangular: one Cholesky factorisation and one triangular inverse."""
     import torch
 
-    mean_diag = float(torch.mean(torch.diag(hessian)))
+    lower, _damp = damped_cholesky(hessian.flip(0, 1), damp_percent)
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damp = max(damp_percent, 1e-6)
-    for _ in range(6):
-        flipped = (hessian + damp * mean_diag * eye).flip(0, 1)
-        lower, info = torch.linalg.cholesky_ex(flipped)
-        if int(info) == 0:
-            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
-            if bool(torch.isfinite(inverse).all()):
-                upper: torch.Tensor = inverse.flip(0, 1)
-                return upper
-        damp *= 10
-    raise ValueError("the GPTQ Hessian is not positive definite even with 10x more dampening")
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+    if not bool(torch.isfinite(inverse).all()):
+        raise ValueError("the GPTQ Hessian's inverse overflows: too few calibration tokens")
+    upper: torch.Tensor = inverse.flip(0, 1)
+    return upper
 
 
 REFIT_CHUNK = 1 << 24
@@ -527,23 +596,40 @@ class GPTQMethod(QuantMethod):
             return options
         return GPTQOptions.model_validate({**options.model_dump(), **spec.options})
 
-    def quantize_linears(self, jobs: list[LinearJob]) -> Iterator[tuple[str, QuantizedLinear]]:
+    def quantize_linears(
+        self,
+        jobs: list[LinearJob],
+        statistics: Callable[[LinearJob], InputStatistics | None] | None = None,
+    ) -> Iterator[tuple[str, QuantizedLinear]]:
+        """GPTQ for each job; the jobs whose `statistics` are one object (by default: one per
+        input tensor) and whose specs are equal are quantized as one stack."""
+        if statistics is None:
+            shared: dict[int, InputStatistics] = {}  # the jobs hold their inputs: ids stay valid
+
+            def statistics(job: LinearJob) -> InputStatistics | None:
+                if job.inputs is None:
+                    return None
+                key = id(job.inputs)
+                if key not in shared:
+                    shared[key] = InputStatistics(job.inputs, job.float_inputs, self.device)
+                return shared[key]
+
         done: dict[str, QuantizedLinear] = {}
         for job in jobs:
             if job.module not in done:
+                stats = statistics(job)
                 group = [job]  # too few tokens: RTN, one linear at a time
                 if fallback_reason(job.inputs, self.options_for(job.spec).min_tokens) is None:
                     group = [
                         j
                         for j in jobs
-                        if j.module not in done and j.inputs is job.inputs and j.spec == job.spec
+                        if j.module not in done and statistics(j) is stats and j.spec == job.spec
                     ]
                 parts = self.quantize_stacked(
                     [j.linear.weight.detach() for j in group],
                     [j.bias() for j in group],
-                    job.inputs,
+                    stats,
                     job.spec,
-                    job.float_inputs,
                 )
                 done.update(zip((j.module for j in group), parts, strict=True))
             yield job.module, done.pop(job.module)
@@ -556,19 +642,19 @@ class GPTQMethod(QuantMethod):
         inputs: torch.Tensor | None,
         spec: LayerSpec,
     ) -> QuantizedLinear:
-        return self.quantize_stacked([weight], [bias], inputs, spec)[0]
+        stats = None if inputs is None else InputStatistics(inputs, device=self.device)
+        return self.quantize_stacked([weight], [bias], stats, spec)[0]
 
     def quantize_stacked(
         self,
         weights: list[torch.Tensor],
         biases: list[torch.Tensor | None],
-        inputs: torch.Tensor | None,
+        statistics: InputStatistics | None,
         spec: LayerSpec,
-        float_inputs: torch.Tensor | None = None,
     ) -> list[QuantizedLinear]:
-        """One QuantizedLinear per weight; the weights all read `inputs` and are quantized as
-        the rows of one stacked matrix (aimed at the float model's outputs from
-        `float_inputs` when asymmetric_calibration is set and they are given)."""
+        """One QuantizedLinear per weight; the weights all read the inputs of `statistics` and
+        are quantized as the rows of one stacked matrix (aimed at the float model's outputs when
+        asymmetric_calibration is set and the statistics have the float model's inputs)."""
         import torch
 
         if spec.activation is not ActivationScheme.NONE:
@@ -578,24 +664,22 @@ class GPTQMethod(QuantMethod):
         bounds = [0]
         for w in weights:
             bounds.append(bounds[-1] + w.shape[0])
-        reason = fallback_reason(inputs, options.min_tokens)
+        reason = fallback_reason(
+            None if statistics is None else statistics.inputs, options.min_tokens
+        )
         if reason is not None:
             return [
                 rtn_fallback(weight[a:b], bias, spec, self.name, reason)
                 for (a, b), bias in zip(pairwise(bounds), biases, strict=True)
             ]
-        assert inputs is not None
-        flat = inputs.reshape(-1, inputs.shape[-1])
-        hessian = hessian_of(flat, self.device)
-        strength = options.asymmetric_calibration
-        if float_inputs is None or len(float_inputs) != len(flat):
-            strength = 0.0
-        if len(flat) < options.asymmetric_min_tokens * flat.shape[1]:
+        assert statistics is not None
+        hessian = statistics.hessian()
+        strength = options.asymmetric_calibration if statistics.has_drift else 0.0
+        if statistics.tokens < options.asymmetric_min_tokens * weight.shape[1]:
             strength = 0.0
         if strength > 0:
-            assert float_inputs is not None
             weight = float_target(
-                weight, flat, float_inputs, hessian, options.damp_percent, strength
+                weight, hessian, statistics.drift(), options.damp_percent, strength
             )
         result = gptq_quantize(
             weight,
@@ -622,7 +706,7 @@ class GPTQMethod(QuantMethod):
                     method=self.name,
                     extra={
                         "gptq_loss": part.loss,
-                        "calibration_tokens": int(flat.shape[0]),
+                        "calibration_tokens": statistics.tokens,
                         "act_order": options.act_order,
                         "asymmetric_calibration": strength,
                     },

@@ -203,7 +203,8 @@ def test_readers_of_one_input_are_rounded_as_one_gptq_stack_with_the_same_result
 ):
     """q/k/v (and gate/up) read one scaled input: AWQ hands them to GPTQ as one stack (one
     Hessian, one column loop); each row comes out as it does when its linear is rounded alone."""
-    from gcupipe.quant.gptq import GPTQMethod
+    from gcupipe.quant import gptq
+    from gcupipe.quant.gptq import GPTQMethod, hessian_of
     from gcupipe.quant.methods import LinearJob
 
     view, calib, _run, _before = capture_layer("llama", tmp_path, num_key_value_heads=4)
@@ -221,8 +222,12 @@ def test_readers_of_one_input_are_rounded_as_one_gptq_stack_with_the_same_result
         return quantize_stacked(self, weights, *args, **kwargs)
 
     monkeypatch.setattr(GPTQMethod, "quantize_stacked", counted)
+    products = []
+    monkeypatch.setattr(gptq, "hessian_of", lambda x, device: products.append(x) or hessian_of(x))
     stacked = dict(method.quantize_linears(jobs))
     assert sorted(stacks) == [1, 1, 2, 3]  # o, down, gate/up, q/k/v
+    # one H per captured input, read by the scale search and by GPTQ on the scaled input
+    assert len(products) == len({id(x) for x in calib.inputs.values()}) == 4
     assert {"self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"} <= set(method._scales)
     for job in jobs:
         alone = method.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, SPEC)

@@ -12,6 +12,8 @@ from gcupipe.quant.gptq import (
     GPTQMethod,
     GPTQOptions,
     HessianAccumulator,
+    InputStatistics,
+    drift_of,
     float_target,
     gptq_quantize,
     hessian_of,
@@ -62,20 +64,45 @@ def test_float_target_undoes_a_drift_of_the_inputs():
     drift = 0.5 + torch.rand(64, generator=torch.Generator().manual_seed(1))
     drifted = x * drift
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
-    hessian = hessian_of(drifted)
-    full = float_target(weight, drifted, x, hessian, damp_percent=1e-9, strength=1.0)
+    hessian, moved = hessian_of(drifted), drift_of(drifted, x)
+    full = float_target(weight, hessian, moved, damp_percent=1e-9, strength=1.0)
     torch.testing.assert_close(full, weight / drift, rtol=1e-3, atol=1e-3)
     assert output_error(weight, full, x) > 0.1  # on the float inputs it is another weight
     assert float(((drifted @ full.t() - x @ weight.t()) ** 2).mean()) < 1e-6
-    half = float_target(weight, drifted, x, hessian, damp_percent=1e-9, strength=0.5)
+    half = float_target(weight, hessian, moved, damp_percent=1e-9, strength=0.5)
     torch.testing.assert_close(half, (weight + weight / drift) / 2, rtol=1e-3, atol=1e-3)
 
 
 def test_float_target_is_the_weight_when_the_inputs_did_not_drift():
     x = correlated_inputs(2048, 64)
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
-    target = float_target(weight, x, x.clone(), hessian_of(x), damp_percent=1e-9, strength=1.0)
+    moved = drift_of(x, x.clone())
+    assert not moved.any()
+    target = float_target(weight, hessian_of(x), moved, damp_percent=1e-9, strength=1.0)
     torch.testing.assert_close(target, weight, rtol=1e-3, atol=1e-3)
+
+
+def test_statistics_of_scaled_inputs_come_from_the_products_of_the_unscaled_ones():
+    """AWQ's readers see x / s: their H and drift are S⁻¹ H S⁻¹ and S⁻¹ D S⁻¹ of the products
+    already multiplied for x, equal to multiplying x / s afresh."""
+    x = correlated_inputs(1024, 64)
+    drifted = x * 1.1 + 0.01 * correlated_inputs(1024, 64, seed=5)
+    s = 0.5 + torch.rand(64, generator=torch.Generator().manual_seed(6))
+    stats = InputStatistics(drifted, x)
+    scaled = stats.scaled(s)
+    torch.testing.assert_close(scaled.hessian(), hessian_of(drifted / s), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scaled.drift(), drift_of(drifted / s, x / s), rtol=1e-4, atol=1e-4)
+    assert scaled.products is stats.products  # multiplied once for both
+
+
+def test_drift_in_bf16_is_rounded_relative_to_the_drift():
+    """bf16 inputs: X − X̃ is subtracted in bf16 (one rounding of the small difference), so D
+    stays close to its fp32 value although X and X̃ each carry bf16's rounding."""
+    x = correlated_inputs(4096, 64).bfloat16()
+    drifted = (x.float() * 1.01).bfloat16()
+    exact = drift_of(drifted.double(), x.double()).float()
+    relative = (drift_of(drifted, x) - exact).norm() / exact.norm()
+    assert relative < 0.01, float(relative)
 
 
 def test_asymmetric_calibration_needs_the_float_models_inputs():
@@ -92,10 +119,10 @@ def test_asymmetric_calibration_needs_ten_tokens_per_input_channel(tokens, appli
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
     spec = LayerSpec(bits=4, group_size=GROUP, symmetric=True)
     method = GPTQMethod(GPTQOptions(asymmetric_calibration=0.2))
-    [layer] = method.quantize_stacked([weight], [None], drifted, spec, x)
+    [layer] = method.quantize_stacked([weight], [None], InputStatistics(drifted, x), spec)
     assert layer.extra["asymmetric_calibration"] == applied
     [plain] = GPTQMethod(GPTQOptions(asymmetric_calibration=0.0)).quantize_stacked(
-        [weight], [None], drifted, spec, x
+        [weight], [None], InputStatistics(drifted, x), spec
     )
     assert torch.equal(layer.weight, plain.weight) == (applied == 0)
 
