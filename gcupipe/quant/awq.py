@@ -11,8 +11,8 @@ weights are multiplied by s and the producer (norm weight, or the rows of the pr
 divided by s, so the float model is unchanged while rounding error moves away from the salient
 channels. The α kept (identity included, so AWQ never loses to RTN on its own objective) is the
 one that minimises the group's output error ‖X Wᵀ − X Q(W·s)ᵀ/s‖², computed from H = XᵀX/N
-as Σ (ΔW H) ⊙ ΔW, so every grid point costs one matmul instead of a forward pass. With GPTQ
-rounding, H is GPTQ's (the same products).
+as Σ (ΔW H) ⊙ ΔW, so every grid point costs one matmul instead of a forward pass; the grid is
+searched coarse to fine (`search_scale`). With GPTQ rounding, H is GPTQ's (the same products).
 
 The scaled weights are then rounded by GPTQ (quant/gptq.py, its defaults or `options.gptq`) on
 the inputs the scaled readers see, x / s. SmolLM2 w4 g64 asym, 16,384 eval tokens: GPTQ rounding
@@ -27,6 +27,7 @@ MoE experts that saw fewer than `min_tokens` calibration tokens are quantized by
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -148,6 +149,10 @@ def search_scale(
 ) -> tuple[torch.Tensor, float, float]:
     """The AWQ factor s [k] for readers whose weights are stacked in `weight` [N, k].
 
+    The ratios are tried coarse to fine: every `stride`-th (stride ≈ √grid), then those between
+    the best of them and its coarse neighbours. On SmolLM2 (w4 g64 asym, 90 groups) that kept
+    the ratio trying all 20 keeps in every group, with 11 error evaluations instead of 20.
+
     Returns (s, α, error / identity error); s is all ones when no ratio beats plain RTN."""
     import torch
 
@@ -158,18 +163,26 @@ def search_scale(
     w_rel = (w_abs / w_abs.amax(dim=-1, keepdim=True).clamp(min=1e-8)).reshape(n, k)
     w_mean = w_rel.mean(dim=0).clamp(min=1e-8)
     x_mean = act_mean.float().clamp(min=1e-8)
-    base = output_error(w - fake_quantize(w, spec.bits, spec.group_size, spec.symmetric), hessian)
-    best_error, best_ratio = base, -1.0
-    best = torch.ones(k, device=w.device)
-    for step in range(grid):
+
+    def tried_at(step: int) -> tuple[float, torch.Tensor]:
         ratio = step / grid
         s = (x_mean.pow(ratio) / w_mean.pow(1 - ratio)).clamp(min=1e-4)
         s = s / torch.sqrt(s.max() * s.min())
         quantized = fake_quantize(w * s, spec.bits, spec.group_size, spec.symmetric) / s
-        error = output_error(w - quantized, hessian)
-        if error < best_error:
-            best_error, best_ratio, best = error, ratio, s
-    return best, best_ratio, best_error / max(base, 1e-30)
+        return output_error(w - quantized, hessian), s
+
+    stride = max(1, round(math.sqrt(grid)))
+    tried = {step: tried_at(step) for step in range(0, grid, stride)}
+    coarse = min(tried, key=lambda step: (tried[step][0], step))
+    for step in range(max(0, coarse - stride + 1), min(grid, coarse + stride)):
+        if step not in tried:
+            tried[step] = tried_at(step)
+    best = min(tried, key=lambda step: (tried[step][0], step))
+    error, scale = tried[best]
+    base = output_error(w - fake_quantize(w, spec.bits, spec.group_size, spec.symmetric), hessian)
+    if error >= base:
+        return torch.ones(k, device=w.device), -1.0, 1.0
+    return scale, best / grid, error / max(base, 1e-30)
 
 
 def clip_qparams(

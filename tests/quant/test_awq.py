@@ -75,6 +75,33 @@ def test_scale_search_reports_the_error_of_the_scale_it_returns():
     assert relative < 1.0
 
 
+@pytest.mark.parametrize("seed", [6, 7, 8])
+def test_scale_search_returns_a_ratio_no_grid_neighbour_beats(seed):
+    """The coarse-to-fine search tries every ratio next to the one it returns: neither
+    neighbour on the grid has a lower output error."""
+    weight = 0.02 * torch.randn(64, 256, generator=torch.Generator().manual_seed(seed))
+    x = salient_inputs(1024, 256, seed=seed)
+    hessian, act_mean, grid = second_moment(x, "cpu"), x.abs().mean(0), 20
+    scale, ratio, _relative = search_scale(weight, act_mean, hessian, SPEC, grid)
+    assert ratio >= 0
+
+    def error_at(step: int) -> float:
+        r = step / grid
+        w_abs = weight.abs().reshape(64, -1, GROUP)
+        w_mean = (w_abs / w_abs.amax(-1, keepdim=True)).reshape(64, 256).mean(0)
+        s = (act_mean.pow(r) / w_mean.pow(1 - r)).clamp(min=1e-4)
+        s = s / torch.sqrt(s.max() * s.min())
+        return output_error(weight - fake_quantize(weight * s, 4, GROUP, False) / s, hessian)
+
+    step = round(ratio * grid)
+    assert error_at(step) == pytest.approx(
+        output_error(weight - fake_quantize(weight * scale, 4, GROUP, False) / scale, hessian)
+    )
+    for neighbour in (step - 1, step + 1):
+        if 0 <= neighbour < grid:
+            assert error_at(step) <= error_at(neighbour)
+
+
 def test_scale_search_keeps_identity_when_no_scale_changes_anything():
     """Equal-magnitude weights and equal activation means make every candidate scale constant,
     i.e. RTN itself: the search must return the identity, not a tie."""
