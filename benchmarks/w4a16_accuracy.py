@@ -107,6 +107,12 @@ GCUPIPE_ROWS = [
     ("GPTQ w4 g64 sym", "gptq", {}, True),
     ("AWQ w4 g64 asym", "awq", {}, False),
     ("GPTQ w4 g64 sym (no asymmetric calibration)", "gptq", {"asymmetric_calibration": 0}, True),
+    (
+        "AWQ w4 g64 asym (asymmetric calibration)",
+        "awq",
+        {"gptq": {"asymmetric_calibration": 0.2}},
+        False,
+    ),
     ("AWQ w4 g64 asym (RTN rounding)", "awq", {"gptq": None}, False),
     ("RTN w4 g64 sym", "w4a16", {}, True),
     ("RTN w4 g64 asym", "w4a16", {}, False),
