@@ -71,9 +71,10 @@ LINEAR_CHAINS = (
 
 class AWQRoundingOptions(GPTQOptions):
     """GPTQ's options for rounding AWQ's scaled weights: GPTQ's defaults, but no asymmetric
-    calibration unless asked for. Its extra float forward per layer costs more than AWQ gains
-    from it (SmolLM2 w4 g64 asym, full eval text, AVX-512 BF16: 39.63 in 58 s without, 39.02 in
-    87 s with, GPTQ's default 39.95 in 76 s)."""
+    calibration unless asked for. With it AWQ would be GPTQ's default plus a scale search, never
+    as fast; without it AWQ is faster and still closer to float (SmolLM2 w4 g64 asym, full eval
+    text, AVX-512 BF16, one run: 39.63 in 60 s without, 39.34 in 89 s with; GPTQ's default 39.95
+    in 77 s; benchmarks/results/w4a16_accuracy.md)."""
 
     asymmetric_calibration: float = Field(
         default=0.0,

@@ -33,7 +33,9 @@ the inverse Hessian H⁻¹ (H = 2XᵀX/N). Written from the paper's algorithm:
   `asymmetric_min_tokens` (10) per channel a linear gets plain GPTQ. bf16 calibration forwards
   (`calibration.dtype: auto` on AVX-512 BF16) leave it less to gain, their rounding being part
   of the drift it fits: full eval text, AMD EPYC with AVX-512 BF16, strength 0 -> 0.2: bf16
-  40.08 -> 39.87 (29 s -> 75 s), fp32 forwards 39.26 (120 s; llm-compressor 43.49, 110 s).
+  40.33 -> 39.95 (47 s -> 77 s, llm-compressor 43.35 in 111 s, the same run), fp32 forwards
+  39.26 (120 s). Its cost: the float forward (a third of the forwards), the drift X̃ᵀ(X − X̃)
+  and one Cholesky solve per stack (`float_target`); H is GPTQ's own.
 
 The result is the shared `QuantizedLinear` (quant/scheme.py), so every format writer handles it.
 """
