@@ -305,6 +305,9 @@ class AWQMethod(QuantMethod):
     def float_targets(self) -> bool:
         return self._gptq is not None and self._gptq.float_targets
 
+    def float_targets_for(self, tokens: int, in_features: int) -> bool:
+        return self._gptq is not None and self._gptq.float_targets_for(tokens, in_features)
+
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         self._view, self._calib = view, calib
         self._searched = False

@@ -552,6 +552,14 @@ def _gptq(
     )
 
 
+def asymmetric_strength(options: GPTQOptions, tokens: int, in_features: int) -> float:
+    """The asymmetric calibration GPTQ applies to a linear reading `in_features` features,
+    calibrated on `tokens` tokens: none below `asymmetric_min_tokens` per input channel."""
+    if tokens < options.asymmetric_min_tokens * in_features:
+        return 0.0
+    return options.asymmetric_calibration
+
+
 def fallback_reason(inputs: torch.Tensor | None, min_tokens: int) -> str | None:
     """Why a layer cannot be calibrated (and falls back to RTN), or None if it can."""
     if inputs is None:
@@ -589,6 +597,10 @@ class GPTQMethod(QuantMethod):
     def float_targets(self) -> bool:
         assert isinstance(self.options, GPTQOptions)
         return self.options.asymmetric_calibration > 0
+
+    def float_targets_for(self, tokens: int, in_features: int) -> bool:
+        assert isinstance(self.options, GPTQOptions)
+        return asymmetric_strength(self.options, tokens, in_features) > 0
 
     def options_for(self, spec: LayerSpec) -> GPTQOptions:
         """Method options with the layer's `overrides:` options on top."""
@@ -676,9 +688,9 @@ class GPTQMethod(QuantMethod):
             ]
         assert statistics is not None
         hessian = statistics.hessian()
-        strength = options.asymmetric_calibration if statistics.has_drift else 0.0
-        if statistics.tokens < options.asymmetric_min_tokens * weight.shape[1]:
-            strength = 0.0
+        strength = 0.0
+        if statistics.has_drift:
+            strength = asymmetric_strength(options, statistics.tokens, weight.shape[1])
         if strength > 0:
             weight = float_target(
                 weight, hessian, statistics.drift(), options.damp_percent, strength

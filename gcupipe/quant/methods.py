@@ -158,6 +158,12 @@ class QuantMethod:
         activations beside the quantized model's, one more forward per layer."""
         return False
 
+    def float_targets_for(self, tokens: int, in_features: int) -> bool:
+        """Whether a linear reading `in_features` features, calibrated on `tokens` tokens, would
+        use its float-model inputs (the streaming loop skips the float forward when no linear
+        of the first layer would). Default: `float_targets`."""
+        return self.float_targets
+
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
         """Change float weights before quantization (SmoothQuant, AWQ scaling). Default: none."""
 

@@ -406,9 +406,15 @@ def _quantize_layer_calibrated(
     layer = build_layer(config, index, tensors).to(hidden.device)
     calib = LayerCalibration()
     float_inputs: dict[str, torch.Tensor] = {}
+    # the float model's inputs pair with the quantized model's only outside routed experts (the
+    # two models route differently)
+    paired = [m for m in specs if not arch.is_routed(m)]
+    tokens = hidden.shape[0] * hidden.shape[1]
+    if float_hidden is not None and not any(
+        method.float_targets_for(tokens, tensors[f"{m}.weight"].shape[1]) for m in paired
+    ):  # too few tokens for any linear here: decoder layers repeat, so drop the float pass
+        float_hidden = None
     if float_hidden is not None:  # the float layer on the float model's activations
-        # (not for routed experts: the two models route differently, rows would not pair)
-        paired = [m for m in specs if not arch.is_routed(m)]
         capture = _Capture(layer, paired, dtype, skip=set())
         float_hidden = _run_layer(layer, float_hidden, position_embeddings, batch_size, dtype)
         float_inputs = capture.remove().inputs

@@ -31,10 +31,14 @@ def test_layer_by_layer_forward_matches_full_model(arch, tmp_path):
             assert torch.allclose(hidden, expected[index + 1], atol=1e-5), index
 
 
-def test_float_targets_get_the_float_models_inputs_beside_the_quantized_ones(tmp_path):
+@pytest.mark.parametrize("min_tokens_per_channel", [0.0, 10.0])
+def test_float_targets_get_the_float_models_inputs_beside_the_quantized_ones(
+    min_tokens_per_channel, tmp_path
+):
     """A method with float_targets sees, per linear, the float model's inputs for the same
     tokens: equal to its own in layer 0 (nothing is quantized before it), different after;
-    routed experts get none (the two models route tokens differently)."""
+    routed experts get none (the two models route tokens differently). With fewer calibration
+    tokens per input channel than any linear needs (128 tokens, k >= 64), no float forward runs."""
     import json
 
     from gcupipe.formats.modelslim_io import ModelslimWriter
@@ -57,14 +61,19 @@ def test_float_targets_get_the_float_models_inputs_beside_the_quantized_ones(tmp
     writer = ModelslimWriter(out, path, raw, "gptq")
     spec = LayerSpec(bits=4, group_size=32)
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    method = Probe(GPTQOptions(asymmetric_calibration=0.2, min_tokens=1))
-    quantize_model(path, writer, method, lambda name: spec, tokens, log=lambda m: None)
+    options = GPTQOptions(
+        asymmetric_calibration=0.2, min_tokens=1, asymmetric_min_tokens=min_tokens_per_channel
+    )
+    quantize_model(path, writer, Probe(options), lambda name: spec, tokens, log=lambda m: None)
     writer.finish()
 
     dense = [n for n in seen if ".experts." not in n]
     routed = [n for n in seen if ".experts." in n]
     assert dense and routed
     assert all(seen[n][1] is None for n in routed)
+    if min_tokens_per_channel:
+        assert all(seen[n][1] is None for n in dense)
+        return
     for name in dense:
         inputs, float_inputs = seen[name]
         assert float_inputs is not None and float_inputs.shape == inputs.shape, name
