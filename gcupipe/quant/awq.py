@@ -40,6 +40,7 @@ from gcupipe.quant.gptq import (
     GPTQMethod,
     GPTQOptions,
     InputStatistics,
+    StatisticsByInput,
     fallback_reason,
     hessian_of,
     rtn_fallback,
@@ -297,7 +298,9 @@ class AWQMethod(QuantMethod):
         self._scales: dict[str, torch.Tensor] = {}  # reader (in-layer name) -> s [k]
         self._ratios: dict[str, float] = {}
         self._cache: tuple[Any, Any, torch.Tensor] | None = None
-        self._statistics: dict[int, InputStatistics] = {}  # id(inputs) -> GPTQ's statistics
+        # GPTQ's statistics of the current layer's inputs, shared by the search and the GPTQ
+        # stacks; cleared once the layer is quantized (they keep the inputs alive)
+        self._statistics = StatisticsByInput(self.device)
         gptq = self.awq_options.gptq
         self._gptq = None if gptq is None else GPTQMethod(gptq, self.device)
 
@@ -312,7 +315,7 @@ class AWQMethod(QuantMethod):
         self._view, self._calib = view, calib
         self._searched = False
         self._scales, self._ratios, self._cache = {}, {}, None
-        self._statistics = {}
+        self._statistics.clear()
 
     def _search_once(self, spec: LayerSpec) -> None:
         """Search and fold the scales of the current layer before its first linear is quantized
@@ -358,18 +361,7 @@ class AWQMethod(QuantMethod):
         rounding: of at most max_search_tokens rows, in fp32."""
         if self._gptq is None:
             return second_moment(inputs, self.device, self.awq_options.max_search_tokens)
-        return (self._statistics_of(inputs).hessian() / 2).to(inputs.dtype)
-
-    def _statistics_of(
-        self, inputs: torch.Tensor, float_inputs: torch.Tensor | None = None
-    ) -> InputStatistics:
-        """GPTQ's statistics of one captured input, shared by the search and the GPTQ stacks
-        (held for the current layer's quantize_linears only: they keep the inputs alive)."""
-        stats = self._statistics.get(id(inputs))
-        if stats is None or stats.inputs is not inputs:
-            stats = InputStatistics(inputs, float_inputs, self.device)
-            self._statistics[id(inputs)] = stats
-        return stats
+        return (self._statistics.of(inputs).hessian() / 2).to(inputs.dtype)
 
     def _relative(self, name: str) -> str | None:
         """The in-layer name of a full module name of the current layer, if it is one."""
@@ -402,7 +394,7 @@ class AWQMethod(QuantMethod):
         # one input share one s, so GPTQ stacks them as it stacks q/k/v
         for job in jobs:
             if job.inputs is not None:
-                self._statistics_of(job.inputs, job.float_inputs)
+                self._statistics.of(job.inputs, job.float_inputs)
         for job in jobs:
             self._search_once(job.spec)
         scaled: dict[tuple[int, int], InputStatistics] = {}
@@ -410,7 +402,7 @@ class AWQMethod(QuantMethod):
         def statistics(job: LinearJob) -> InputStatistics | None:
             if job.inputs is None:
                 return None
-            stats, s = self._statistics_of(job.inputs), self._scales.get(job.module)
+            stats, s = self._statistics.of(job.inputs), self._scales.get(job.module)
             if s is None:
                 return stats
             key = (id(job.inputs), id(s))
@@ -458,7 +450,7 @@ class AWQMethod(QuantMethod):
             "awq_scaled": scale_factor is not None,
         }
         if self._gptq is not None:  # a linear quantized on its own: a stack of one
-            stats = self._statistics_of(inputs)
+            stats = self._statistics.of(inputs)
             if scale_factor is not None:
                 stats = stats.scaled(scale_factor)
             layer = self._gptq.quantize_stacked([weight], [bias], stats, spec)[0]

@@ -271,6 +271,24 @@ class InputStatistics:
         return matrix / (s[:, None] * s[None, :])
 
 
+class StatisticsByInput:
+    """One `InputStatistics` per captured input tensor, so every stack and search reading that
+    tensor shares its products. Each entry holds its tensor, so an id stays that tensor's."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._entries: dict[int, InputStatistics] = {}
+
+    def of(self, inputs: torch.Tensor, float_inputs: torch.Tensor | None = None) -> InputStatistics:
+        key = id(inputs)
+        if key not in self._entries:
+            self._entries[key] = InputStatistics(inputs, float_inputs, self.device)
+        return self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 def damped_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """The lower Cholesky factor of H + λI and λ = damp × mean diag(H), GPTQ's dampening (damp 0:
     none, unless needed); retried with 10x more dampening (from 1e-6 when 0) while H + λI is not
@@ -618,15 +636,12 @@ class GPTQMethod(QuantMethod):
         """GPTQ for each job; the jobs whose `statistics` are one object (by default: one per
         input tensor) and whose specs are equal are quantized as one stack."""
         if statistics is None:
-            shared: dict[int, InputStatistics] = {}  # the jobs hold their inputs: ids stay valid
+            by_input = StatisticsByInput(self.device)
 
             def statistics(job: LinearJob) -> InputStatistics | None:
                 if job.inputs is None:
                     return None
-                key = id(job.inputs)
-                if key not in shared:
-                    shared[key] = InputStatistics(job.inputs, job.float_inputs, self.device)
-                return shared[key]
+                return by_input.of(job.inputs, job.float_inputs)
 
         done: dict[str, QuantizedLinear] = {}
         for job in jobs:

@@ -160,8 +160,9 @@ class QuantMethod:
 
     def float_targets_for(self, tokens: int, in_features: int) -> bool:
         """Whether a linear reading `in_features` features, calibrated on `tokens` tokens, would
-        use its float-model inputs (the streaming loop skips the float forward when no linear
-        of the first layer would). Default: `float_targets`."""
+        use its float-model inputs (the streaming loop drops the float forward from the first
+        layer where no linear would; decoder layers repeat their shapes). Default:
+        `float_targets`."""
         return self.float_targets
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
