@@ -30,12 +30,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from gcupipe.quant.folding import fold_scale
 from gcupipe.quant.gptq import (
     GPTQMethod,
     GPTQOptions,
@@ -53,6 +51,7 @@ from gcupipe.quant.methods import (
     LinearJob,
     MethodOptions,
     QuantMethod,
+    ScalingGroup,
 )
 from gcupipe.quant.observers import quantize, scale_offset_from_range
 from gcupipe.quant.rtn import quantize_weight, weight_qparams
@@ -81,7 +80,8 @@ class AWQRoundingOptions(GPTQOptions):
         default=0.0,
         ge=0,
         le=1,
-        description="As GPTQ's; off by default for AWQ (one more forward per layer for it).",
+        description="As GPTQ's; off by default for AWQ (the float model's forward and the "
+        "float targets cost more than the scale search).",
     )
 
 
@@ -90,6 +90,12 @@ class AWQOptions(MethodOptions):
 
     grid: int = Field(
         default=20, ge=1, description="Ratios alpha = 0, 1/grid, ..., (grid-1)/grid are tried."
+    )
+    search_rows: int = Field(
+        default=512,
+        ge=0,
+        description="Rows of the readers' stacked weights whose output error ranks the ratios "
+        "(every n/search_rows-th; 0: all): the factor is one for all rows.",
     )
     clip_grid: int = Field(
         default=20,
@@ -162,23 +168,26 @@ def search_scale(
     hessian: torch.Tensor,
     spec: LayerSpec,
     grid: int,
+    rows: int = 0,
 ) -> tuple[torch.Tensor, float, float]:
     """The AWQ factor s [k] for readers whose weights are stacked in `weight` [N, k].
 
     The ratios are tried coarse to fine: every `stride`-th (stride ≈ √grid), then those between
     the best of them and its coarse neighbours. On SmolLM2 (w4 g64 asym, 90 groups) that kept
     the ratio trying all 20 keeps in every group, with 11 error evaluations instead of 20.
+    `rows` > 0: the output error of every ⌈N / rows⌉-th row ranks the ratios (one matmul of
+    that many rows by H per ratio), the factor being one for all rows.
 
     Returns (s, α, error / identity error); s is all ones when no ratio beats plain RTN."""
     import torch
 
     n, k = weight.shape
     group = spec.group_size or k
-    w = weight.float()
-    w_abs = w.abs().reshape(n, k // group, group)
+    w_abs = weight.float().abs().reshape(n, k // group, group)
     w_rel = (w_abs / w_abs.amax(dim=-1, keepdim=True).clamp(min=1e-8)).reshape(n, k)
     w_mean = w_rel.mean(dim=0).clamp(min=1e-8)
     x_mean = act_mean.float().clamp(min=1e-8)
+    w = weight[:: max(1, math.ceil(n / rows)) if rows else 1].float()
 
     def tried_at(step: int) -> tuple[float, torch.Tensor]:
         ratio = step / grid
@@ -233,18 +242,12 @@ def clip_qparams(
     return best_scale, best_offset
 
 
-@dataclass
-class _Group:
-    producer: str
-    readers: list[str]  # quantized readers (their calibration inputs were captured)
-    passive: list[str] = field(default_factory=list)  # float readers (router): weight x s only
-
-
-def scaling_groups(view: LayerView, calib: LayerCalibration) -> list[_Group]:
+def scaling_groups(view: LayerView, linears: list[str]) -> list[ScalingGroup]:
     """The layer's AWQ groups, in forward order: the arch map's (norm, reader patterns) groups,
     then linear chains (up→down, v→o) whose shapes line up. Every module a norm group's
-    patterns match is a reader: the calibrated ones are searched and quantized, the others
-    (a float MoE router, ignored linears) only take the factor so the float model is unchanged."""
+    patterns match is a reader: the quantized ones (`linears`) are searched and quantized, the
+    others (a float MoE router, ignored linears) only take the factor so the float model is
+    unchanged."""
     modules = dict(view.module.named_modules())
     groups = []
     for producer, patterns in view.smooth_groups:
@@ -253,177 +256,133 @@ def scaling_groups(view: LayerView, calib: LayerCalibration) -> list[_Group]:
             for name, mod in modules.items()
             if name and any(re.fullmatch(p, name) for p in patterns) and hasattr(mod, "weight")
         ]
-        readers = [name for name in matching if name in calib.inputs]
+        readers = [name for name in matching if name in linears]
         if producer in modules and readers:
-            passive = [name for name in matching if name not in calib.inputs]
-            groups.append(_Group(producer, readers, passive))
-    for name in calib.inputs:
+            passive = [name for name in matching if name not in linears]
+            groups.append(ScalingGroup(producer, readers, passive))
+    for name in linears:
         for producer_pattern, reader_template in LINEAR_CHAINS:
             match = re.fullmatch(producer_pattern, name)
             reader = match.expand(reader_template) if match else None
-            if reader is None or reader not in calib.inputs:
+            if reader is None or reader not in linears:
                 continue
             if modules[name].weight.shape[0] == modules[reader].weight.shape[1]:
-                groups.append(_Group(name, [reader]))
+                groups.append(ScalingGroup(name, [reader]))
     return sorted(groups, key=lambda g: _forward_position(g.readers[0]))
 
 
 def _forward_position(reader: str) -> tuple[int, int]:
-    """Attention before MLP; inside each, the input projections before the output one (the
-    order AWQ searches in: a later group sees the factors already folded by an earlier one)."""
+    """Attention before MLP; inside each, the input projections before the output one."""
     return (0 if "attn" in reader else 1, 1 if re.search(r"(o|down)_proj$", reader) else 0)
 
 
 class AWQMethod(QuantMethod):
     """`method: awq`: W4A16 with activation-aware scales folded into the preceding ops.
 
-    The scale search needs the layer's bits and group size, which arrive with the first
-    `quantize_layer` call of a layer; it runs then, for the whole layer, before any linear of it
-    is quantized, and every linear is then read back from the (scaled) module."""
+    Driven in the layer's one calibration forward (quant/methods.py): `group_scale` searches a
+    group's factor when its input appears, and each linear is then rounded on the scaled input
+    it receives."""
 
     name = "awq"
     summary = "int4 weights in groups of 64 with activation-aware scales, float activations"
     bits = 4
     group_size = 64
     needs_calibration = True
+    in_forward = True
     Options = AWQOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         assert isinstance(self.options, AWQOptions)
         self.awq_options: AWQOptions = self.options
-        self._view: LayerView | None = None
-        self._calib: LayerCalibration | None = None
-        self._searched = False
-        self._scales: dict[str, torch.Tensor] = {}  # reader (in-layer name) -> s [k]
-        self._ratios: dict[str, float] = {}
-        self._cache: tuple[Any, Any, torch.Tensor] | None = None
+        self._ratios: dict[str, float] = {}  # reader (in-layer name) -> α kept
         # GPTQ's statistics of the current layer's inputs, shared by the search and the GPTQ
-        # stacks; cleared once the layer is quantized (they keep the inputs alive)
+        # stacks: those of a scaled group's readers are its unscaled input's, scaled by s
         self._statistics = StatisticsByInput(self.device)
+        self._scaled: dict[str, InputStatistics] = {}
+        self._cache: tuple[Any, torch.Tensor] | None = None  # RTN rounding: (inputs, H)
         gptq = self.awq_options.gptq
         self._gptq = None if gptq is None else GPTQMethod(gptq, self.device)
 
-    @property
-    def float_targets(self) -> bool:
-        return self._gptq is not None and self._gptq.float_targets
+    def float_samples(self, samples: int, seq_len: int) -> int:
+        return 0 if self._gptq is None else self._gptq.float_samples(samples, seq_len)
 
     def float_targets_for(self, tokens: int, in_features: int) -> bool:
         return self._gptq is not None and self._gptq.float_targets_for(tokens, in_features)
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
-        self._view, self._calib = view, calib
-        self._searched = False
-        self._scales, self._ratios, self._cache = {}, {}, None
+        self._ratios, self._scaled, self._cache = {}, {}, None
         self._statistics.clear()
 
-    def _search_once(self, spec: LayerSpec) -> None:
-        """Search and fold the scales of the current layer before its first linear is quantized
-        (the search needs the layer's bits and group size, which come with its specs)."""
-        if spec.activation is not ActivationScheme.NONE:
-            raise ValueError("AWQ quantizes weights only (W4A16): activations stay float")
-        if not self._searched and self._view is not None:
-            self._search_layer(spec)
-            self._searched = True
+    def scaling_groups(self, view: LayerView, linears: list[str]) -> list[ScalingGroup]:
+        return scaling_groups(view, linears)
 
-    def _search_layer(self, spec: LayerSpec) -> None:
-        """Search and fold the scales of every group of the current layer."""
+    def group_scale(
+        self,
+        group: ScalingGroup,
+        inputs: torch.Tensor,
+        float_inputs: torch.Tensor | None,
+        weight: torch.Tensor,
+        spec: LayerSpec,
+    ) -> torch.Tensor | None:
         import torch
 
-        assert self._view is not None and self._calib is not None
-        options, module = self.awq_options, self._view.module
-        for group in scaling_groups(self._view, self._calib):
-            # statistics from the reader that saw the most tokens (not a routed expert)
-            inputs = max((self._calib.inputs[r] for r in group.readers), key=len)
-            if fallback_reason(inputs, options.min_tokens) is not None:
-                continue
-            x = inputs.reshape(-1, inputs.shape[-1])
-            act_mean = x.abs().float().mean(dim=0).to(self.device)
-            hessian = self._search_hessian(inputs)
-            readers = [module.get_submodule(r) for r in group.readers]
-            stacked = torch.cat([r.weight.detach().float() for r in readers]).to(self.device)
-            scale, ratio, _relative = search_scale(stacked, act_mean, hessian, spec, options.grid)
-            for reader in group.readers:
-                self._ratios[reader] = ratio
-            if ratio < 0:
-                continue  # plain RTN was best: leave the weights alone
-            scale = scale.cpu()
-            producer = module.get_submodule(group.producer)
-            fold_scale(
-                producer, [module.get_submodule(n) for n in group.readers + group.passive], scale
-            )
-            for name in group.readers + group.passive:
-                self._scales[name] = scale
-
-    def _search_hessian(self, inputs: torch.Tensor) -> torch.Tensor:
-        """XᵀX/N for the scale search. With GPTQ rounding: half GPTQ's H of the same statistics
-        (multiplied once for both, products in the inputs' dtype), in the inputs' dtype; with RTN
-        rounding: of at most max_search_tokens rows, in fp32."""
-        if self._gptq is None:
-            return second_moment(inputs, self.device, self.awq_options.max_search_tokens)
-        return (self._statistics.of(inputs).hessian() / 2).to(inputs.dtype)
-
-    def _relative(self, name: str) -> str | None:
-        """The in-layer name of a full module name of the current layer, if it is one."""
-        if self._calib is None:
+        if spec.activation is not ActivationScheme.NONE:
+            raise ValueError("AWQ quantizes weights only (W4A16): activations stay float")
+        if fallback_reason(inputs, self.awq_options.min_tokens) is not None:
             return None
-        matches = [r for r in self._calib.inputs if name == r or name.endswith("." + r)]
-        return max(matches, key=len) if matches else None
-
-    def _hessian(self, inputs: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """H of the linear's (scaled) inputs; q/k/v share one and it is computed once."""
-        if self._cache is None or self._cache[0] is not inputs or self._cache[1] is not scale:
-            options = self.awq_options
-            hessian = second_moment(inputs, self.device, options.max_search_tokens)
-            if scale is not None:
-                s = scale.to(hessian.device)
-                hessian = hessian / (s[:, None] * s[None, :])
-            self._cache = (inputs, scale, hessian)
-        return self._cache[2]
+        stats = self._statistics.of(inputs, float_inputs)
+        act_mean = inputs.abs().mean(dim=0, dtype=torch.float32).to(self.device)
+        if self._gptq is None:
+            hessian = second_moment(inputs, self.device, self.awq_options.max_search_tokens)
+        else:  # half GPTQ's H, multiplied once for the search and the rounding
+            hessian = (stats.hessian() / 2).to(inputs.dtype)
+        scale, ratio, _relative = search_scale(
+            weight.to(self.device),
+            act_mean,
+            hessian,
+            spec,
+            self.awq_options.grid,
+            self.awq_options.search_rows,
+        )
+        for reader in group.readers:
+            self._ratios[reader] = ratio
+        if ratio < 0:
+            return None  # plain RTN was best: leave the weights alone
+        scaled = stats.scaled(scale)  # one object for the group: GPTQ stacks its readers
+        for reader in group.readers:
+            self._scaled[reader] = scaled
+        return scale.cpu()
 
     def quantize_linears(self, jobs: list[LinearJob]) -> Iterator[tuple[str, QuantizedLinear]]:
-        if self._gptq is None or not jobs:
-            for job in jobs:
-                yield (
-                    job.module,
-                    self.quantize_layer(job.name, job.weight(), job.bias(), job.inputs, job.spec),
-                )
-            return
-        # GPTQ on the scaled weights (the modules hold them once searched), from the statistics
-        # of the scaled inputs x / s (S⁻¹ H S⁻¹, from the products the search read): readers of
-        # one input share one s, so GPTQ stacks them as it stacks q/k/v
-        for job in jobs:
-            if job.inputs is not None:
-                self._statistics.of(job.inputs, job.float_inputs)
-        for job in jobs:
-            self._search_once(job.spec)
-        scaled: dict[tuple[int, int], InputStatistics] = {}
-
-        def statistics(job: LinearJob) -> InputStatistics | None:
-            if job.inputs is None:
-                return None
-            stats, s = self._statistics.of(job.inputs), self._scales.get(job.module)
-            if s is None:
-                return stats
-            key = (id(job.inputs), id(s))
-            if key not in scaled:
-                scaled[key] = stats.scaled(s)
-            return scaled[key]
-
         gptq_jobs = []
         for job in jobs:
             reason = fallback_reason(job.inputs, self.awq_options.min_tokens)
-            if reason is not None:
-                layer = rtn_fallback(job.weight(), job.bias(), job.spec, self.name, reason)
-                yield job.module, layer
-                continue
-            gptq_jobs.append(job)
+            if self._gptq is None or reason is not None:
+                layer = self.quantize_layer(
+                    job.name, job.weight(), job.bias(), job.inputs, job.spec
+                )
+                yield job.module, self._marked(job.module, layer)
+            else:
+                gptq_jobs.append(job)
+        if not gptq_jobs:
+            return
+        assert self._gptq is not None
+
+        def statistics(job: LinearJob) -> InputStatistics | None:
+            # a scaled group's readers: S⁻¹ H S⁻¹ from the products the search read
+            assert job.inputs is not None  # (fallback_reason is None)
+            scaled = self._scaled.get(job.module)
+            return scaled or self._statistics.of(job.inputs, job.float_inputs)
+
         for module, layer in self._gptq.quantize_linears(gptq_jobs, statistics):
             layer.method = self.name
-            layer.extra["awq_ratio"] = self._ratios.get(module)
-            layer.extra["awq_scaled"] = module in self._scales
-            yield module, layer
-        self._statistics.clear()
+            yield module, self._marked(module, layer)
+
+    def _marked(self, module: str, layer: QuantizedLinear) -> QuantizedLinear:
+        layer.extra["awq_ratio"] = self._ratios.get(module)
+        layer.extra["awq_scaled"] = self._ratios.get(module, -1.0) >= 0
+        return layer
 
     def quantize_layer(
         self,
@@ -433,34 +392,23 @@ class AWQMethod(QuantMethod):
         inputs: torch.Tensor | None,
         spec: LayerSpec,
     ) -> QuantizedLinear:
+        """One linear on the inputs it reads (already divided by its group's factor): GPTQ or
+        RTN rounding with the clip search."""
         options = self.awq_options
-        self._search_once(spec)
-        rel = self._relative(name)
-        if rel is not None and self._view is not None:  # the module holds the scaled weights
-            linear = self._view.module.get_submodule(rel)
-            weight = linear.weight.detach().float().clone()
-            bias = None if linear.bias is None else linear.bias.detach().float().clone()
         reason = fallback_reason(inputs, options.min_tokens)
         if reason is not None:
             return rtn_fallback(weight, bias, spec, self.name, reason)
         assert inputs is not None
-        scale_factor = self._scales.get(rel) if rel is not None else None
-        extra = {
-            "awq_ratio": self._ratios.get(rel or "", None),
-            "awq_scaled": scale_factor is not None,
-        }
-        if self._gptq is not None:  # a linear quantized on its own: a stack of one
-            stats = self._statistics.of(inputs)
-            if scale_factor is not None:
-                stats = stats.scaled(scale_factor)
-            layer = self._gptq.quantize_stacked([weight], [bias], stats, spec)[0]
+        if self._gptq is not None:
+            layer = self._gptq.quantize_stacked(
+                [weight], [bias], InputStatistics(inputs, device=self.device), spec
+            )[0]
             layer.method = self.name
-            layer.extra.update(extra)
             return layer
         if any(re.fullmatch(p, name) for p in options.clip_skip):
             w_scale, w_offset = weight_qparams(weight, spec.bits, spec.group_size, spec.symmetric)
         else:
-            hessian = self._hessian(inputs, scale_factor)
+            hessian = self._hessian(inputs)
             w_scale, w_offset = clip_qparams(weight.to(hessian.device), hessian, spec, options)
             w_scale, w_offset = w_scale.cpu(), w_offset.cpu()
         q = quantize_weight(weight, w_scale, w_offset, spec.bits, spec.group_size)
@@ -474,8 +422,12 @@ class AWQMethod(QuantMethod):
             activation=ActivationScheme.NONE,
             bias=bias,
             method=self.name,
-            extra={
-                **extra,
-                "calibration_tokens": int(inputs.reshape(-1, inputs.shape[-1]).shape[0]),
-            },
+            extra={"calibration_tokens": int(inputs.reshape(-1, inputs.shape[-1]).shape[0])},
         )
+
+    def _hessian(self, inputs: torch.Tensor) -> torch.Tensor:
+        """XᵀX/N of a linear's inputs for the clip search; q/k/v share one, computed once."""
+        if self._cache is None or self._cache[0] is not inputs:
+            hessian = second_moment(inputs, self.device, self.awq_options.max_search_tokens)
+            self._cache = (inputs, hessian)
+        return self._cache[1]

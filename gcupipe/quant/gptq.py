@@ -26,33 +26,44 @@ the inverse Hessian H⁻¹ (H = 2XᵀX/N). Written from the paper's algorithm:
   all the way overcorrects (the quantization noise in X̃ is not a drift a linear map undoes:
   least squares shrinks the weights, and the shrinkage compounds layer after layer); a fifth of
   the way is best. SmolLM2 w4 g64, 16,384 eval tokens: strength 0 -> 39.09, 0.1 -> 38.45,
-  0.2 -> 38.35, 0.3 -> 38.54, 0.5 -> 39.40, 1 -> 153.2. Costs one more forward per layer.
+  0.2 -> 38.35, 0.3 -> 38.54, 0.5 -> 39.40, 1 -> 153.2 (capture-then-quantize builds).
   The fit has one unknown per input channel, so it needs many tokens per channel: SmolLM2 had
   ≥ 10.7 (16,384 tokens, k ≤ 1,536); the tiny test models at 2 (256 tokens, k = 128) went from
   0.16-0.21 relative logit error to 0.20-0.47, and on one repeated sentence to 1.3. Below
-  `asymmetric_min_tokens` (10) per channel a linear gets plain GPTQ. bf16 calibration forwards
-  (`calibration.dtype: auto` on AVX-512 BF16) leave it less to gain, their rounding being part
-  of the drift it fits: full eval text, AMD EPYC with AVX-512 BF16, strength 0 -> 0.2: bf16
-  40.33 -> 39.95 (47 s -> 77 s, llm-compressor 43.35 in 111 s, the same run), fp32 forwards
-  39.26 (120 s). Its cost: the float forward (a third of the forwards), the drift X̃ᵀ(X − X̃)
-  and one Cholesky solve per stack (`float_target`); H is GPTQ's own.
+  `asymmetric_min_tokens` (10) per channel a linear gets plain GPTQ. Those tokens are H's: the
+  drift D is measured on the first `asymmetric_tokens` only (whole samples; the float model
+  runs on those alone), H+λI being what conditions the fit. Quantizing in the layer's one
+  forward (each linear on inputs from the layer's already quantized linears, whose error the
+  target then also aims past), SmolLM2 w4 g64 asym-0.2, full eval text, AVX-512 BF16, one run
+  each: drift on 2,048 tokens 39.72 in 48 s, 4,096 39.39 in 53 s, 8,192 39.28 in 57 s, every
+  token 39.42 in 74 s; plain GPTQ 40.15 in 39 s. Its cost: the float forward over those
+  samples, the drift X̃ᵀ(X − X̃) and one Cholesky solve per stack (`float_target`); H is
+  GPTQ's own.
 
 The result is the shared `QuantizedLinear` (quant/scheme.py), so every format writer handles it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from gcupipe.errors import StageError
 from gcupipe.quant.intmath import qrange
-from gcupipe.quant.methods import LayerSpec, LinearJob, MethodOptions, QuantMethod
+from gcupipe.quant.methods import (
+    LayerCalibration,
+    LayerSpec,
+    LayerView,
+    LinearJob,
+    MethodOptions,
+    QuantMethod,
+)
 from gcupipe.quant.observers import scale_offset_from_range
 from gcupipe.quant.rtn import rtn_linear
 from gcupipe.quant.scheme import ActivationScheme, QuantizedLinear
@@ -108,7 +119,14 @@ class GPTQOptions(MethodOptions):
         le=1,
         description="Aim at the float model's outputs instead of this layer's own: 0 = plain "
         "GPTQ, 1 = the weights that best map the quantized model's inputs to the float model's "
-        "outputs (GPTAQ's asymmetric calibration; one more forward per layer).",
+        "outputs (GPTAQ's asymmetric calibration; the float model also runs on "
+        "asymmetric_tokens).",
+    )
+    asymmetric_tokens: int = Field(
+        default=2048,
+        gt=0,
+        description="Calibration tokens (whole samples, from the first) the float model also "
+        "runs on for asymmetric calibration: the drift is measured on them, H on every token.",
     )
     asymmetric_min_tokens: float = Field(
         default=10.0,
@@ -182,12 +200,13 @@ def hessian_of(inputs: torch.Tensor, device: str = "cpu") -> torch.Tensor:
 
 def drift_of(inputs: torch.Tensor, float_inputs: torch.Tensor, device: str = "cpu") -> torch.Tensor:
     """D = 2X̃ᵀ(X − X̃)/N [k, k] in fp32 (H's scale): how the quantized model's inputs X̃ drifted
-    from the float model's inputs X of the same tokens (rows). Subtracted and multiplied in the
-    inputs' dtype: in bf16, X − X̃ is rounded once relative to the drift, not to X."""
+    from the float model's inputs X, over the tokens of X (the first rows of X̃). Subtracted and
+    multiplied in the inputs' dtype: in bf16, X − X̃ is rounded once relative to the drift."""
     import torch
 
     k = inputs.shape[-1]
-    x_q, x_f = inputs.reshape(-1, k), float_inputs.reshape(-1, k)
+    x_f = float_inputs.reshape(-1, k)
+    x_q = inputs.reshape(-1, k)[: x_f.shape[0]]  # the float model ran on the first samples
     drift = torch.zeros(k, k, dtype=torch.float32, device=device)
     for start in range(0, x_q.shape[0], DRIFT_CHUNK):
         a = x_q[start : start + DRIFT_CHUNK].to(device)
@@ -231,7 +250,7 @@ def float_target(
 @dataclass
 class InputStatistics:
     """What GPTQ reads of the calibration inputs X̃ [tokens, k] that some linears share:
-    H = 2X̃ᵀX̃/N and, given the float model's inputs X of the same tokens, the drift D
+    H = 2X̃ᵀX̃/N and, given the float model's inputs X of the first tokens, the drift D
     (`drift_of`). Each is multiplied once, when first asked for, however many stacks or searches
     read it; `scaled(s)` gives those of X̃ / s (AWQ's readers, whose weights were multiplied by s)
     from the same products: S⁻¹ H S⁻¹."""
@@ -248,7 +267,9 @@ class InputStatistics:
 
     @property
     def has_drift(self) -> bool:
-        return self.float_inputs is not None and self.float_inputs.numel() == self.inputs.numel()
+        return (
+            self.float_inputs is not None and 0 < self.float_inputs.numel() <= self.inputs.numel()
+        )
 
     def hessian(self) -> torch.Tensor:
         if "hessian" not in self.products:
@@ -609,12 +630,22 @@ class GPTQMethod(QuantMethod):
     bits = 4
     group_size = 64
     needs_calibration = True
+    in_forward = True
     Options = GPTQOptions
 
-    @property
-    def float_targets(self) -> bool:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the statistics of the current layer's inputs: linears reading one input share them
+        self._statistics = StatisticsByInput(self.device)
+
+    def float_samples(self, samples: int, seq_len: int) -> int:
         assert isinstance(self.options, GPTQOptions)
-        return self.options.asymmetric_calibration > 0
+        if self.options.asymmetric_calibration == 0:
+            return 0
+        return min(samples, math.ceil(self.options.asymmetric_tokens / seq_len))
+
+    def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
+        self._statistics.clear()  # they hold the previous layer's inputs
 
     def float_targets_for(self, tokens: int, in_features: int) -> bool:
         assert isinstance(self.options, GPTQOptions)
@@ -634,14 +665,14 @@ class GPTQMethod(QuantMethod):
         statistics: Callable[[LinearJob], InputStatistics | None] | None = None,
     ) -> Iterator[tuple[str, QuantizedLinear]]:
         """GPTQ for each job; the jobs whose `statistics` are one object (by default: one per
-        input tensor) and whose specs are equal are quantized as one stack."""
+        input tensor, kept for the layer's later calls) and whose specs are equal are quantized
+        as one stack."""
         if statistics is None:
-            by_input = StatisticsByInput(self.device)
 
             def statistics(job: LinearJob) -> InputStatistics | None:
                 if job.inputs is None:
                     return None
-                return by_input.of(job.inputs, job.float_inputs)
+                return self._statistics.of(job.inputs, job.float_inputs)
 
         done: dict[str, QuantizedLinear] = {}
         for job in jobs:

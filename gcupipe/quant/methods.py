@@ -4,11 +4,22 @@ How the streaming loop (quant/streaming.py) drives a method, once per decoder la
 
     layer = <decoder layer i as an nn.Module, float weights loaded lazily from the shards>
     calib = capture(layer, hidden_states)          # only if method.calibrated
-    method.prepare_layer(layer_view, calib)        # optional: SmoothQuant / AWQ fold scales
+    method.prepare_layer(layer_view, calib)        # optional: SmoothQuant folds scales
     for name, q in method.quantize_linears(jobs):  # one LinearJob per linear of the layer
         -> QuantizedLinear (quant/scheme.py); the loop writes it through the format writer
            and puts q.dequantize() back into the module (fake quant)
     hidden_states = layer(hidden_states)           # next layer sees the quantized outputs
+
+A method with `in_forward` (GPTQ, AWQ) is driven by ONE forward per layer instead, over every
+calibration sample at once: `prepare_layer(view, empty calib)` starts the layer, then each linear
+is quantized by `quantize_linears` the moment the forward reaches it (the linears reading one
+norm's output together, when it appears), on the inputs it receives there (the layer's earlier
+linears already quantized: "true sequential"), and the forward goes on with its dequantized
+weight. `scaling_groups` names (producer, readers) groups
+whose shared input the method may rescale: when the group's input appears (the producer's
+output, or a lone reader's input), `group_scale` returns a factor s or None; the loop folds it
+(the producer's output channels / s, the readers' input columns * s: quant/folding.py, or
+`QuantizedLinear.divide_rows` for a producer already quantized) and the readers receive x / s.
 
 `quantize_linears` defaults to one `quantize_layer(name, weight, bias, inputs, spec)` per job; a
 method overrides it to quantize several linears at once (GPTQ stacks the linears that read one
@@ -18,8 +29,9 @@ input). Uncalibrated layers call `quantize_layer` directly.
 - `inputs` is [tokens, k] in the calibration forwards' dtype (fp32, or bf16 where they run in
   bf16: the stage's `calibration.dtype`): the activations this linear received in the forward
   pass of THIS layer with every earlier layer already quantized (what GPTQ needs for its
-  Hessian). A method whose `float_targets` is true also gets `LinearJob.float_inputs`: the same
-  tokens' inputs of this linear in the float model (GPTQ's asymmetric calibration).
+  Hessian). A method whose `float_samples` is not 0 also gets `LinearJob.float_inputs`: the
+  inputs of this linear in the float model for the first tokens of `inputs` (those of the first
+  `float_samples` calibration samples; GPTQ's asymmetric calibration).
   Methods upcast what they compute with. It is None when the method does not need
   calibration. For MoE experts it holds only the tokens routed to that expert (possibly zero
   rows: fall back to RTN and say so via `QuantizedLinear.extra["fallback"] = "rtn"`).
@@ -79,7 +91,7 @@ class LinearJob:
     linear: Any  # the layer's torch.nn.Linear, float weights (after prepare_layer); read only
     inputs: torch.Tensor | None  # its calibration inputs (see the module docstring)
     spec: LayerSpec
-    # the float model's inputs of this linear for the same tokens (methods with float_targets)
+    # the float model's inputs of this linear for the first tokens of `inputs` (float_samples)
     float_inputs: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor:
@@ -91,6 +103,17 @@ class LinearJob:
     def bias(self) -> torch.Tensor | None:
         bias = self.linear.bias
         return None if bias is None else bias.detach().float()
+
+
+@dataclass
+class ScalingGroup:
+    """Linears that read one input, and the op that produces it (a norm, or a linear whose
+    output rows feed only these readers), in-layer names. `passive` readers (a float MoE router)
+    read the input too: they take the factor but are not quantized by the method."""
+
+    producer: str
+    readers: list[str]
+    passive: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +146,8 @@ class QuantMethod:
     group_size: ClassVar[int] = 0  # default weight group size (0 = per output channel)
     activation: ClassVar[ActivationScheme] = ActivationScheme.NONE
     needs_calibration: ClassVar[bool] = False  # always runs calibration forwards
+    # quantizes each linear as the layer's one calibration forward reaches it (module docstring)
+    in_forward: ClassVar[bool] = False
     # takes the stage's smooth_alpha (SmoothQuant), whose factors come from calibration inputs
     smoothing: ClassVar[bool] = False
     default_smooth_alpha: ClassVar[float | None] = None  # used when calibration data is given
@@ -151,22 +176,40 @@ class QuantMethod:
         """Whether this method, as configured, runs on calibration inputs."""
         return self.calibration_needed(self.smooth_alpha)
 
-    @property
-    def float_targets(self) -> bool:
-        """Whether this method, as configured, also needs each linear's inputs in the float
-        model (`LinearJob.float_inputs`): the streaming loop then carries the float model's
-        activations beside the quantized model's, one more forward per layer."""
-        return False
+    def float_samples(self, samples: int, seq_len: int) -> int:
+        """How many of the `samples` calibration samples (of `seq_len` tokens) this method, as
+        configured, also needs in the float model (`LinearJob.float_inputs`): the streaming loop
+        then carries the float model's activations of those samples beside the quantized
+        model's, one more forward per layer over them. Default: none."""
+        return 0
 
     def float_targets_for(self, tokens: int, in_features: int) -> bool:
         """Whether a linear reading `in_features` features, calibrated on `tokens` tokens, would
         use its float-model inputs (the streaming loop drops the float forward from the first
-        layer where no linear would; decoder layers repeat their shapes). Default:
-        `float_targets`."""
-        return self.float_targets
+        layer where no linear would; decoder layers repeat their shapes). Default: no."""
+        return False
+
+    def scaling_groups(self, view: LayerView, linears: list[str]) -> list[ScalingGroup]:
+        """In-forward methods: the groups of the layer (`linears`: its quantized linears) whose
+        input `group_scale` may rescale, in forward order. Default: none."""
+        return []
+
+    def group_scale(
+        self,
+        group: ScalingGroup,
+        inputs: torch.Tensor,
+        float_inputs: torch.Tensor | None,
+        weight: torch.Tensor,
+        spec: LayerSpec,
+    ) -> torch.Tensor | None:
+        """In-forward methods: the factor s [k] the group's input `inputs` [tokens, k] (in the
+        forwards' dtype; `float_inputs` as for a LinearJob) is divided by, given the readers'
+        float weights stacked in `weight` [n, k]; None leaves the group alone. Default: None."""
+        return None
 
     def prepare_layer(self, view: LayerView, calib: LayerCalibration) -> None:
-        """Change float weights before quantization (SmoothQuant, AWQ scaling). Default: none."""
+        """Change float weights before quantization (SmoothQuant); in-forward methods: a new
+        layer starts (calib empty). Default: nothing."""
 
     def quantize_layer(
         self,

@@ -116,6 +116,17 @@ class QuantizedLinear:
         scale, offset = self.expanded_scale_offset()
         return (self.weight.to(dtype) - offset.to(dtype)) * scale.to(dtype)
 
+    def divide_rows(self, factor: torch.Tensor) -> None:
+        """Divide output channel i by factor[i], in place, through its scales (and bias): the
+        integers stay, every row having scales of its own. How a per-channel factor found after
+        a linear was quantized is folded into it (AWQ's up_proj -> down_proj)."""
+        import torch
+
+        factor = factor.to(self.weight_scale.device, torch.float32)
+        self.weight_scale = self.weight_scale.float() / factor[:, None]
+        if self.bias is not None:
+            self.bias = self.bias.float() / factor
+
     def deq_scale(self) -> torch.Tensor:
         """W8A8 static: fp32 [n] = input_scale * weight_scale (per-channel weights only)."""
         assert self.input_scale is not None and self.group_size == 0

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gcupipe.errors import StageError
 from gcupipe.quant.archs import ArchMap, arch_for, fused_key
 from gcupipe.quant.checkpoint import CheckpointReader, layer_relative, load_config
+from gcupipe.quant.folding import fold_scale
 from gcupipe.quant.methods import (
     LayerCalibration,
     LayerSpec,
     LayerView,
     LinearJob,
     QuantMethod,
+    ScalingGroup,
 )
 from gcupipe.quant.observers import MinMaxObserver, scale_offset_from_range
 from gcupipe.quant.precision import CalibrationDtype, calibration_dtype
@@ -164,7 +166,7 @@ def quantize_model(
         raise StageError("this method (or kv_cache: int8) needs calibration data")
     resumed = checkpoints.load() if checkpoints is not None else None
     hidden: Any = None
-    float_hidden: Any = None  # the float model's activations (methods with float_targets)
+    float_hidden: Any = None  # the float model's activations (methods with float_samples)
     position_embeddings: Any = None
     start = 0
     if resumed is not None:
@@ -186,8 +188,9 @@ def quantize_model(
             embed = reader.tensor("model.embed_tokens.weight").float()
             hidden = torch.nn.functional.embedding(calib_tokens, embed).to(device)
             del embed
-            if method.float_targets:
-                float_hidden = hidden.clone()
+            samples = method.float_samples(*calib_tokens.shape)
+            if samples:
+                float_hidden = hidden[:samples].clone()
         position_embeddings = _to_device(rotary_embeddings(config, calib_tokens.shape[1]), device)
     dtype = calibration_dtype(compute_dtype, device)
 
@@ -393,7 +396,7 @@ def _quantize_layer_calibrated(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize decoder layer `index` on `hidden` (the quantized model's activations entering
     it); returns the activations leaving it, of the quantized model and (when the method has
-    float_targets) of the float model, from `float_hidden`."""
+    float_samples) of the float model, from `float_hidden`."""
     import torch
 
     from gcupipe.quant.layer_module import (
@@ -404,7 +407,6 @@ def _quantize_layer_calibrated(
 
     specs = _linear_specs(arch, index, tensors, resolve, report)
     layer = build_layer(config, index, tensors).to(hidden.device)
-    calib = LayerCalibration()
     float_inputs: dict[str, torch.Tensor] = {}
     # the float model's inputs pair with the quantized model's only outside routed experts (the
     # two models route differently)
@@ -419,23 +421,98 @@ def _quantize_layer_calibrated(
         float_hidden = _run_layer(layer, float_hidden, position_embeddings, batch_size, dtype)
         float_inputs = capture.remove().inputs
         del capture
-    if method.calibrated:  # (kv_cache alone observes K and V in the pass below)
+    view = LayerView(
+        module=layer,
+        smooth_groups=list(arch.smooth_groups),
+        layer_index=index,
+        linear_pairs=list(arch.linear_pairs),
+    )
+    observers = (MinMaxObserver(), MinMaxObserver())
+    if kv_cache:
+        attach_kv_observers(layer, observers)
+    if method.in_forward:
+        quantized, hidden = _quantize_in_forward(
+            arch,
+            index,
+            view,
+            specs,
+            method,
+            report,
+            hidden,
+            float_inputs,
+            position_embeddings,
+            dtype,
+        )
+    else:
+        quantized = _quantize_captured(
+            arch,
+            index,
+            view,
+            specs,
+            method,
+            report,
+            hidden,
+            float_inputs,
+            position_embeddings,
+            batch_size,
+            dtype,
+        )
+        hidden = _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
+    float_inputs.clear()
+    if kv_cache:
+        detach_kv_observers(layer)
+    # the float tensors written are the (possibly smoothed) ones of the module
+    state = layer.state_dict()
+    final = {}
+    for rel, original in tensors.items():
+        module, _, _leaf = rel.rpartition(".")
+        if module in quantized:
+            final[rel] = original
+        elif rel in state:
+            final[rel] = state[rel].to(original.dtype)
+        else:
+            final[rel] = original
+    _emit_layer(arch, index, final, quantized, writer, report)
+    if kv_cache:
+        _emit_kv(config, arch, index, observers, kv_symmetric, writer, report)
+    del layer
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return hidden, float_hidden
+
+
+def _count_expert_tokens(
+    arch: ArchMap, index: int, module: str, inputs: torch.Tensor, report: QuantizeReport
+) -> None:
+    expert = re.fullmatch(arch.expert_input, module) if arch.expert_input else None
+    if expert is not None:
+        report.expert_tokens[f"{arch.layer_prefix}.{index}.{expert[1]}"] = inputs.shape[0]
+
+
+def _quantize_captured(
+    arch: ArchMap,
+    index: int,
+    view: LayerView,
+    specs: dict[str, LayerSpec],
+    method: QuantMethod,
+    report: QuantizeReport,
+    hidden: torch.Tensor,
+    float_inputs: dict[str, torch.Tensor],
+    position_embeddings: Any,
+    batch_size: int,
+    dtype: torch.dtype,
+) -> dict[str, QuantizedLinear]:
+    """Every linear's inputs captured in one pass (the float layer), then `prepare_layer` and
+    `quantize_linears` over all of them; the module is left fake-quantized."""
+    layer = view.module
+    calib = LayerCalibration()
+    if method.calibrated:  # (kv_cache alone observes K and V in the caller's pass)
         skip = {m for m in specs if any(re.fullmatch(p, m) for p in arch.output_linears)}
         capture = _Capture(layer, list(specs), dtype, skip)
         _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
         calib = capture.remove()
         del capture
-    for module, seen in calib.inputs.items():
-        expert = re.fullmatch(arch.expert_input, module) if arch.expert_input else None
-        if expert is not None:
-            report.expert_tokens[f"{arch.layer_prefix}.{index}.{expert[1]}"] = seen.shape[0]
-    if method.calibrated:
-        view = LayerView(
-            module=layer,
-            smooth_groups=list(arch.smooth_groups),
-            layer_index=index,
-            linear_pairs=list(arch.linear_pairs),
-        )
+        for module, seen in calib.inputs.items():
+            _count_expert_tokens(arch, index, module, seen, report)
         method.prepare_layer(view, calib)
     jobs = [
         LinearJob(
@@ -451,34 +528,141 @@ def _quantize_layer_calibrated(
     quantized: dict[str, QuantizedLinear] = {}
     for module, q in method.quantize_linears(jobs):
         quantized[module] = q
-        # fake quant: the next pass (and the next layer) sees the quantized weights
-        linear = layer.get_submodule(module)
-        linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
-    del jobs
+        _fake_quantize(layer.get_submodule(module), q)
     calib.inputs.clear()
-    float_inputs.clear()
-    # the float tensors written are the (possibly smoothed) ones of the module
-    state = layer.state_dict()
-    final = {}
-    for rel, original in tensors.items():
-        module, _, _leaf = rel.rpartition(".")
-        if module in quantized:
-            final[rel] = original
-        elif rel in state:
-            final[rel] = state[rel].to(original.dtype)
-        else:
-            final[rel] = original
-    _emit_layer(arch, index, final, quantized, writer, report)
-    observers = (MinMaxObserver(), MinMaxObserver())
-    if kv_cache:
-        attach_kv_observers(layer, observers)
-    hidden = _run_layer(layer, hidden, position_embeddings, batch_size, dtype)
-    if kv_cache:
-        detach_kv_observers(layer)
-        _emit_kv(config, arch, index, observers, kv_symmetric, writer, report)
-    del layer
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return hidden, float_hidden
+    return quantized
+
+
+def _fake_quantize(linear: Any, q: QuantizedLinear) -> None:
+    """Later passes (and the next layer) see the quantized weights."""
+    linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
+
+
+class _Flat:
+    """A forward's activations as the methods read them: [tokens, k] in the compute dtype, one
+    conversion per tensor however many linears read it (q/k/v)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._last: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, x.detach().reshape(-1, x.shape[-1]).to(self.dtype))
+        return self._last[1]
+
+
+def _quantize_in_forward(
+    arch: ArchMap,
+    index: int,
+    view: LayerView,
+    specs: dict[str, LayerSpec],
+    method: QuantMethod,
+    report: QuantizeReport,
+    hidden: torch.Tensor,
+    float_inputs: dict[str, torch.Tensor],
+    position_embeddings: Any,
+    dtype: torch.dtype,
+) -> tuple[dict[str, QuantizedLinear], torch.Tensor]:
+    """One forward of the layer over every calibration sample; each linear is quantized when the
+    forward reaches it, on the inputs it receives (quant/methods.py). The linears reading a
+    norm's whole output (q/k/v, gate/up) are quantized together when it appears, so a method can
+    stack them. Returns the quantized linears and the layer's outputs."""
+    import torch
+
+    layer = view.module
+    method.prepare_layer(view, LayerCalibration())
+    quantized: dict[str, QuantizedLinear] = {}
+    factors: dict[str, torch.Tensor] = {}  # reader -> s its input is divided by
+    flat = _Flat(dtype)
+    no_autocast = partial(torch.autocast, hidden.device.type, enabled=False)
+
+    def scale_group(group: ScalingGroup, x: torch.Tensor) -> torch.Tensor | None:
+        paired = [float_inputs[r] for r in group.readers if r in float_inputs]
+        weight = torch.cat([layer.get_submodule(r).weight.detach().float() for r in group.readers])
+        with no_autocast():
+            s = method.group_scale(
+                group, flat(x), paired[0] if paired else None, weight, specs[group.readers[0]]
+            )
+        if s is None:
+            return None
+        readers = [layer.get_submodule(r) for r in group.readers + group.passive]
+        fold_scale(layer.get_submodule(group.producer), readers, s)
+        if group.producer in quantized:
+            quantized[group.producer].divide_rows(s)
+        for name in group.readers + group.passive:
+            factors[name] = s
+        return s
+
+    def quantize(names: list[str], x: torch.Tensor) -> None:
+        inputs = flat(x)
+        jobs = []
+        for name in names:
+            _count_expert_tokens(arch, index, name, inputs, report)
+            float_x = float_inputs.get(name)
+            if float_x is not None and name in factors:
+                float_x = float_x / factors[name].to(float_x.dtype)
+            linear = layer.get_submodule(name)
+            job_name = f"{arch.layer_prefix}.{index}.{name}"
+            jobs.append(LinearJob(name, job_name, linear, inputs, specs[name], float_x))
+        with no_autocast():
+            for name, q in method.quantize_linears(jobs):
+                quantized[name] = q
+                _fake_quantize(layer.get_submodule(name), q)
+
+    def producer_hook(group: ScalingGroup | None, readers: list[str]) -> Callable[..., Any]:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            s = None if group is None else scale_group(group, output)
+            if s is not None:
+                output = output / s.to(output.dtype)
+            quantize(readers, output)
+            return None if s is None else output
+
+        return hook
+
+    def reader_hook(name: str, group: ScalingGroup | None) -> Callable[..., Any]:
+        def hook(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            x = args[0]
+            if group is not None:  # the lone reader of a linear producer: its input is here
+                s = factors.get(name) if name in quantized else scale_group(group, x)
+                if s is not None:
+                    x = x / s.to(x.dtype)
+            if name not in quantized:
+                quantize([name], x)
+            return None if x is args[0] else (x, *args[1:])
+
+        return hook
+
+    groups = {g.producer: g for g in method.scaling_groups(view, list(specs))}
+    modules = dict(layer.named_modules())
+    norm_readers = {
+        norm: [
+            name
+            for name in specs
+            if not arch.is_routed(name) and any(re.fullmatch(p, name) for p in patterns)
+        ]
+        for norm, patterns in arch.smooth_groups
+        if norm in modules
+    }
+    lone_reader = {g.readers[0]: g for g in groups.values() if g.producer in specs}
+    producers = (set(groups) - set(specs)) | {n for n, readers in norm_readers.items() if readers}
+    handles = [
+        modules[p].register_forward_hook(producer_hook(groups.get(p), norm_readers.get(p, [])))
+        for p in producers
+    ]
+    for name in specs:
+        hook = reader_hook(name, lone_reader.get(name))
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        hidden = _run_layer(layer, hidden, position_embeddings, hidden.shape[0], dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in specs:  # experts the router sent no calibration token: the method falls back
+        if name not in quantized:
+            weight = modules[name].weight
+            quantize([name], torch.empty(0, weight.shape[1], dtype=dtype, device=hidden.device))
+    return {name: quantized[name] for name in specs}, hidden
 
 
 def _emit_kv(

@@ -95,7 +95,12 @@ class QuantizeConfig(TargetedConfig):
         "the method when the recipe loads.",
     )
     device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="Compute device.")
-    batch_size: int = Field(default=8, gt=0, description="Calibration sequences per forward.")
+    batch_size: int = Field(
+        default=8,
+        gt=0,
+        description="Calibration sequences per forward where a layer's inputs are captured "
+        "first (w8a8, w8a8_dynamic, kv_cache); gptq and awq run every sample in one forward.",
+    )
     max_shard_size_mb: int = Field(
         default=512, gt=0, description="Output shard size (also bounds buffered output)."
     )
@@ -329,7 +334,8 @@ class QuantizeStage(Stage[QuantizeConfig, QuantizeOutputs]):
             # inputs, its outputs and what its linears saw: about four copies)
             tokens = calibration.samples * calibration.seq_len
             rss += 4 * source.largest_layer_params + 4 * 4 * tokens * source.hidden_size
-            flops = 2 * 2 * tokens * (source.params - source.global_params)  # two passes
+            passes = 1 if config.method_class.in_forward else 2  # (quant/methods.py)
+            flops = passes * 2 * tokens * (source.params - source.global_params)
             seconds += machine.compute_seconds(flops)
             basis += f", calibrated on {tokens} tokens"
         return Estimate(output.total_bytes, rss, seconds, output, basis)

@@ -105,9 +105,20 @@ def test_drift_in_bf16_is_rounded_relative_to_the_drift():
     assert relative < 0.01, float(relative)
 
 
-def test_asymmetric_calibration_needs_the_float_models_inputs():
-    assert not GPTQMethod(GPTQOptions(asymmetric_calibration=0.0)).float_targets
-    assert GPTQMethod(GPTQOptions(asymmetric_calibration=0.2)).float_targets
+def test_asymmetric_calibration_needs_the_float_models_inputs_of_the_first_samples():
+    assert GPTQMethod(GPTQOptions(asymmetric_calibration=0.0)).float_samples(64, 256) == 0
+    method = GPTQMethod(GPTQOptions(asymmetric_calibration=0.2, asymmetric_tokens=2048))
+    assert method.float_samples(64, 256) == 8
+    assert method.float_samples(64, 300) == 7  # whole samples: 2,100 tokens
+    assert method.float_samples(4, 256) == 4
+
+
+def test_drift_over_the_first_tokens_is_that_of_those_tokens_alone():
+    x = correlated_inputs(512, 64)
+    drifted = x * 1.1
+    torch.testing.assert_close(drift_of(drifted, x[:128]), drift_of(drifted[:128], x[:128]))
+    stats = InputStatistics(drifted, x[:128])
+    assert stats.has_drift and stats.tokens == 512  # H of every token, D of the first 128
 
 
 @pytest.mark.parametrize(("tokens", "applied"), [(64 * 9, 0.0), (64 * 10, 0.2)])

@@ -35,8 +35,8 @@ def test_layer_by_layer_forward_matches_full_model(arch, tmp_path):
 def test_float_targets_get_the_float_models_inputs_beside_the_quantized_ones(
     min_tokens_per_channel, tmp_path
 ):
-    """A method with float_targets sees, per linear, the float model's inputs for the same
-    tokens: equal to its own in layer 0 (nothing is quantized before it), different after;
+    """A method with float_samples sees, per linear, the float model's inputs for the same
+    tokens: equal to its own for the first linears of layer 0, different after;
     routed experts get none (the two models route tokens differently). With fewer calibration
     tokens per input channel than any linear needs (128 tokens, k >= 64), no float forward runs."""
     import json
@@ -77,7 +77,116 @@ def test_float_targets_get_the_float_models_inputs_beside_the_quantized_ones(
     for name in dense:
         inputs, float_inputs = seen[name]
         assert float_inputs is not None and float_inputs.shape == inputs.shape, name
-        if name.startswith("model.layers.0."):
-            assert torch.equal(float_inputs, inputs), name
-        elif name.startswith("model.layers.2."):
+        if name.startswith("model.layers.0.") and name.endswith(READS_LAYER_INPUT):
+            assert torch.equal(float_inputs, inputs), name  # nothing is quantized before it
+        elif not name.startswith("model.layers.0."):
             assert not torch.equal(float_inputs, inputs), name
+
+
+READS_LAYER_INPUT = ("q_proj", "q_a_proj", "kv_a_proj_with_mqa")  # (its input norm's output)
+
+
+def test_the_float_model_runs_on_the_first_samples_only(tmp_path):
+    """Asymmetric calibration measures the drift on `asymmetric_tokens` tokens (whole samples,
+    the first ones): the float inputs are the first rows of the quantized model's."""
+    import json
+
+    from gcupipe.formats.modelslim_io import ModelslimWriter
+    from gcupipe.quant.gptq import GPTQMethod, GPTQOptions
+    from gcupipe.quant.methods import LayerSpec
+    from gcupipe.quant.streaming import quantize_model
+
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    class Probe(GPTQMethod):
+        def quantize_linears(self, jobs):
+            for job in jobs:
+                seen[job.name] = (job.inputs, job.float_inputs)
+            yield from super().quantize_linears(jobs)
+
+    path = tiny_model("llama", tmp_path / "model", num_hidden_layers=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ModelslimWriter(out, path, json.loads((path / "config.json").read_text()), "q")
+    tokens = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    options = GPTQOptions(min_tokens=1, asymmetric_min_tokens=0, asymmetric_tokens=40)
+    assert Probe(options).float_samples(8, 16) == 3  # 40 tokens: 3 samples of 16
+    spec = LayerSpec(bits=4, group_size=32)
+    quantize_model(path, writer, Probe(options), lambda n: spec, tokens, log=lambda m: None)
+    writer.finish()
+    inputs, float_inputs = seen["model.layers.0.self_attn.q_proj"]
+    assert float_inputs is not None and float_inputs.shape[0] == 3 * 16
+    assert torch.equal(float_inputs, inputs[: 3 * 16])
+
+
+@pytest.mark.parametrize("method_name", ["gptq", "awq"])
+def test_each_linear_is_quantized_on_the_inputs_it_reads_in_the_written_model(
+    method_name, tmp_path
+):
+    """In-forward methods quantize each linear as the layer's one forward reaches it (the readers
+    of one norm at once, when the norm's output appears): the inputs it was quantized on are
+    those it reads in the written model (earlier linears of the layer quantized; AWQ's factors
+    folded into the norms, and into the rows of v_proj and up_proj, quantized before o_proj's
+    and down_proj's factors were known)."""
+    import json
+
+    from gcupipe.formats.modelslim_io import ModelslimWriter
+    from gcupipe.formats.registry import read_quantized
+    from gcupipe.quant.awq import AWQMethod, AWQOptions
+    from gcupipe.quant.gptq import GPTQMethod, GPTQOptions
+    from gcupipe.quant.methods import LayerSpec
+    from gcupipe.quant.streaming import quantize_model
+    from gcupipe.runtime.model import build_model
+
+    seen: dict[str, torch.Tensor] = {}
+    scaled: set[str] = set()
+    gptq = GPTQOptions(min_tokens=1, asymmetric_calibration=0)
+    base = (
+        GPTQMethod(gptq)
+        if method_name == "gptq"
+        else AWQMethod(AWQOptions(min_tokens=1, gptq=gptq.model_dump()))
+    )
+
+    calls: list[int] = []
+
+    def recorded(jobs):
+        calls.append(len(jobs))
+        names = {job.module: job.name for job in jobs}
+        for job in jobs:
+            seen[job.name] = job.inputs
+        for module, layer in type(base).quantize_linears(base, jobs):
+            if layer.extra.get("awq_scaled"):
+                scaled.add(names[module])
+            yield module, layer
+
+    base.quantize_linears = recorded  # type: ignore[method-assign]
+    # as many KV heads as heads: v_proj's rows line up with o_proj's input (AWQ's v -> o chain)
+    path = tiny_model("llama", tmp_path / "model", num_hidden_layers=2, num_key_value_heads=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ModelslimWriter(out, path, json.loads((path / "config.json").read_text()), "q")
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = LayerSpec(bits=4, group_size=32, symmetric=False)
+    quantize_model(
+        path, writer, base, lambda n: spec, tokens, log=lambda m: None, compute_dtype="float32"
+    )
+    writer.finish()
+
+    checkpoint = read_quantized(out)
+    model = build_model(load_config(out), checkpoint.float_tensors, checkpoint.linears)
+    reads: dict[str, torch.Tensor] = {}
+    for name in seen:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: reads.__setitem__(
+                name, args[0].reshape(-1, args[0].shape[-1])
+            )
+        )
+    with torch.no_grad():
+        model(tokens)
+    assert len(seen) == 2 * 7
+    assert calls == [3, 1, 2, 1] * 2  # the readers of one norm together: q/k/v, o, gate/up, down
+    if method_name == "awq":  # both kinds of producer took a factor: norms and linears
+        assert {n.rsplit(".", 1)[1] for n in scaled} >= {"q_proj", "o_proj", "down_proj"}
+    for name, inputs in seen.items():
+        torch.testing.assert_close(reads[name], inputs, rtol=1e-4, atol=1e-5, msg=name)
