@@ -1,5 +1,5 @@
 """vLLM offline throughput and served memory on SmolLM2-135M: the modelslim exports through the
-gcu plugin against float and against compressed-tensors W8A8 on vLLM's own int8 path.
+gcu plugin against float and against compressed-tensors W8A8 and W4A16 on vLLM's own paths.
 
 Every model is quantized by gcupipe's quantize stage (static W8A8 calibrated on the Botchan
 text), then ONE vLLM child loads them all (load timed per engine; vLLM's import is paid before
@@ -46,12 +46,18 @@ MODELS: dict[str, tuple[dict[str, Any], str | None]] = {
     "modelslim w8a8_dynamic (plugin)": ({"method": "w8a8_dynamic"}, "gcu"),
     "modelslim w8a8 static (plugin)": ({"method": "w8a8", "calibrated": True}, "gcu"),
     "modelslim w4a16 g64 (plugin)": ({"method": "w4a16", "group_size": 64}, "gcu"),
+    # the same weights on vLLM's own W4A16 path: what the platform's kernel gives without us
+    "compressed-tensors w4a16 g64 (vLLM's own)": (
+        {"method": "w4a16", "group_size": 64, "format": "compressed-tensors"},
+        None,
+    ),
     "modelslim w8a16 (plugin)": ({"method": "w8a16"}, "gcu"),
 }
 PEERS = {  # the ratio each model is judged by: (peer, target)
     "modelslim w8a8_dynamic (plugin)": ("compressed-tensors w8a8_dynamic (vLLM's own)", 0.95),
     "modelslim w8a8 static (plugin)": ("compressed-tensors w8a8_dynamic (vLLM's own)", 0.95),
     "modelslim w4a16 g64 (plugin)": ("float", 0.9),
+    "compressed-tensors w4a16 g64 (vLLM's own)": ("float", 0.9),
 }
 
 
