@@ -113,6 +113,7 @@ GCUPIPE_ROWS = [
         {"gptq": {"asymmetric_calibration": 0.2}},
         False,
     ),
+    ("GPTQ w4 g64 sym (drift on 8192 tokens)", "gptq", {"asymmetric_tokens": 8192}, True),
     ("AWQ w4 g64 asym (RTN rounding)", "awq", {"gptq": None}, False),
     ("RTN w4 g64 sym", "w4a16", {}, True),
     ("RTN w4 g64 asym", "w4a16", {}, False),
